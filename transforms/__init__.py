@@ -1,0 +1,1 @@
+"""synpref.transforms"""
