@@ -12,6 +12,7 @@ PACKAGES = {
     "synpref.pipelines": "pipelines",
     "synpref.transforms": "transforms",
     "synpref.transforms.rewards": "transforms/rewards",
+    "synpref.transforms.generators": "transforms/generators",
     "synpref.schemas": "schemas",
     "synpref.jobs": "jobs",
     "synpref.training": "training",

@@ -1,0 +1,189 @@
+"""Typed records that flow between pipeline stages, with the pyarrow schemas of their indexes.
+
+Records that cross a shuffle (GroupByKey / CoGroupByKey) carry ids, scores and
+staging URIs only; image pixels live in ``Candidate.pixels`` until the image is
+staged, and are dropped before any shuffle.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import pyarrow as pa
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    """A normalised, deduplicated prompt. ``prompt_id`` is a content hash, stable across runs."""
+
+    prompt_id: str
+    prompt: str
+    category: str = ""
+    source: str = ""
+    source_index: int = 0
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """Everything needed to regenerate one candidate image."""
+
+    generator_id: str
+    model: str
+    revision: str
+    pipeline_class: str
+    scheduler: str
+    num_inference_steps: int
+    guidance_scale: float
+    height: int
+    width: int
+    dtype: str
+    seed: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """All candidates of one (prompt, generator): one deterministic diffusers call."""
+
+    prompt: PromptRecord
+    generator_id: str
+    candidate_indices: tuple[int, ...]
+    seeds: tuple[int, ...]
+
+    def candidate_id(self, i: int) -> str:
+        return candidate_id(self.prompt.prompt_id, self.generator_id, self.candidate_indices[i])
+
+
+def candidate_id(prompt_id: str, generator_id: str, index: int) -> str:
+    return f"{prompt_id}-{generator_id}-{index}"
+
+
+@dataclass
+class Candidate:
+    """One generated image and its rewards.
+
+    ``pixels`` (HxWx3 uint8) is set between generation and staging; after that
+    ``image_uri`` points at the staged PNG and ``pixels`` is None.
+    """
+
+    candidate_id: str
+    prompt_id: str
+    prompt: str
+    lineage: Lineage
+    pixels: Optional[np.ndarray] = None
+    image_uri: str = ""
+    scores: dict[str, float] = field(default_factory=dict)
+
+    def without_pixels(self) -> "Candidate":
+        return dataclasses.replace(self, pixels=None)
+
+
+@dataclass(frozen=True)
+class RankedCandidate:
+    candidate_id: str
+    image_uri: str
+    rank: int
+    phi: float
+    scores: dict[str, float]
+    lineage: Lineage
+
+    def to_json(self, image_name: str) -> dict[str, Any]:
+        return {
+            "candidate_id": self.candidate_id,
+            "image": image_name,
+            "rank": self.rank,
+            "phi": self.phi,
+            "scores": self.scores,
+            "lineage": self.lineage.to_dict(),
+        }
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """An ordered pair: ``winner`` has the higher phi. ``agreement`` is the fraction of
+    rewards that score the winner strictly higher than the loser."""
+
+    prompt_id: str
+    winner_id: str
+    loser_id: str
+    phi_winner: float
+    phi_loser: float
+    agreement: float
+
+    @property
+    def key(self) -> str:
+        return f"{self.winner_id}__{self.loser_id}"
+
+
+@dataclass(frozen=True)
+class RankedGroup:
+    """One prompt's candidates in rank order, and the pairs that survived filtering."""
+
+    prompt: PromptRecord
+    rewards: tuple[str, ...]
+    aggregator: str
+    candidates: tuple[RankedCandidate, ...]
+    pairs: tuple[PreferencePair, ...] = ()
+
+
+@dataclass(frozen=True)
+class Drop:
+    """A record that left the pipeline, with a stable snake_case reason.
+
+    ``level`` says what was dropped (prompt, candidate or pair) so that counts
+    add up per level in the manifest.
+    """
+
+    level: str
+    reason: str
+    record_id: str
+    stage: str
+    detail: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+DROP_SCHEMA = pa.schema(
+    [
+        ("level", pa.string()),
+        ("reason", pa.string()),
+        ("record_id", pa.string()),
+        ("stage", pa.string()),
+        ("detail", pa.string()),
+    ]
+)
+
+RANKED_INDEX_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("shard", pa.string()),
+        ("prompt_id", pa.string()),
+        ("prompt", pa.string()),
+        ("category", pa.string()),
+        ("num_candidates", pa.int32()),
+        ("candidate_ids", pa.list_(pa.string())),
+        ("generator_ids", pa.list_(pa.string())),
+        ("seeds", pa.list_(pa.int64())),
+        ("phi", pa.list_(pa.float64())),
+        ("scores_json", pa.string()),
+    ]
+)
+
+PAIR_INDEX_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("shard", pa.string()),
+        ("prompt_id", pa.string()),
+        ("prompt", pa.string()),
+        ("winner_id", pa.string()),
+        ("loser_id", pa.string()),
+        ("phi_winner", pa.float64()),
+        ("phi_loser", pa.float64()),
+        ("agreement", pa.float64()),
+    ]
+)

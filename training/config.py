@@ -1,0 +1,158 @@
+"""Trainer configuration: YAML -> validated, frozen ``TrainConfig``.
+
+Defaults that the paper does not report (beta, learning rate, optimiser, LoRA
+rank) are stated here, next to the field, and nowhere else (PAPER_NOTES s.2).
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+Loss = Literal["rankdpo", "dpo"]
+DiscountRank = Literal["label", "model"]
+Noise = Literal["shared", "per_image"]
+DpoPairs = Literal["best_worst", "all"]
+MixedPrecision = Literal["no", "fp16", "bf16"]
+
+# Diffusion-DPO's beta = 5000 multiplies 0.5 * (model_diff - ref_diff); RankDPO's
+# loss has no 0.5, so beta = 2500 puts the same coefficient on each pair (PAPER_NOTES s.3).
+DEFAULT_BETA = {"rankdpo": 2500.0, "dpo": 5000.0}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything one RankDPO / Diffusion-DPO LoRA run needs.
+
+    Args:
+        pretrained_model: a diffusers Stable Diffusion folder (with ``unet``, ``vae``,
+            ``text_encoder``, ``tokenizer``, ``scheduler`` subfolders) or a hub id.
+        shards: ranked WebDataset shards: paths, globs, directories or fsspec URLs.
+        output_dir: where the LoRA weights and ``train_summary.json`` go.
+        revision: model revision when ``pretrained_model`` is a hub id.
+        loss: ``rankdpo`` (PAPER_NOTES s.2) or ``dpo`` (Diffusion-DPO on pairs of the ranking, s.3).
+        beta: KL strength; ``None`` picks 2500 for rankdpo, 5000 for dpo (the same scale).
+        discount_rank: rank tau in the discount, from the labels or the model's current order.
+        noise: ``shared`` draws one eps per prompt for all its images (Diffusion-DPO style,
+            lower variance); ``per_image`` draws eps per image. The timestep is per prompt in both.
+        dpo_pairs: for ``loss: dpo``, train on (rank 1, rank k) only, or on every pair
+            with different phi (averaged over pairs, as if exported to Pick-a-Pic pairs).
+        lora_rank / lora_alpha: LoRA size and scale; ``lora_alpha`` ``None`` means equal to the rank.
+        learning_rate: AdamW learning rate; 1e-4 is diffusers' LoRA default and suits the tiny demo.
+        adam_*: AdamW settings (diffusers' training-script defaults).
+        max_grad_norm: gradient clipping norm.
+        max_steps: optimiser steps; the shards are repeated as often as needed.
+        batch_size: prompts per micro-batch (each with all its k images).
+        gradient_accumulation_steps: micro-batches per optimiser step.
+        resolution: square training resolution in pixels (images are resized and centre-cropped).
+        seed: seeds LoRA init, noise, timesteps, VAE sampling and shuffling.
+        shuffle: shuffle shard order and samples (seeded); off by default for reproducible order.
+        shuffle_buffer: sample shuffle buffer size when ``shuffle`` is on.
+        mixed_precision: ``fp16`` needs a GPU (falls back to ``no`` with a warning on CPU).
+        log_every: log loss, speed and ETA every this many optimiser steps.
+    """
+
+    pretrained_model: str
+    shards: list[str]
+    output_dir: str
+    revision: str | None = None
+    loss: Loss = "rankdpo"
+    beta: float | None = None
+    discount_rank: DiscountRank = "label"
+    noise: Noise = "shared"
+    dpo_pairs: DpoPairs = "best_worst"
+    lora_rank: int = 4
+    lora_alpha: float | None = None
+    learning_rate: float = 1e-4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    max_steps: int = 10
+    batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    resolution: int = 512
+    seed: int = 0
+    shuffle: bool = False
+    shuffle_buffer: int = 100
+    mixed_precision: MixedPrecision = "no"
+    log_every: int = 1
+
+    def __post_init__(self):
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _coerce(f.name, hints[f.name], getattr(self, f.name)))
+        if self.beta is None:
+            object.__setattr__(self, "beta", DEFAULT_BETA[self.loss])
+        if self.lora_alpha is None:
+            object.__setattr__(self, "lora_alpha", float(self.lora_rank))
+        for name in ("beta", "learning_rate", "lora_rank", "max_steps", "batch_size",
+                     "gradient_accumulation_steps", "resolution", "log_every", "shuffle_buffer"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if not self.shards:
+            raise ValueError("shards is empty: give shard paths, globs, directories or URLs")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        """Build from a plain dict, rejecting unknown keys with the list of valid ones."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; valid keys: {sorted(names)}")
+        missing = sorted(n for n in ("pretrained_model", "shards", "output_dir") if values.get(n) is None)
+        if missing:
+            raise ValueError(f"missing required config keys {missing}")
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "TrainConfig":
+        """Load a YAML mapping, then apply ``overrides`` (e.g. from ``--set key=value``; strings are coerced)."""
+        values = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: expected a YAML mapping of config keys, got {type(values).__name__}")
+        return cls.from_dict({**values, **(overrides or {})})
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready view (for logs and ``train_summary.json``)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def _coerce(name: str, hint: Any, value: Any) -> Any:
+    """Check ``value`` against a field's type, converting strings (YAML ``1e-4``, ``--set k=v``)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if type(None) in args and (value is None or str(value).lower() in ("null", "none")):
+            return None  # --set beta=null restores a derived default
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        if value not in args:
+            hint_yaml = " (YAML reads bare no/yes as booleans: quote it)" if isinstance(value, bool) else ""
+            raise ValueError(f"{name} must be one of {list(args)}, got {value!r}{hint_yaml}")
+        return value
+    if origin is list:
+        value = [value] if isinstance(value, (str, Path)) else value
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{name} must be a list, got {value!r}")
+        return [str(v) for v in value]
+    if hint is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, got {value!r}")
+        return value
+    if isinstance(value, bool) and hint is not str:
+        raise ValueError(f"{name} must be {hint.__name__}, got {value!r}")
+    if hint is int and isinstance(value, float) and not value.is_integer():
+        raise ValueError(f"{name} must be int, got {value!r}")
+    try:
+        return hint(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be {hint.__name__}, got {value!r}") from None

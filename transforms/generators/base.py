@@ -1,0 +1,49 @@
+"""The generator interface and registry: text-to-image models selected by config."""
+from __future__ import annotations
+
+import abc
+from typing import Sequence
+
+import numpy as np
+
+from synpref.schemas.config import GeneratorConfig
+from synpref.schemas.records import Lineage
+
+GENERATORS: dict[str, type["Generator"]] = {}
+
+
+def register_generator(type_name: str):
+    def wrap(cls):
+        GENERATORS[type_name] = cls
+        return cls
+
+    return wrap
+
+
+def available_generators() -> list[str]:
+    return sorted(GENERATORS)
+
+
+def create_generator(config: GeneratorConfig) -> "Generator":
+    if config.type not in GENERATORS:
+        raise ValueError(f"unknown generator type {config.type!r}; available: {available_generators()}")
+    return GENERATORS[config.type](config)
+
+
+class Generator(abc.ABC):
+    """Turns (prompt, seed) pairs into images. ``load()`` runs on workers only."""
+
+    def __init__(self, config: GeneratorConfig):
+        self.config = config
+
+    @abc.abstractmethod
+    def load(self) -> None:
+        ...
+
+    @abc.abstractmethod
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[np.ndarray]:
+        """One HxWx3 float array in [0, 1] per prompt; NaNs are passed through, not hidden."""
+
+    @abc.abstractmethod
+    def lineage(self, seed: int) -> Lineage:
+        ...

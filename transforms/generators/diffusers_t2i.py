@@ -1,0 +1,72 @@
+"""Any diffusers text-to-image pipeline loaded with ``DiffusionPipeline.from_pretrained``."""
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import numpy as np
+
+from synpref.schemas.records import Lineage
+from synpref.transforms.model_io import local_copy
+
+from .base import Generator, register_generator
+
+log = logging.getLogger(__name__)
+
+
+@register_generator("diffusers")
+class DiffusersGenerator(Generator):
+    """Seeds drive CPU ``torch.Generator``s, so a seed gives the same initial noise on any device."""
+
+    def load(self) -> None:
+        import diffusers
+        import torch
+
+        c = self.config
+        device = c.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            log.warning("generator %s asked for %s but no GPU is visible: running on CPU", c.id, device)
+            device = "cpu"
+        dtype = getattr(torch, c.dtype)
+        if device == "cpu" and dtype != torch.float32:
+            log.warning("generator %s: %s on CPU is slow or unsupported; using float32", c.id, c.dtype)
+            dtype = torch.float32
+        pipe = diffusers.DiffusionPipeline.from_pretrained(
+            local_copy(c.model, c.cache_dir), revision=c.revision or None, torch_dtype=dtype)
+        if c.scheduler:
+            sched_cls = getattr(diffusers, c.scheduler, None)
+            if sched_cls is None:
+                raise ValueError(f"generator {c.id}: unknown diffusers scheduler {c.scheduler!r}")
+            pipe.scheduler = sched_cls.from_config(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        self.pipe = pipe.to(device)
+        self.device, self.dtype = device, dtype
+
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[np.ndarray]:
+        import torch
+
+        c = self.config
+        kwargs = {}
+        if c.negative_prompt:
+            kwargs["negative_prompt"] = [c.negative_prompt] * len(prompts)
+        out = self.pipe(
+            prompt=list(prompts),
+            num_inference_steps=c.num_inference_steps,
+            guidance_scale=c.guidance_scale,
+            height=c.height,
+            width=c.width,
+            generator=[torch.Generator("cpu").manual_seed(int(s)) for s in seeds],
+            output_type="np",
+            **kwargs,
+        )
+        return [np.asarray(im, dtype=np.float32) for im in out.images]
+
+    def lineage(self, seed: int) -> Lineage:
+        c = self.config
+        return Lineage(
+            generator_id=c.id, model=c.model, revision=c.revision or "main",
+            pipeline_class=type(self.pipe).__name__, scheduler=type(self.pipe.scheduler).__name__,
+            num_inference_steps=c.num_inference_steps, guidance_scale=float(c.guidance_scale),
+            height=c.height, width=c.width, dtype=str(self.dtype).replace("torch.", ""), seed=int(seed))

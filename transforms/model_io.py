@@ -1,0 +1,38 @@
+"""Resolve model locations: hub ids and local paths pass through; remote URLs are copied locally once.
+
+diffusers, transformers and open_clip load from local paths or hub ids, not from
+gs:// or s3:// directly, so remote checkpoints are fetched with fsspec into a
+cache directory keyed by the URL.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+
+import fsspec
+
+
+def is_remote(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def local_copy(path: str, cache_dir: str = "") -> str:
+    """Return a local path for ``path``; remote files or folders are downloaded once (atomic rename)."""
+    if not is_remote(path):
+        return path[len("file://"):] if path.startswith("file://") else path
+    root = cache_dir or os.environ.get("SYNPREF_CACHE", os.path.join(tempfile.gettempdir(), "synpref-cache"))
+    target = os.path.join(root, hashlib.sha256(path.encode()).hexdigest()[:16], os.path.basename(path.rstrip("/")))
+    if os.path.exists(target):
+        return target
+    fs, fs_path = fsspec.core.url_to_fs(path)
+    if not fs.exists(fs_path):
+        raise FileNotFoundError(f"model file or folder not found: {path}")
+    tmp = f"{target}.partial-{os.getpid()}"
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    if fs.isdir(fs_path):
+        fs.get(fs_path.rstrip("/") + "/", tmp, recursive=True)
+    else:
+        fs.get(fs_path, tmp)
+    os.replace(tmp, target)
+    return target

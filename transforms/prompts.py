@@ -1,0 +1,202 @@
+"""Read, clean, deduplicate and sample prompts.
+
+Every line or row that is read comes out either as a ``PromptRecord`` or as a
+``Drop`` with a reason: non_utf8, invalid_row, empty_prompt, too_long,
+duplicate, not_sampled.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import unicodedata
+from dataclasses import dataclass
+from importlib import resources
+from typing import Iterator, Optional
+
+import apache_beam as beam
+import fsspec
+
+from synpref.schemas.config import PromptsConfig
+from synpref.schemas.records import Drop, PromptRecord
+
+DROPPED = "dropped"
+BUILTIN = "builtin"
+
+
+@dataclass(frozen=True)
+class RawPrompt:
+    """One line/row as read, before cleaning. ``text`` is None when it could not be decoded."""
+
+    source: str
+    index: int
+    text: Optional[str]
+    category: str = ""
+    error: str = ""
+
+    @property
+    def record_id(self) -> str:
+        return f"{self.source}#{self.index}"
+
+
+def normalize_prompt(text: str) -> str:
+    """NFC, collapse whitespace, strip."""
+    return " ".join(unicodedata.normalize("NFC", text).split())
+
+
+def prompt_id_of(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _detect_format(cfg: PromptsConfig) -> str:
+    if cfg.format != "auto":
+        return cfg.format
+    src = cfg.source
+    if src == BUILTIN:
+        return "jsonl"
+    if src.startswith("hf://") and not any(src.endswith(e) for e in (".txt", ".jsonl", ".csv", ".parquet")):
+        return "hf"
+    for ext, fmt in ((".jsonl", "jsonl"), (".json", "jsonl"), (".csv", "csv"), (".parquet", "parquet"), (".txt", "txt")):
+        if src.endswith(ext) or src.endswith(ext + ".gz"):
+            return fmt
+    raise ValueError(f"cannot tell the format of prompt source {src!r}: set prompts.format "
+                     "(txt, jsonl, csv, parquet or hf)")
+
+
+def _open_bytes(source: str) -> bytes:
+    if source == BUILTIN:
+        return resources.files("synpref.jobs").joinpath("prompts/builtin.jsonl").read_bytes()
+    with fsspec.open(source, "rb", compression="infer") as f:
+        return f.read()
+
+
+def _row(cfg: PromptsConfig, source: str, index: int, row: dict) -> RawPrompt:
+    text = row.get(cfg.text_field)
+    if not isinstance(text, str):
+        return RawPrompt(source, index, None, error=f"no string field {cfg.text_field!r}")
+    return RawPrompt(source, index, text, str(row.get(cfg.category_field) or ""))
+
+
+def read_raw_prompts(cfg: PromptsConfig) -> Iterator[RawPrompt]:
+    """Yield every line/row of the source (runs on a worker)."""
+    fmt = _detect_format(cfg)
+    src = cfg.source
+    if fmt == "hf":
+        import datasets
+
+        ds = datasets.load_dataset(src[len("hf://"):], split=cfg.split)
+        for i, row in enumerate(ds):
+            yield _row(cfg, src, i, row)
+        return
+    data = _open_bytes(src)
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        for i, row in enumerate(pq.read_table(io.BytesIO(data)).to_pylist()):
+            yield _row(cfg, src, i, row)
+        return
+    lines = data.splitlines()
+    if fmt == "csv":
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{src}: CSV prompt files must be UTF-8 ({e})") from None
+        for i, row in enumerate(csv.DictReader(io.StringIO(text))):
+            yield _row(cfg, src, i, row)
+        return
+    for i, raw in enumerate(lines):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield RawPrompt(src, i, None, error=f"not valid UTF-8: {e}")
+            continue
+        if fmt == "txt":
+            yield RawPrompt(src, i, line)
+            continue
+        if not line.strip():
+            yield RawPrompt(src, i, "")
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield RawPrompt(src, i, None, error=f"invalid JSON: {e}")
+            continue
+        yield _row(cfg, src, i, row) if isinstance(row, dict) else RawPrompt(src, i, None, error="not a JSON object")
+
+
+class _Clean(beam.DoFn):
+    def __init__(self, max_chars: int):
+        self.max_chars = max_chars
+
+    def process(self, raw: RawPrompt):
+        if raw.text is None:
+            reason = "non_utf8" if raw.error.startswith("not valid UTF-8") else "invalid_row"
+            yield beam.pvalue.TaggedOutput(DROPPED, Drop("prompt", reason, raw.record_id, "prompts", raw.error))
+            return
+        text = normalize_prompt(raw.text)
+        if not text:
+            yield beam.pvalue.TaggedOutput(DROPPED, Drop("prompt", "empty_prompt", raw.record_id, "prompts"))
+        elif len(text) > self.max_chars:
+            yield beam.pvalue.TaggedOutput(DROPPED, Drop(
+                "prompt", "too_long", raw.record_id, "prompts", f"{len(text)} chars > max_chars={self.max_chars}"))
+        else:
+            yield PromptRecord(prompt_id_of(text), text, raw.category, raw.source, raw.index)
+
+
+def _first_of_duplicates(element):
+    """Keep the earliest occurrence of a prompt; the others are dropped as duplicates."""
+    _, records = element
+    records = sorted(records, key=lambda r: (r.source, r.source_index))
+    yield records[0]
+    for r in records[1:]:
+        yield beam.pvalue.TaggedOutput(DROPPED, Drop(
+            "prompt", "duplicate", f"{r.source}#{r.source_index}", "prompts", f"same as line {records[0].source_index}"))
+
+
+def sample_key(seed: int, prompt_id: str) -> str:
+    return hashlib.sha256(f"{seed}:{prompt_id}".encode()).hexdigest()
+
+
+def _split_sampled(record: PromptRecord, selected: set):
+    if record.prompt_id in selected:
+        yield record
+    else:
+        yield beam.pvalue.TaggedOutput(DROPPED, Drop(
+            "prompt", "not_sampled", f"{record.source}#{record.source_index}", "prompts"))
+
+
+class ReadPrompts(beam.PTransform):
+    """Source -> cleaned, unique, sampled ``PromptRecord``s.
+
+    Returns ``{"prompts", "dropped", "read"}`` where ``read`` is every raw line/row.
+    Sampling takes the ``num_prompts`` prompts with the smallest sha256(seed:prompt_id):
+    a seeded sample that does not depend on input order or runner.
+    """
+
+    def __init__(self, cfg: PromptsConfig, seed: int):
+        super().__init__()
+        self.cfg, self.seed = cfg, seed
+
+    def expand(self, pbegin):
+        cfg, seed = self.cfg, self.seed
+        raw = (pbegin | "Source" >> beam.Create([cfg])
+               | "ReadLines" >> beam.FlatMap(read_raw_prompts)
+               | "Rebalance" >> beam.Reshuffle())
+        cleaned = raw | "Clean" >> beam.ParDo(_Clean(cfg.max_chars)).with_outputs(DROPPED, main="ok")
+        unique = (cleaned.ok
+                  | "KeyByContent" >> beam.Map(lambda r: (r.prompt_id, r))
+                  | "GroupDuplicates" >> beam.GroupByKey()
+                  | "Dedupe" >> beam.ParDo(_first_of_duplicates).with_outputs(DROPPED, main="ok"))
+        dropped = [cleaned[DROPPED], unique[DROPPED]]
+        prompts = unique.ok
+        if cfg.num_prompts is not None:
+            selected = (prompts
+                        | "SampleKeys" >> beam.Map(lambda r: (sample_key(seed, r.prompt_id), r.prompt_id))
+                        | "SeededSample" >> beam.combiners.Top.Smallest(cfg.num_prompts)
+                        | "SelectedIds" >> beam.Map(lambda top: {pid for _, pid in top}))
+            split = prompts | "KeepSampled" >> beam.ParDo(
+                _split_sampled, beam.pvalue.AsSingleton(selected)).with_outputs(DROPPED, main="ok")
+            prompts = split.ok
+            dropped.append(split[DROPPED])
+        return {"prompts": prompts, "dropped": dropped | "PromptDrops" >> beam.Flatten(), "read": raw}

@@ -1,0 +1,165 @@
+"""Write ranked and pairwise WebDataset shards, each with a Parquet index and a stats file.
+
+Shard assignment is a pure function of the sorted prompt ids, so the same inputs
+give the same shards on every runner. Each file is written under a temporary
+name and renamed; a shard whose stats file exists is skipped on a rerun.
+"""
+from __future__ import annotations
+
+import json
+from typing import Iterable
+
+import apache_beam as beam
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import webdataset as wds
+from apache_beam.metrics import Metrics
+
+from synpref.progress import progress
+from synpref.schemas.records import PAIR_INDEX_SCHEMA, RANKED_INDEX_SCHEMA, RankedGroup
+from synpref.transforms.staging import read_bytes
+
+TAR_MTIME = 0.0  # fixed member mtime: byte-identical shards across runs
+
+
+def shard_paths(output_dir: str, shard: int) -> dict[str, str]:
+    name = f"{shard:05d}"
+    root = output_dir.rstrip("/")
+    return {
+        "name": name,
+        "ranked_tar": f"{root}/ranked/ranked-{name}.tar",
+        "ranked_index": f"{root}/ranked/ranked-{name}.parquet",
+        "pairs_tar": f"{root}/pairs/pairs-{name}.tar",
+        "pairs_index": f"{root}/pairs/pairs-{name}.parquet",
+        "stats": f"{root}/_stats/shard-{name}.json",
+    }
+
+
+def _canonical_json(obj) -> bytes:
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+class _AtomicFile:
+    """``with _AtomicFile(uri) as f`` writes ``uri.tmp`` and renames it to ``uri`` only on success."""
+
+    def __init__(self, uri: str):
+        self.fs, self.path = fsspec.core.url_to_fs(uri)
+        self.tmp = self.path + ".tmp"
+
+    def __enter__(self):
+        self.fs.makedirs(self.path.rsplit("/", 1)[0], exist_ok=True)
+        self.f = self.fs.open(self.tmp, "wb")
+        return self.f
+
+    def __exit__(self, exc_type, exc, tb):
+        self.f.close()
+        if exc_type is None:
+            self.fs.mv(self.tmp, self.path)
+        else:
+            self.fs.rm(self.tmp)
+
+
+def ranked_sample(group: RankedGroup, images: dict[str, bytes]) -> dict[str, bytes]:
+    """One sample per prompt: ``img{r}.png`` in rank order (img0 = best) plus the labels as ``json``."""
+    p = group.prompt
+    meta = {
+        "prompt_id": p.prompt_id, "prompt": p.prompt, "category": p.category,
+        "aggregator": group.aggregator, "rewards": list(group.rewards),
+        "candidates": [c.to_json(f"img{r}.png") for r, c in enumerate(group.candidates)],
+    }
+    sample = {"__key__": p.prompt_id, "json": _canonical_json(meta)}
+    for r, c in enumerate(group.candidates):
+        sample[f"img{r}.png"] = images[c.candidate_id]
+    return sample
+
+
+def pair_samples(group: RankedGroup, images: dict[str, bytes]) -> Iterable[dict[str, bytes]]:
+    """One sample per kept pair: ``win.png``, ``lose.png`` and a ``json`` with both candidates' labels."""
+    by_id = {c.candidate_id: c for c in group.candidates}
+    for pair in group.pairs:
+        w, l = by_id[pair.winner_id], by_id[pair.loser_id]
+        meta = {
+            "prompt_id": group.prompt.prompt_id, "prompt": group.prompt.prompt, "category": group.prompt.category,
+            "agreement": pair.agreement, "rewards": list(group.rewards), "aggregator": group.aggregator,
+            "winner": w.to_json("win.png"), "loser": l.to_json("lose.png"),
+        }
+        yield {"__key__": pair.key, "json": _canonical_json(meta), "win.png": images[w.candidate_id],
+               "lose.png": images[l.candidate_id]}
+
+
+class _WriteShard(beam.DoFn):
+    def __init__(self, output_dir: str, total_groups_hint: int | None = None):
+        self.output_dir, self.total = output_dir, total_groups_hint
+
+    def process(self, element):
+        shard, groups = element
+        groups: list[RankedGroup] = sorted(groups, key=lambda g: g.prompt.prompt_id)
+        paths = shard_paths(self.output_dir, shard)
+        fs, stats_path = fsspec.core.url_to_fs(paths["stats"])
+        if fs.exists(stats_path):
+            stats = json.loads(fs.cat(stats_path))
+            if stats.get("groups") == len(groups):
+                Metrics.counter("synpref", "shards_skipped").inc()
+                yield stats
+                return
+        ranked_rows, pair_rows, n_images = [], [], 0
+        with _AtomicFile(paths["ranked_tar"]) as rf, _AtomicFile(paths["pairs_tar"]) as pf:
+            ranked_tar = wds.TarWriter(rf, encoder=False, mtime=TAR_MTIME)
+            pairs_tar = wds.TarWriter(pf, encoder=False, mtime=TAR_MTIME)
+            for g in groups:
+                images = {c.candidate_id: read_bytes(c.image_uri) for c in g.candidates}
+                ranked_tar.write(ranked_sample(g, images))
+                n_images += len(images)
+                ranked_rows.append({
+                    "key": g.prompt.prompt_id, "shard": paths["name"], "prompt_id": g.prompt.prompt_id,
+                    "prompt": g.prompt.prompt, "category": g.prompt.category,
+                    "num_candidates": len(g.candidates),
+                    "candidate_ids": [c.candidate_id for c in g.candidates],
+                    "generator_ids": [c.lineage.generator_id for c in g.candidates],
+                    "seeds": [c.lineage.seed for c in g.candidates],
+                    "phi": [c.phi for c in g.candidates],
+                    "scores_json": json.dumps([c.scores for c in g.candidates], sort_keys=True),
+                })
+                for sample, pair in zip(pair_samples(g, images), g.pairs):
+                    pairs_tar.write(sample)
+                    pair_rows.append({
+                        "key": pair.key, "shard": paths["name"], "prompt_id": pair.prompt_id,
+                        "prompt": g.prompt.prompt, "winner_id": pair.winner_id, "loser_id": pair.loser_id,
+                        "phi_winner": pair.phi_winner, "phi_loser": pair.phi_loser, "agreement": pair.agreement,
+                    })
+                progress("write", self.total, "groups").update()
+            ranked_tar.close()
+            pairs_tar.close()
+        for key, rows, schema in (("ranked_index", ranked_rows, RANKED_INDEX_SCHEMA),
+                                  ("pairs_index", pair_rows, PAIR_INDEX_SCHEMA)):
+            with _AtomicFile(paths[key]) as f:
+                pq.write_table(pa.Table.from_pylist(rows, schema=schema), f)
+        stats = {"shard": paths["name"], "groups": len(groups), "images": n_images, "pairs": len(pair_rows),
+                 **{k: v for k, v in paths.items() if k not in ("name", "stats")}}
+        with _AtomicFile(paths["stats"]) as f:  # written last: its presence marks the shard complete
+            f.write(_canonical_json(stats))
+        yield stats
+
+
+def _assign(group: RankedGroup, index: dict[str, int]):
+    return index[group.prompt.prompt_id], group
+
+
+class WriteShards(beam.PTransform):
+    """RankedGroup -> shard stats dicts. The shuffle carries groups (ids, scores, URIs), not pixels."""
+
+    def __init__(self, output_dir: str, samples_per_shard: int, expected_groups: int | None = None):
+        super().__init__()
+        self.output_dir, self.per_shard, self.expected = output_dir, samples_per_shard, expected_groups
+
+    def expand(self, groups):
+        per_shard = self.per_shard
+        index = (groups
+                 | "PromptIds" >> beam.Map(lambda g: g.prompt.prompt_id)
+                 | "AllIds" >> beam.combiners.ToList()
+                 | "ShardIndex" >> beam.Map(lambda ids: {pid: i // per_shard for i, pid in enumerate(sorted(ids))}))
+        return (groups
+                | "AssignShard" >> beam.Map(_assign, beam.pvalue.AsSingleton(index))
+                | "GroupByShard" >> beam.GroupByKey()
+                | "WriteShard" >> beam.ParDo(_WriteShard(self.output_dir, self.expected)))
