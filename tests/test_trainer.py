@@ -3,7 +3,9 @@ import io
 import itertools
 import json
 import math
+import os
 
+import fsspec
 import numpy as np
 import pytest
 import torch
@@ -41,7 +43,8 @@ def ranked_sample(rng, prompt_id, prompt, phis):
     ]
     meta = {"prompt_id": prompt_id, "prompt": prompt, "category": "test", "aggregator": "syn_pic",
             "rewards": ["clip_score"], "candidates": candidates}
-    return {"__key__": prompt_id, "json": json.dumps(meta).encode(), **{f"img{i}.png": png(rng) for i in range(len(phis))}}
+    images = {f"img{i}.png": png(rng) for i in range(len(phis))}
+    return {"__key__": prompt_id, "json": json.dumps(meta).encode(), **images}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -97,6 +100,15 @@ def test_reader_survives_a_corrupt_shard(shard_dir, tmp_path):
     assert [it.prompt_id for it in data][-2:] == ["b1", "b2"]
 
 
+def test_reader_takes_fsspec_urls(shard_dir):
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/synpref-test/ranked-00000.tar", (shard_dir / "ranked-00000.tar").read_bytes())
+    try:
+        assert [it.prompt_id for it in RankedShards(["memory://synpref-test"], resolution=16)] == ["a1", "a2", "a3"]
+    finally:
+        fs.rm("/synpref-test", recursive=True)
+
+
 def test_missing_shards_raise(tmp_path):
     with pytest.raises(FileNotFoundError, match="no shards found"):
         RankedShards([str(tmp_path / "nope-*.tar")], resolution=32)
@@ -138,12 +150,13 @@ def test_cli_trains_and_saves_a_loadable_lora(model_dir, shard_dir, tmp_path):
     assert json.loads((tmp_path / "out" / "train_summary.json").read_text())["losses"] == summary["losses"]
 
     pipe = StableDiffusionPipeline.from_pretrained(model_dir)
-    latents, t, text = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([500]), torch.zeros(1, 77, 32)
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t, text = torch.tensor([500]), torch.zeros(1, 77, 32)
     with torch.no_grad():
         base = pipe.unet(latents, t, text).sample
         pipe.load_lora_weights(summary["output_dir"])
         tuned = pipe.unet(latents, t, text).sample
-    assert summary["lora_path"].endswith(".safetensors")
+    assert os.path.isfile(summary["lora_path"]) and summary["lora_path"].endswith(".safetensors")
     (adapter,) = pipe.unet.peft_config.values()
     assert adapter.r == 4 and adapter.lora_alpha == 8  # alpha survives the round trip
     assert not torch.equal(base, tuned)

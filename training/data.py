@@ -71,7 +71,7 @@ def resolve_shards(shards: Iterable[str]) -> list[str]:
         else:
             found = [path] if fs.exists(path) else []
         if not found:
-            raise FileNotFoundError(f"no shards found for {entry!r} (expected a .tar file, a glob or a directory of .tar)")
+            raise FileNotFoundError(f"no shards found for {entry!r}: give a .tar file, a glob or a directory of .tar")
         local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
         urls += [p if local else fs.unstrip_protocol(p) for p in sorted(found)]
     return urls

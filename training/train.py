@@ -37,7 +37,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="Override one config field, e.g. --set max_steps=20; repeatable. Lists as YAML: --set 'shards=[a.tar, b.tar]'.",
+        help="Override one config field, e.g. --set max_steps=20; repeatable. "
+        "Lists as YAML: --set 'shards=[a.tar, b.tar]'.",
     )
     return parser.parse_args(input_args)
 
@@ -73,8 +74,10 @@ class Models:
     weight_dtype: torch.dtype
 
 
-def load_models(config: TrainConfig, device: torch.device | str = "cpu", weight_dtype: torch.dtype = torch.float32) -> Models:
-    """Load tokenizer, text encoder, VAE, UNet and a DDPM noise scheduler from ``pretrained_model`` subfolders, all frozen."""
+def load_models(
+    config: TrainConfig, device: torch.device | str = "cpu", weight_dtype: torch.dtype = torch.float32
+) -> Models:
+    """Load tokenizer, text encoder, VAE, UNet and a DDPM noise scheduler from ``pretrained_model``; all frozen."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -127,8 +130,13 @@ def compute_loss(models: Models, batch: RankedBatch, config: TrainConfig, genera
     n_prompts, n_images = len(batch.prompts), len(batch.group)
 
     with torch.no_grad():
-        ids = models.tokenizer(
-            batch.prompts, padding="max_length", max_length=models.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        tokenizer = models.tokenizer
+        ids = tokenizer(
+            batch.prompts,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
         ).input_ids.to(device)
         text = models.text_encoder(ids, return_dict=False)[0][group]  # [B, L, D] -> [N, L, D]
         latent_dist = models.vae.encode(batch.images.to(device, dtype)).latent_dist
@@ -175,15 +183,20 @@ def train(config: TrainConfig) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from diffusers import StableDiffusionPipeline
+    from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     # ---- setup
+    if config.torch_threads > 0:
+        torch.set_num_threads(config.torch_threads)
     mixed_precision = config.mixed_precision
     if mixed_precision == "fp16" and not torch.cuda.is_available():
         logger.warning("mixed_precision=fp16 needs a GPU; training in fp32 on CPU instead")
         mixed_precision = "no"
-    accelerator = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps)
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps
+    )
     logger.info("train config: %s", json.dumps(config.to_dict()))
     set_seed(config.seed)
 
@@ -232,9 +245,8 @@ def train(config: TrainConfig) -> dict:
         step = len(losses)
         if step % config.log_every == 0 or step == config.max_steps:
             rate = step / (time.perf_counter() - start)
-            logger.info(
-                "step %d/%d loss %.5f %.2f steps/s eta %.0fs", step, config.max_steps, losses[-1], rate, (config.max_steps - step) / rate
-            )
+            eta = (config.max_steps - step) / rate
+            logger.info("step %d/%d loss %.5f %.2f steps/s eta %.0fs", step, config.max_steps, losses[-1], rate, eta)
     seconds = time.perf_counter() - start
 
     # ---- save the LoRA (diffusers format, loadable with pipe.load_lora_weights) and a summary
@@ -248,7 +260,7 @@ def train(config: TrainConfig) -> dict:
         "seconds": seconds,
         "skipped": dict(dataset.skipped),
         "config": config.to_dict(),
-        "lora_path": str(out / "pytorch_lora_weights.safetensors"),
+        "lora_path": str(out / LORA_WEIGHT_NAME_SAFE),
         "output_dir": str(out),
     }
     if accelerator.is_main_process:
@@ -261,7 +273,8 @@ def train(config: TrainConfig) -> dict:
             unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
         )
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
-        logger.info("saved LoRA to %s (%d steps, %.1fs, loss %.5f -> %.5f)", summary["lora_path"], len(losses), seconds, losses[0], losses[-1])
+        logger.info("saved LoRA to %s (%d steps, %.1fs, loss %.5f -> %.5f)",
+                    summary["lora_path"], len(losses), seconds, losses[0], losses[-1])
     accelerator.end_training()
     return summary
 

@@ -1,0 +1,34 @@
+# Two commands set up a fresh machine and run everything: `make demo`, `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch first, pinned, so pip never resolves a different (multi-GB) build. Override on your cluster:
+#   make demo TORCH_SPEC="torch==2.5.1 torchvision==0.20.1"
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+WORKDIR ?= out/demo
+export HF_HUB_OFFLINE ?= 1
+export PYTHONHASHSEED := 0
+
+.PHONY: venv demo test bench clean
+
+$(VENV)/.installed: setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(VENV)/bin/synpref demo --workdir $(WORKDIR)
+
+test: venv
+	$(PY) -m pytest -q tests
+
+bench: venv
+	$(PY) bench/bench_stages.py
+
+clean:
+	rm -rf out .pytest_cache

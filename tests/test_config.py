@@ -1,0 +1,40 @@
+"""Config errors say what is wrong and what is allowed."""
+import pytest
+
+from synpref.schemas.config import apply_overrides, build_config_from_dict, load_build_config
+from synpref.jobs.demo import demo_config
+
+
+def base():
+    return demo_config("demo_build.yaml", "/tmp/synpref-demo")
+
+
+def test_demo_config_parses_and_rebases_paths():
+    cfg = build_config_from_dict(base())
+    assert cfg.output.output_dir == "/tmp/synpref-demo/build"
+    assert cfg.generators[0].model == "/tmp/synpref-demo/models/tiny-sd-a"
+    assert [r.name for r in cfg.rewards] == ["clip_score", "jpeg_compressibility", "sharpness"]
+    assert cfg.staging_dir == "/tmp/synpref-demo/build/_staging"
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"prompts.nmu_prompts": 3}, "unknown key(s) ['nmu_prompts']"),
+    ({"rewards.0.name": "hpsv9"}, "unknown reward 'hpsv9'; available: ['clip_score'"),
+    ({"generators.0.dtype": "float8"}, "is not one of ['float32', 'float16', 'bfloat16']"),
+    ({"generators.1.id": "tiny-sd-a"}, "generator ids must be unique"),
+    ({"generators.0.id": "sd.xl"}, "may only use letters, digits"),
+    ({"filter.min_agreement_margin": 0.5}, "min_agreement_margin must be in [0, 0.5)"),
+])
+def test_bad_configs_raise_clear_errors(override, message):
+    with pytest.raises(ValueError) as err:
+        build_config_from_dict(apply_overrides(base(), override))
+    assert message in str(err.value)
+
+
+def test_yaml_file_with_cli_style_overrides(tmp_path):
+    import yaml
+
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(base()))
+    cfg = load_build_config(str(path), ["seed=5", "output.samples_per_shard=3", "prompts.num_prompts=null"])
+    assert (cfg.seed, cfg.output.samples_per_shard, cfg.prompts.num_prompts) == (5, 3, None)
