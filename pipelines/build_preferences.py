@@ -42,6 +42,7 @@ def manifest_header(cfg: BuildConfig) -> dict[str, Any]:
             "dead_letter": "dead_letter/drops-*.jsonl",
         },
         "aggregator": cfg.ranking.aggregator,
+        "max_candidates": len(cfg.generators) * cfg.candidates_per_generator,
         "rewards": [create_reward(r.name, r.params).describe() for r in cfg.rewards],
         "generators": [config_to_dict(g) for g in cfg.generators],
         "config": config_to_dict(cfg),
@@ -83,17 +84,17 @@ class BuildPreferences(beam.PTransform):
             f"{out.rstrip('/')}/manifest.json", manifest_header(cfg), per_prompt)
 
 
-def _stage_seconds(result) -> dict[str, float]:
-    """Busy seconds per stage from Beam metrics (summed over workers); empty if the runner has none."""
+def _synpref_counters(result) -> dict[str, int]:
+    """synpref's Beam counters summed over steps and workers; empty if the runner reports none."""
     try:
         counters = result.metrics().query()["counters"]
     except Exception:  # some runners do not report metrics to the launcher
         return {}
-    totals: dict[str, float] = {}
+    totals: dict[str, int] = {}
     for c in counters:
-        if c.key.metric.namespace == "synpref" and c.key.metric.name.endswith("_ms"):
-            name = c.key.metric.name[:-3]
-            totals[name] = totals.get(name, 0.0) + (c.committed or c.attempted or 0) / 1000.0
+        if c.key.metric.namespace == "synpref":
+            name = c.key.metric.name
+            totals[name] = totals.get(name, 0) + (c.committed or c.attempted or 0)
     return totals
 
 
@@ -110,7 +111,10 @@ def build(cfg: BuildConfig, pipeline_args: Optional[list[str]] = None, test_pipe
     wall = time.monotonic() - start
     with fsspec.open(f"{out}/manifest.json", "r") as f:
         manifest = json.load(f)
-    summary = {"wall_seconds": round(wall, 2), "stage_busy_seconds": _stage_seconds(result),
+    counters = _synpref_counters(result)
+    summary = {"wall_seconds": round(wall, 2),
+               "stage_busy_seconds": {k[:-3]: v / 1000.0 for k, v in counters.items() if k.endswith("_ms")},
+               "counters": {k: v for k, v in counters.items() if not k.endswith("_ms")},
                "manifest": f"{out}/manifest.json", "ranked_shards": [s["ranked_tar"] for s in manifest["shards"]],
                "pair_shards": [s["pairs_tar"] for s in manifest["shards"]], "counts": manifest["counts"]}
     with fsspec.open(f"{out}/run_summary.json", "w") as f:

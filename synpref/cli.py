@@ -20,12 +20,12 @@ def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname).1s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
     root = logging.getLogger()
-    root.setLevel(logging.INFO)
     for h in root.handlers:
         h.addFilter(_DropNoise())
+    # Libraries (open_clip logs on the root logger) stay at WARNING; synpref's own progress at INFO.
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
+    logging.getLogger("synpref").setLevel(logging.INFO)
     if not verbose:
-        for name in ("apache_beam", "diffusers", "transformers", "open_clip", "datasets", "urllib3", "accelerate"):
-            logging.getLogger(name).setLevel(logging.WARNING)
         warnings.filterwarnings("ignore", category=FutureWarning)
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")

@@ -19,7 +19,7 @@ class Progress:
         self.stage, self.total, self.unit, self.every_s = stage, total, unit, every_s
         self.done = 0
         self.start = time.monotonic()
-        self._last = 0.0
+        self._last = self.start  # first line after ``every_s``: early rates are meaningless
 
     def update(self, n: int = 1) -> None:
         with _lock:

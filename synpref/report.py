@@ -42,7 +42,7 @@ def train_summary(summary: dict[str, Any]) -> str:
     last = summary.get("last_loss", losses[-1] if losses else float("nan"))
     return "\n".join([
         "== synpref train: done ==",
-        f"loss        {summary.get('loss', '')} first {first:.6g} -> last {last:.6g} over {summary.get('steps')} steps "
+        f"loss        {summary.get('config', {}).get('loss', '')} first {first:.6g} -> last {last:.6g} over {summary.get('steps')} steps "
         f"in {summary.get('seconds', 0):.1f}s",
         f"LoRA        {summary.get('lora_path')}",
         f"summary     {summary.get('output_dir', '').rstrip('/')}/train_summary.json",

@@ -85,7 +85,8 @@ def test_agreement_of_exactly_half_is_dropped_even_when_phi_differs():
 
 
 def test_rank_and_filter_in_beam_account_for_every_group_and_pair():
-    prompts = [PROMPT, PromptRecord("p2", "lonely"), PromptRecord("p3", "nobody")]
+    prompts = [PROMPT, PromptRecord("p2", "lonely", source="f", source_index=2),
+               PromptRecord("p3", "nobody", source="f", source_index=3)]
     scored = [("p1", cand(k, v)) for k, v in TABLE.items()] + [("p2", cand("z", [1, 1, 1], "p2"))]
     with TestPipeline() as p:
         ranked = (p | "P" >> beam.Create(prompts), p | "S" >> beam.Create(scored)) | RankGroups(REWARDS)
@@ -94,5 +95,5 @@ def test_rank_and_filter_in_beam_account_for_every_group_and_pair():
                     equal_to([("p1", ["b__a", "b__c"])]), label="groups")
         drops = (ranked["dropped"], filtered["dropped"]) | beam.Flatten()
         assert_that(drops | beam.Map(lambda d: (d.level, d.reason, d.record_id)), equal_to([
-            ("prompt", "too_few_candidates", "p2"), ("candidate", "group_dropped", "z"),
-            ("prompt", "too_few_candidates", "p3"), ("pair", "tied_phi", "a__c")]), label="drops")
+            ("prompt", "too_few_candidates", "f#2"), ("candidate", "group_dropped", "z"),
+            ("prompt", "too_few_candidates", "f#3"), ("pair", "tied_phi", "a__c")]), label="drops")

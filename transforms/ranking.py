@@ -60,9 +60,10 @@ class _RankGroup(beam.DoFn):
                 yield beam.pvalue.TaggedOutput(DROPPED, Drop("candidate", "orphan_candidate", c.candidate_id, "rank"))
             return
         if len(candidates) < self.min_candidates:
+            p = prompts[0]
             yield beam.pvalue.TaggedOutput(DROPPED, Drop(
-                "prompt", "too_few_candidates", prompt_id, "rank",
-                f"{len(candidates)} usable candidate(s), need {self.min_candidates}"))
+                "prompt", "too_few_candidates", f"{p.source}#{p.source_index}", "rank",
+                f"prompt_id {prompt_id}: {len(candidates)} usable candidate(s), need {self.min_candidates}"))
             for c in candidates:
                 yield beam.pvalue.TaggedOutput(DROPPED, Drop("candidate", "group_dropped", c.candidate_id, "rank"))
             return

@@ -7,6 +7,7 @@ name and renamed; a shard whose stats file exists is skipped on a rerun.
 from __future__ import annotations
 
 import json
+import time
 from typing import Iterable
 
 import apache_beam as beam
@@ -107,6 +108,7 @@ class _WriteShard(beam.DoFn):
         with _AtomicFile(paths["ranked_tar"]) as rf, _AtomicFile(paths["pairs_tar"]) as pf:
             ranked_tar = wds.TarWriter(rf, encoder=False, mtime=TAR_MTIME)
             pairs_tar = wds.TarWriter(pf, encoder=False, mtime=TAR_MTIME)
+            start = time.perf_counter()
             for g in groups:
                 images = {c.candidate_id: read_bytes(c.image_uri) for c in g.candidates}
                 ranked_tar.write(ranked_sample(g, images))
@@ -131,6 +133,7 @@ class _WriteShard(beam.DoFn):
                 progress("write", self.total, "groups").update()
             ranked_tar.close()
             pairs_tar.close()
+            Metrics.counter("synpref", "write_ms").inc(int(1000 * (time.perf_counter() - start)))
         for key, rows, schema in (("ranked_index", ranked_rows, RANKED_INDEX_SCHEMA),
                                   ("pairs_index", pair_rows, PAIR_INDEX_SCHEMA)):
             with _AtomicFile(paths[key]) as f:
