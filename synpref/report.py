@@ -27,6 +27,10 @@ def build_summary(result: dict[str, Any]) -> str:
     busy = s.get("stage_busy_seconds") or {}
     stage_txt = ", ".join(f"{k} {v:.1f}s" for k, v in sorted(busy.items())) or "n/a on this runner"
     lines.append(f"time        wall {s['wall_seconds']:.1f}s; busy per stage: {stage_txt}")
+    counters = s.get("counters") or {}
+    if counters.get("images_reused") or counters.get("shards_skipped"):
+        lines.append(f"resumed     {counters.get('images_reused', 0)} staged images reused, "
+                     f"{counters.get('shards_skipped', 0)} finished shards kept")
     out = m["output_dir"].rstrip("/")
     lines += [
         f"shards      {len(m['shards'])} ranked + {len(m['shards'])} pairwise under {out}/ranked, {out}/pairs",
