@@ -25,7 +25,7 @@ setup(
     python_requires=">=3.10",
     packages=list(PACKAGES),
     package_dir=PACKAGES,
-    package_data={"synpref.jobs": ["*.yaml", "prompts/*.jsonl"]},
+    package_data={"synpref.jobs": ["*.yaml", "*.jsonl"]},
     include_package_data=True,
     install_requires=[
         "apache-beam>=2.60",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
@@ -140,8 +141,11 @@ class BuildConfig:
         return self
 
 
-def _build(cls, data: Any, where: str):
-    """Build dataclass ``cls`` from a dict, rejecting unknown keys and checking Literal choices."""
+def from_dict(cls, data: Any, where: str = ""):
+    """Build dataclass ``cls`` from a mapping: unknown keys rejected, every value checked
+    against its type hint (nested dataclasses, tuples of them, Literal choices, Optional,
+    numbers and booleans given as strings by ``--set``)."""
+    where = where or cls.__name__
     if dataclasses.is_dataclass(data):
         return data
     if not isinstance(data, dict):
@@ -151,30 +155,49 @@ def _build(cls, data: Any, where: str):
     unknown = set(data) - names
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; valid keys: {sorted(names)}")
-    kwargs = {}
-    for key, value in data.items():
-        kwargs[key] = _coerce(hints[key], value, f"{where}.{key}")
+    kwargs = {key: coerce(hints[key], value, f"{where}.{key}") for key, value in data.items()}
     try:
         return cls(**kwargs)
     except TypeError as e:
         raise ValueError(f"{where}: {e}") from None
 
 
-def _coerce(hint, value, where):
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
+def coerce(hint, value, where: str):
+    """Check ``value`` against type ``hint``; convert strings where that is unambiguous."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, where)
-    if origin is tuple and args and dataclasses.is_dataclass(args[0]):
+        return from_dict(hint, value, where)
+    if origin in (typing.Union, types.UnionType):
+        if type(None) in args and (value is None or str(value).lower() in ("null", "none")):
+            return None
+        return coerce(next(a for a in args if a is not type(None)), value, where)
+    if origin is Literal:
+        if value not in args:
+            quote = " (YAML reads bare no/yes as booleans: quote it)" if isinstance(value, bool) else ""
+            raise ValueError(f"{where}: {value!r} is not one of {list(args)}{quote}")
+        return value
+    if origin in (tuple, list):
+        if isinstance(value, str) and args and args[0] is str:
+            value = [value]
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{where}: expected a list")
-        return tuple(_build(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
-    if origin is Literal and value not in args:
-        raise ValueError(f"{where}: {value!r} is not one of {list(args)}")
-    if origin is typing.Union and type(None) in args and value is not None:
-        return _coerce(next(a for a in args if a is not type(None)), value, where)
-    if hint is float and isinstance(value, int):
-        return float(value)
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        items = [coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)] if args else list(value)
+        return tuple(items) if origin is tuple else items
+    if hint is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: must be true or false, got {value!r}")
+        return value
+    if hint in (int, float, str):
+        if isinstance(value, bool) and hint is not str:
+            raise ValueError(f"{where}: must be {hint.__name__}, got {value!r}")
+        if hint is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"{where}: must be int, got {value!r}")
+        try:
+            return hint(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: must be {hint.__name__}, got {value!r}") from None
     return value
 
 
@@ -208,7 +231,7 @@ def load_yaml(path: str) -> dict:
 
 
 def build_config_from_dict(data: dict) -> BuildConfig:
-    return _build(BuildConfig, data, "build").validate()
+    return from_dict(BuildConfig, data, "build").validate()
 
 
 def load_build_config(path: str, overrides: list[str] | dict | None = None) -> BuildConfig:

@@ -49,12 +49,11 @@ def cmd_build(args, rest) -> int:
 
 def cmd_train(args, rest) -> int:
     from synpref.report import train_summary
-    from synpref.training.config import TrainConfig
-    from synpref.training.train import train
+    from synpref.training.train import main as train_main
 
     if rest:
         raise SystemExit(f"synpref train: unknown arguments {rest}")
-    summary = train(TrainConfig.from_yaml(args.config, _overrides(args.set)))
+    summary = train_main(["--config", args.config] + [a for kv in args.set for a in ("--set", kv)])
     print(train_summary(summary))
     return 0
 
@@ -74,18 +73,6 @@ def cmd_demo(args, rest) -> int:
     print(build_summary(result["build"]))
     print(train_summary(result["train"]))
     return 0
-
-
-def _overrides(pairs: list[str]) -> dict:
-    import yaml
-
-    out = {}
-    for p in pairs:
-        if "=" not in p:
-            raise SystemExit(f"--set expects KEY=VALUE, got {p!r}")
-        k, v = p.split("=", 1)
-        out[k] = yaml.safe_load(v)
-    return out
 
 
 def main(argv=None) -> int:

@@ -35,6 +35,15 @@ def test_demo_builds_trains_and_reports_where_everything_is(tmp_path):
     assert "verify: OK, every shard re-read matches the manifest" in report
     assert "prompts     in     64  written      5" in report
 
+    import yaml
+
+    from synpref.jobs.demo import demo_config
+
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(demo_config("demo_train.yaml", "demo")))
+    trained = synpref("train", "--config", "train.yaml", "--set", "max_steps=1", "--set", "loss=dpo",
+                      "--set", "output_dir=train_dpo", cwd=tmp_path).stdout
+    assert "loss        dpo first" in trained and "train_dpo/pytorch_lora_weights.safetensors" in trained
+
 
 def test_build_command_takes_overrides_and_beam_flags(tmp_path, demo_models):
     import yaml

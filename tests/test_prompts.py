@@ -85,3 +85,13 @@ def test_prompt_ids_are_content_hashes_of_the_normalised_text():
     assert normalize_prompt("  a\u00a0red   cube\n") == "a red cube"
     assert prompt_id_of("a red cube") == prompt_id_of(normalize_prompt(" a  red cube "))
     assert len(prompt_id_of("x")) == 16
+
+
+def test_hugging_face_datasets_by_name_or_folder(tmp_path):
+    """``format: hf`` goes through ``datasets.load_dataset`` (here a local folder; a hub name works the same)."""
+    folder = tmp_path / "my_prompts"
+    folder.mkdir()
+    pq.write_table(pa.Table.from_pylist([{"prompt": "a red kite"}, {"prompt": "a tin robot"}]),
+                   folder / "train-00000.parquet")
+    prompts, drops, read = run_read(PromptsConfig(source=str(folder), format="hf"))
+    assert prompts == ["a red kite", "a tin robot"] and drops == [] and read == 2

@@ -6,13 +6,12 @@ rank) are stated here, in the field docs (PAPER_NOTES s.2 asks for that).
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
+from synpref.schemas.config import coerce, from_dict, load_yaml
 
 Loss = Literal["rankdpo", "dpo"]
 DiscountRank = Literal["label", "model"]
@@ -91,7 +90,7 @@ class TrainConfig:
     def __post_init__(self):
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
-            object.__setattr__(self, f.name, _coerce(f.name, hints[f.name], getattr(self, f.name)))
+            object.__setattr__(self, f.name, coerce(hints[f.name], getattr(self, f.name), f.name))
         if self.beta is None:
             object.__setattr__(self, "beta", DEFAULT_BETA[self.loss])
         if self.lora_alpha is None:
@@ -106,19 +105,15 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
         """Build from a plain dict, rejecting unknown keys with the list of valid ones."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ValueError(f"unknown config keys {unknown}; valid keys: {sorted(names)}")
         missing = sorted(n for n in ("pretrained_model", "shards", "output_dir") if values.get(n) is None)
         if missing:
             raise ValueError(f"missing required config keys {missing}")
-        return cls(**values)
+        return from_dict(cls, values, "train")
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "TrainConfig":
         """Load a YAML mapping, then apply ``overrides`` (e.g. from ``--set key=value``; strings are coerced)."""
-        values = yaml.safe_load(Path(path).read_text()) or {}
+        values = load_yaml(str(path))
         if not isinstance(values, dict):
             raise ValueError(f"{path}: expected a YAML mapping of config keys, got {type(values).__name__}")
         return cls.from_dict({**values, **(overrides or {})})
@@ -126,37 +121,3 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready view (for logs and ``train_summary.json``)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
-
-def _coerce(name: str, hint: Any, value: Any) -> Any:
-    """Check ``value`` against a field's type, converting strings (YAML ``1e-4``, ``--set k=v``)."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if type(None) in args and (value is None or str(value).lower() in ("null", "none")):
-            return None  # --set beta=null restores a derived default
-        hint = next(a for a in args if a is not type(None))
-        origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is Literal:
-        if value not in args:
-            hint_yaml = " (YAML reads bare no/yes as booleans: quote it)" if isinstance(value, bool) else ""
-            raise ValueError(f"{name} must be one of {list(args)}, got {value!r}{hint_yaml}")
-        return value
-    if origin is list:
-        value = [value] if isinstance(value, (str, Path)) else value
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{name} must be a list, got {value!r}")
-        return [str(v) for v in value]
-    if hint is bool:
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        if not isinstance(value, bool):
-            raise ValueError(f"{name} must be true or false, got {value!r}")
-        return value
-    if isinstance(value, bool) and hint is not str:
-        raise ValueError(f"{name} must be {hint.__name__}, got {value!r}")
-    if hint is int and isinstance(value, float) and not value.is_integer():
-        raise ValueError(f"{name} must be int, got {value!r}")
-    try:
-        return hint(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be {hint.__name__}, got {value!r}") from None

@@ -66,7 +66,7 @@ def _detect_format(cfg: PromptsConfig) -> str:
 
 def _open_bytes(source: str) -> bytes:
     if source == BUILTIN:
-        return resources.files("synpref.jobs").joinpath("prompts/builtin.jsonl").read_bytes()
+        return resources.files("synpref.jobs").joinpath("builtin_prompts.jsonl").read_bytes()
     with fsspec.open(source, "rb", compression="infer") as f:
         return f.read()
 
@@ -85,7 +85,8 @@ def read_raw_prompts(cfg: PromptsConfig) -> Iterator[RawPrompt]:
     if fmt == "hf":
         import datasets
 
-        ds = datasets.load_dataset(src[len("hf://"):], split=cfg.split)
+        # hf://<name> or a bare name / local dataset folder with format: hf
+        ds = datasets.load_dataset(src[len("hf://"):] if src.startswith("hf://") else src, split=cfg.split)
         for i, row in enumerate(ds):
             yield _row(cfg, src, i, row)
         return
