@@ -22,6 +22,7 @@ from synpref.schemas.config import BuildConfig, config_to_dict, load_build_confi
 from synpref.transforms.accounting import CountAs, WriteDeadLetters, WriteManifest
 from synpref.transforms.filtering import FilterPairs
 from synpref.transforms.generation import GenerateCandidates
+from synpref.transforms.model_io import check_location
 from synpref.transforms.prompts import ReadPrompts
 from synpref.transforms.ranking import RankGroups
 from synpref.transforms.rewards import create_reward
@@ -98,10 +99,20 @@ def _synpref_counters(result) -> dict[str, int]:
     return totals
 
 
+def preflight(cfg: BuildConfig) -> None:
+    """Check every model location the job names, so a typo fails now and not on a worker an hour in."""
+    for g in cfg.generators:
+        check_location(g.model, f"generator {g.id}: model")
+    for r in cfg.rewards:
+        for key in ("checkpoint", "model_config"):
+            check_location(str(r.params.get(key, "")), f"reward {r.name}: {key}")
+
+
 def build(cfg: BuildConfig, pipeline_args: Optional[list[str]] = None, test_pipeline=None) -> dict[str, Any]:
     """Run the build and return the manifest plus a run summary (also written to run_summary.json)."""
     out = cfg.output.output_dir.rstrip("/")
     log.info("build config:\n%s", json.dumps(config_to_dict(cfg), indent=2))
+    preflight(cfg)
     options = PipelineOptions(pipeline_args or [], save_main_session=False)
     start = time.monotonic()
     p = test_pipeline or beam.Pipeline(options=options)

@@ -62,3 +62,19 @@ def test_missing_models_and_unknown_types_fail_clearly(tmp_path):
     with pytest.raises(ValueError, match=r"unknown generator type 'comfy'; available: \['diffusers'\]"):
         create_generator(GeneratorConfig(id="x", model="m", type="comfy"))
     assert "diffusers" in available_generators()
+
+
+def test_a_missing_model_fails_before_the_pipeline_starts(demo_models, tmp_path):
+    from conftest import tiny_build_config
+    from synpref.pipelines.build_preferences import build
+    from synpref.schemas.config import build_config_from_dict
+
+    cfg = tiny_build_config(demo_models, tmp_path / "out")
+    cfg["generators"][1]["model"] = str(tmp_path / "models" / "sd-typo")
+    with pytest.raises(FileNotFoundError, match=r"generator tiny-sd-b: model: .*sd-typo does not exist"):
+        build(build_config_from_dict(cfg))
+    cfg = tiny_build_config(demo_models, tmp_path / "out")
+    cfg["rewards"][0]["params"]["checkpoint"] = "memory:///no/such.safetensors"
+    with pytest.raises(FileNotFoundError, match="reward clip_score: checkpoint: memory:///no/such.safetensors"):
+        build(build_config_from_dict(cfg))
+    assert not (tmp_path / "out").exists()

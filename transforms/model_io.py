@@ -36,3 +36,24 @@ def local_copy(path: str, cache_dir: str = "") -> str:
         fs.get(fs_path, tmp)
     os.replace(tmp, target)
     return target
+
+
+def looks_like_hub_id(path: str) -> bool:
+    """``org/name`` (one slash, no scheme, not on disk) is a hub id; anything else is a location."""
+    return ("://" not in path and path.count("/") == 1 and not path.startswith((".", "/", "~"))
+            and not os.path.exists(path))
+
+
+def check_location(path: str, what: str) -> None:
+    """Fail before a pipeline starts when a model file or folder is missing, naming it.
+
+    Hub ids and open_clip names cannot be checked offline and pass through.
+    """
+    if not path or (looks_like_hub_id(path) or path.startswith("hf-hub:")):
+        return
+    if is_remote(path):
+        fs, fs_path = fsspec.core.url_to_fs(path)
+        if not fs.exists(fs_path):
+            raise FileNotFoundError(f"{what}: {path} does not exist")
+    elif not os.path.exists(local_copy(path)):
+        raise FileNotFoundError(f"{what}: {path} does not exist (not a local path, and not a hub id 'org/name')")
