@@ -16,7 +16,7 @@ class _DropNoise(logging.Filter):
         return "Resource module is not available" not in record.getMessage()
 
 
-def setup_logging(verbose: bool = False) -> None:
+def setup_logging(verbose: bool = False, model_libraries: bool = True) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname).1s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
     root = logging.getLogger()
@@ -30,6 +30,7 @@ def setup_logging(verbose: bool = False) -> None:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if model_libraries and not verbose:
         from diffusers.utils import logging as diffusers_logging
         from transformers.utils import logging as transformers_logging
 
@@ -37,12 +38,21 @@ def setup_logging(verbose: bool = False) -> None:
         transformers_logging.disable_progress_bar()
 
 
+class UserError(Exception):
+    """A bad config or a missing file: reported as one line, without a traceback."""
+
+
 def cmd_build(args, rest) -> int:
-    from synpref.pipelines.build_preferences import build
+    from synpref.pipelines.build_preferences import build, preflight
     from synpref.report import build_summary
     from synpref.schemas.config import load_build_config
 
-    result = build(load_build_config(args.config, args.set), rest)
+    try:
+        cfg = load_build_config(args.config, args.set)
+        preflight(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        raise UserError(f"synpref build: {e}") from None
+    result = build(cfg, rest)
     print(build_summary(result))
     return 0
 
@@ -59,8 +69,14 @@ def cmd_train(args, rest) -> int:
 
 
 def cmd_inspect(args, rest) -> int:
+    import fsspec
+
     from synpref.jobs.inspect_output import inspect_output
 
+    fs, path = fsspec.core.url_to_fs(args.output_dir.rstrip("/") + "/manifest.json")
+    if not fs.exists(path):
+        raise UserError(f"synpref inspect: no manifest.json in {args.output_dir}: the build has not finished. "
+                        "Shards with a _stats/ file are complete; rerun the same build command to resume.")
     print(inspect_output(args.output_dir, samples=args.samples, verify_shards=not args.no_verify))
     return 0
 
@@ -105,8 +121,12 @@ def main(argv=None) -> int:
     args, rest = parser.parse_known_args(argv)
     if rest and args.command not in ("build", "demo", "train"):
         parser.error(f"unrecognized arguments: {rest}")
-    setup_logging(args.verbose)
-    return args.fn(args, rest)
+    setup_logging(args.verbose, model_libraries=args.command != "inspect")
+    try:
+        return args.fn(args, rest)
+    except UserError as e:
+        print(e, file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -57,3 +57,13 @@ def test_build_command_takes_overrides_and_beam_flags(tmp_path, demo_models):
     manifest = json.loads((tmp_path / "out3/manifest.json").read_text())
     assert manifest["config"]["seed"] == 3 and manifest["counts"]["prompts"]["written"] == 2
     assert "out3/manifest.json" in proc.stdout
+
+
+def test_config_mistakes_and_unfinished_outputs_get_one_line_errors(tmp_path):
+    (tmp_path / "job.yaml").write_text("generators: []\nrewards: []\nprompts: {}\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for args, message in ((["build", "--config", "job.yaml"], "synpref build: config needs at least one generator"),
+                          (["inspect", "nowhere"], "synpref inspect: no manifest.json in nowhere")):
+        proc = subprocess.run([sys.executable, "-m", "synpref.cli", *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
