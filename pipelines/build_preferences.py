@@ -75,13 +75,13 @@ class BuildPreferences(beam.PTransform):
         shards = filtered["groups"] | "WriteShards" >> WriteShards(out, cfg.output.samples_per_shard, n)
 
         drops = [s["dropped"] for s in (prompts, generated, scored, ranked, filtered)] | "AllDrops" >> beam.Flatten()
-        drops | "DeadLetters" >> WriteDeadLetters(out)
+        dead_letter_files = drops | "DeadLetters" >> WriteDeadLetters(out)
         counts = [
             prompts["read"] | "CountRead" >> CountAs("prompts_read"),
             prompts["prompts"] | "CountKept" >> CountAs("prompts_kept"),
             ranked["groups"] | "CountPairs" >> CountAs("pairs_considered", lambda g: len(g.pairs)),
         ] | "AllCounts" >> beam.Flatten()
-        return (counts, drops, shards) | "WriteManifest" >> WriteManifest(
+        return (counts, drops, shards, dead_letter_files) | "WriteManifest" >> WriteManifest(
             f"{out.rstrip('/')}/manifest.json", manifest_header(cfg), per_prompt)
 
 

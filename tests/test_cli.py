@@ -4,7 +4,6 @@ import os
 import subprocess
 import sys
 
-import torch
 from diffusers import StableDiffusionPipeline
 
 
@@ -23,7 +22,7 @@ def test_demo_builds_trains_and_reports_where_everything_is(tmp_path):
     assert "prompts     in     64  written      5 groups  dropped 59 (not_sampled=59)" in out
     assert "ledger      balanced" in out
     assert "[generate] 20/20 images (100%)" in proc.stderr  # progress lines: done/total, rate
-    assert f"manifest    demo/build/manifest.json" in out
+    assert "manifest    demo/build/manifest.json" in out
 
     summary = json.loads((tmp_path / "demo/train/train_summary.json").read_text())
     assert summary["steps"] == 2 and len(summary["losses"]) == 2

@@ -6,7 +6,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
-from apache_beam.testing.util import assert_that, equal_to
 
 from synpref.schemas.config import PromptsConfig
 from synpref.transforms.prompts import ReadPrompts, normalize_prompt, prompt_id_of, read_raw_prompts

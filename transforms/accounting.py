@@ -6,13 +6,11 @@ The manifest is the job's ledger: for prompts, candidates and pairs,
 from __future__ import annotations
 
 import json
-from collections import Counter
 from typing import Any
 
 import apache_beam as beam
 
-from synpref.schemas.records import Drop
-from synpref.transforms.writing import _AtomicFile, _canonical_json
+from synpref.transforms.writing import _AtomicFile
 
 
 class CountAs(beam.PTransform):
@@ -53,27 +51,32 @@ class _WriteManifest(beam.DoFn):
     def __init__(self, path: str, header: dict[str, Any], per_prompt: int):
         self.path, self.header, self.per_prompt = path, header, per_prompt
 
-    def process(self, _, counts: dict, drops: dict, shards: list):
+    def process(self, _, counts: dict, drops: dict, shards: list, dead_letter_files: list):
         counts = dict(counts)
         counts["groups_written"] = sum(s["groups"] for s in shards)
         counts["images_written"] = sum(s["images"] for s in shards)
         counts["pairs_written"] = sum(s["pairs"] for s in shards)
         manifest = {**self.header, "counts": ledger(counts, dict(drops), self.per_prompt),
-                    "shards": sorted(shards, key=lambda s: s["shard"])}
+                    "shards": sorted(shards, key=lambda s: s["shard"]),
+                    "dead_letter_files": sorted(dead_letter_files)}
         with _AtomicFile(self.path) as f:
             f.write(json.dumps(manifest, indent=2, sort_keys=True).encode())
         yield manifest
 
 
 class WriteManifest(beam.PTransform):
-    """(counts, drops, shard stats) -> manifest.json, written once after everything else."""
+    """(counts, drops, shard stats, dead-letter files) -> manifest.json, written last.
+
+    Taking the shard stats and the dead-letter file names as side inputs makes the
+    manifest wait for both writes: a manifest on disk means the build finished.
+    """
 
     def __init__(self, path: str, header: dict[str, Any], per_prompt: int):
         super().__init__()
         self.path, self.header, self.per_prompt = path, header, per_prompt
 
     def expand(self, inputs):
-        counts, drops, shards = inputs
+        counts, drops, shards, dead_letter_files = inputs
         drop_counts = (drops
                        | "DropKey" >> beam.Map(lambda d: (f"{d.level}:{d.reason}", 1))
                        | "CountDrops" >> beam.CombinePerKey(sum))
@@ -81,7 +84,7 @@ class WriteManifest(beam.PTransform):
                 | "Once" >> beam.Create([None])
                 | "Write" >> beam.ParDo(_WriteManifest(self.path, self.header, self.per_prompt),
                                         beam.pvalue.AsDict(counts), beam.pvalue.AsDict(drop_counts),
-                                        beam.pvalue.AsList(shards)))
+                                        beam.pvalue.AsList(shards), beam.pvalue.AsList(dead_letter_files)))
 
 
 class WriteDeadLetters(beam.PTransform):
@@ -95,7 +98,3 @@ class WriteDeadLetters(beam.PTransform):
         return (drops
                 | "ToJson" >> beam.Map(lambda d: json.dumps(d.to_dict(), sort_keys=True))
                 | "Write" >> beam.io.WriteToText(self.prefix, file_name_suffix=".jsonl", num_shards=1))
-
-
-def summarize_drops(drops: list[Drop]) -> dict[str, int]:
-    return dict(Counter(f"{d.level}:{d.reason}" for d in drops))

@@ -1,7 +1,7 @@
 """Rank one prompt's candidates (Syn-Pic labels) and build its preference pairs."""
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import apache_beam as beam
 import numpy as np
