@@ -75,6 +75,10 @@ def test_bad_prompts_nan_images_and_nan_scores_are_all_accounted_for(demo_models
     hf = datasets.load_dataset("webdataset", data_files={"train": ranked}, split="train", features=features)
     assert hf.num_rows == 5
     assert sorted(sum(row[f"img{i}.png"] is not None for i in range(6)) for row in hf) == [2, 3, 3, 3, 3]
+    # The dataset card in the output folder declares the same features: load the folder by config name.
+    card = datasets.load_dataset(str(tmp_path / "out"), "ranked", split="train")
+    assert card.num_rows == 5 and card.features == features
+    assert datasets.load_dataset(str(tmp_path / "out"), "pairs", split="train").num_rows == counts["pairs"]["written"]
 
 
 def test_a_prompt_left_with_one_usable_candidate_is_dropped_with_its_reason(demo_models, tmp_path):
