@@ -35,6 +35,7 @@ def build_summary(result: dict[str, Any]) -> str:
     lines += [
         f"shards      {len(m['shards'])} ranked + {len(m['shards'])} pairwise under {out}/ranked, {out}/pairs",
         f"manifest    {out}/manifest.json",
+        f"dataset     {out}/README.md (datasets.load_dataset(\"{out}\", \"ranked\"))",
         f"dead letter {out}/dead_letter/",
     ]
     return "\n".join(lines)
