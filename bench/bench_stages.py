@@ -37,7 +37,7 @@ def main(argv=None):
     from synpref.transforms.generation import make_request
     from synpref.transforms.generators import create_generator
     from synpref.transforms.rewards import create_reward
-    from synpref.transforms.prompts import normalize_prompt, prompt_id_of, read_raw_prompts
+    from synpref.transforms.prompts import normalize_prompt, prompt_id_of, read_raw_prompts, sample_key
     from synpref.schemas.records import PromptRecord
 
     work = args.workdir or tempfile.mkdtemp(prefix="synpref-bench-")
@@ -54,10 +54,12 @@ def main(argv=None):
 
     # --- baseline: direct calls, same prompts, seeds and batch composition
     torch.set_num_threads(cfg.torch_threads)
-    raws = [r for r in read_raw_prompts(cfg.prompts)]
-    prompts = sorted({prompt_id_of(normalize_prompt(r.text)): PromptRecord(prompt_id_of(normalize_prompt(r.text)),
-                                                                            normalize_prompt(r.text))
-                      for r in raws}.values(), key=lambda p: p.prompt_id)[: args.prompts]
+    unique = {}
+    for r in read_raw_prompts(cfg.prompts):
+        text = normalize_prompt(r.text)
+        unique.setdefault(prompt_id_of(text), PromptRecord(prompt_id_of(text), text))
+    # the pipeline's seeded sample: the smallest sha256(seed:prompt_id)
+    prompts = sorted(unique.values(), key=lambda p: sample_key(cfg.seed, p.prompt_id))[: args.prompts]
     gen_s = score_s = 0.0
     rewards = [create_reward(r.name, r.params) for r in cfg.rewards]
     for r in rewards:

@@ -18,6 +18,7 @@ import fsspec
 from apache_beam.options.pipeline_options import PipelineOptions
 
 import synpref
+from synpref import progress
 from synpref.schemas.config import BuildConfig, config_to_dict, load_build_config
 from synpref.transforms.accounting import CountAs, WriteDeadLetters, WriteManifest
 from synpref.transforms.filtering import FilterPairs
@@ -113,6 +114,7 @@ def build(cfg: BuildConfig, pipeline_args: Optional[list[str]] = None, test_pipe
     out = cfg.output.output_dir.rstrip("/")
     log.info("build config:\n%s", json.dumps(config_to_dict(cfg), indent=2))
     preflight(cfg)
+    progress.reset()  # in-process runners share trackers: start each build's counts at zero
     options = PipelineOptions(pipeline_args or [], save_main_session=False)
     start = time.monotonic()
     p = test_pipeline or beam.Pipeline(options=options)

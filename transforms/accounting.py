@@ -11,7 +11,7 @@ from typing import Any
 import apache_beam as beam
 
 from synpref.transforms.dataset_card import dataset_card
-from synpref.transforms.writing import _AtomicFile
+from synpref.transforms.fileio import AtomicFile
 
 
 class CountAs(beam.PTransform):
@@ -60,9 +60,9 @@ class _WriteManifest(beam.DoFn):
         manifest = {**self.header, "counts": ledger(counts, dict(drops), self.per_prompt),
                     "shards": sorted(shards, key=lambda s: s["shard"]),
                     "dead_letter_files": sorted(dead_letter_files)}
-        with _AtomicFile(self.path.rsplit("/", 1)[0] + "/README.md") as f:
+        with AtomicFile(self.path.rsplit("/", 1)[0] + "/README.md") as f:
             f.write(dataset_card(manifest).encode())
-        with _AtomicFile(self.path) as f:  # last: a manifest on disk means the build finished
+        with AtomicFile(self.path) as f:  # last: a manifest on disk means the build finished
             f.write(json.dumps(manifest, indent=2, sort_keys=True).encode())
         yield manifest
 

@@ -19,16 +19,10 @@ from synpref.progress import progress
 from synpref.schemas.config import GeneratorConfig
 from synpref.schemas.records import Candidate, Drop, GenerationRequest, PromptRecord
 from synpref.transforms.generators import Generator, create_generator
+from synpref.transforms.model_io import set_torch_threads
 from synpref.transforms.staging import load_staged, stage_image, staged_uri, to_uint8
 
 DROPPED = "dropped"
-
-
-def set_torch_threads(n: int) -> None:
-    if n > 0:
-        import torch
-
-        torch.set_num_threads(n)
 
 
 def derive_seed(global_seed: int, prompt_id: str, generator_id: str, index: int) -> int:

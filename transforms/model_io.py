@@ -57,3 +57,11 @@ def check_location(path: str, what: str) -> None:
             raise FileNotFoundError(f"{what}: {path} does not exist")
     elif not os.path.exists(local_copy(path)):
         raise FileNotFoundError(f"{what}: {path} does not exist (not a local path, and not a hub id 'org/name')")
+
+
+def set_torch_threads(n: int) -> None:
+    """torch intra-op threads for this worker process; 0 leaves torch's default."""
+    if n > 0:
+        import torch
+
+        torch.set_num_threads(n)

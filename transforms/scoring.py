@@ -18,7 +18,7 @@ from PIL import Image
 from synpref.progress import progress
 from synpref.schemas.config import RewardConfig
 from synpref.schemas.records import Drop
-from synpref.transforms.generation import set_torch_threads
+from synpref.transforms.model_io import set_torch_threads
 from synpref.transforms.rewards import Reward, create_reward
 
 DROPPED = "dropped"

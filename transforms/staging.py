@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
 
 import fsspec
 import numpy as np
 from PIL import Image
 
 from synpref.schemas.records import Lineage
+from synpref.transforms.fileio import read_bytes, write_atomic
 
 
 def encode_png(pixels: np.ndarray) -> bytes:
@@ -31,26 +31,11 @@ def staged_uri(staging_dir: str, candidate_id: str) -> str:
     return f"{staging_dir.rstrip('/')}/{candidate_id[:2]}/{candidate_id}.png"
 
 
-def write_atomic(uri: str, data: bytes) -> None:
-    """Write to a temporary name, then rename: readers never see half a file."""
-    fs, path = fsspec.core.url_to_fs(uri)
-    fs.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with fs.open(tmp, "wb") as f:
-        f.write(data)
-    fs.mv(tmp, path)
-
-
 def stage_image(staging_dir: str, candidate_id: str, pixels: np.ndarray, lineage: Lineage) -> str:
     uri = staged_uri(staging_dir, candidate_id)
     write_atomic(uri[:-4] + ".json", json.dumps(lineage.to_dict(), sort_keys=True).encode())
     write_atomic(uri, encode_png(pixels))  # the PNG last: its presence means "complete"
     return uri
-
-
-def read_bytes(uri: str) -> bytes:
-    with fsspec.open(uri, "rb") as f:
-        return f.read()
 
 
 def load_staged(uri: str) -> tuple[np.ndarray, Lineage] | None:

@@ -19,7 +19,7 @@ from apache_beam.metrics import Metrics
 
 from synpref.progress import progress
 from synpref.schemas.records import PAIR_INDEX_SCHEMA, RANKED_INDEX_SCHEMA, RankedGroup
-from synpref.transforms.staging import read_bytes
+from synpref.transforms.fileio import AtomicFile, read_bytes
 
 TAR_MTIME = 0.0  # fixed member mtime: byte-identical shards across runs
 
@@ -39,26 +39,6 @@ def shard_paths(output_dir: str, shard: int) -> dict[str, str]:
 
 def _canonical_json(obj) -> bytes:
     return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-
-
-class _AtomicFile:
-    """``with _AtomicFile(uri) as f`` writes ``uri.tmp`` and renames it to ``uri`` only on success."""
-
-    def __init__(self, uri: str):
-        self.fs, self.path = fsspec.core.url_to_fs(uri)
-        self.tmp = self.path + ".tmp"
-
-    def __enter__(self):
-        self.fs.makedirs(self.path.rsplit("/", 1)[0], exist_ok=True)
-        self.f = self.fs.open(self.tmp, "wb")
-        return self.f
-
-    def __exit__(self, exc_type, exc, tb):
-        self.f.close()
-        if exc_type is None:
-            self.fs.mv(self.tmp, self.path)
-        else:
-            self.fs.rm(self.tmp)
 
 
 def ranked_sample(group: RankedGroup, images: dict[str, bytes]) -> dict[str, bytes]:
@@ -105,7 +85,7 @@ class _WriteShard(beam.DoFn):
                 yield stats
                 return
         ranked_rows, pair_rows, n_images = [], [], 0
-        with _AtomicFile(paths["ranked_tar"]) as rf, _AtomicFile(paths["pairs_tar"]) as pf:
+        with AtomicFile(paths["ranked_tar"]) as rf, AtomicFile(paths["pairs_tar"]) as pf:
             ranked_tar = wds.TarWriter(rf, encoder=False, mtime=TAR_MTIME)
             pairs_tar = wds.TarWriter(pf, encoder=False, mtime=TAR_MTIME)
             start = time.perf_counter()
@@ -136,11 +116,11 @@ class _WriteShard(beam.DoFn):
             Metrics.counter("synpref", "write_ms").inc(int(1000 * (time.perf_counter() - start)))
         for key, rows, schema in (("ranked_index", ranked_rows, RANKED_INDEX_SCHEMA),
                                   ("pairs_index", pair_rows, PAIR_INDEX_SCHEMA)):
-            with _AtomicFile(paths[key]) as f:
+            with AtomicFile(paths[key]) as f:
                 pq.write_table(pa.Table.from_pylist(rows, schema=schema), f)
         stats = {"shard": paths["name"], "groups": len(groups), "images": n_images, "pairs": len(pair_rows),
                  **{k: v for k, v in paths.items() if k not in ("name", "stats")}}
-        with _AtomicFile(paths["stats"]) as f:  # written last: its presence marks the shard complete
+        with AtomicFile(paths["stats"]) as f:  # written last: its presence marks the shard complete
             f.write(_canonical_json(stats))
         yield stats
 
