@@ -45,6 +45,9 @@ def run_demo(workdir: str = DEMO_PREFIX, num_prompts: Optional[int] = 64, train_
     cfg = build_config_from_dict(apply_overrides(build_data, build_overrides))
     log.info("demo: building preferences for %s prompts into %s", num_prompts, cfg.output.output_dir)
     built = build(cfg, pipeline_args)
+    if built["summary"]["problems"]:
+        log.error("demo: the build has problems; not training")
+        return {"build": built, "train": None}
     train_data = demo_config("demo_train.yaml", workdir)
     if train_steps is not None:
         train_data["max_steps"] = train_steps

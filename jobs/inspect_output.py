@@ -2,13 +2,35 @@
 from __future__ import annotations
 
 import json
+import tarfile
 
 import fsspec
 import webdataset as wds
 
+from synpref.transforms.imageio import check_member_name
 
-def count_samples(tar_uri: str) -> int:
-    return sum(1 for _ in wds.WebDataset(tar_uri, shardshuffle=False, empty_check=False))
+
+def scan_shard(tar_uri: str) -> tuple[int, list[str]]:
+    """Sample count and unsafe members of one shard, from the raw tar listing (nothing is decoded).
+
+    Samples are counted as WebDataset groups them: runs of members sharing the name before the first
+    dot. Unsafe: a name ``check_member_name`` refuses (paths, ``..``, hidden) or a non-regular member.
+    """
+    samples, last, unsafe = 0, None, []
+    with fsspec.open(tar_uri, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        for member in tar:
+            try:
+                check_member_name(member.name)
+            except ValueError:
+                unsafe.append(f"unsafe member name {member.name!r}")
+                continue
+            if not member.isreg():
+                unsafe.append(f"member {member.name!r} is not a regular file")
+                continue
+            key = member.name.split(".", 1)[0]
+            samples += key != last
+            last = key
+    return samples, unsafe
 
 
 def verify(manifest: dict) -> list[str]:
@@ -16,7 +38,12 @@ def verify(manifest: dict) -> list[str]:
     problems = []
     for s in manifest["shards"]:
         for tar, expected in ((s["ranked_tar"], s["groups"]), (s["pairs_tar"], s["pairs"])):
-            got = count_samples(tar)
+            try:
+                got, unsafe = scan_shard(tar)
+            except (OSError, tarfile.TarError) as exn:
+                problems.append(f"{tar}: unreadable: {exn}")
+                continue
+            problems += [f"{tar}: {u}" for u in unsafe]
             if got != expected:
                 problems.append(f"{tar}: {got} samples, manifest says {expected}")
     for level, c in manifest["counts"].items():

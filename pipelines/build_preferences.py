@@ -23,7 +23,7 @@ from synpref.schemas.config import BuildConfig, config_to_dict, load_build_confi
 from synpref.transforms.accounting import CountAs, WriteDeadLetters, WriteManifest
 from synpref.transforms.filtering import FilterPairs
 from synpref.transforms.generation import GenerateCandidates
-from synpref.transforms.model_io import check_location
+from synpref.pipelines.preflight import preflight
 from synpref.transforms.prompts import ReadPrompts
 from synpref.transforms.ranking import RankGroups
 from synpref.transforms.rewards import create_reward
@@ -100,13 +100,51 @@ def _synpref_counters(result) -> dict[str, int]:
     return totals
 
 
-def preflight(cfg: BuildConfig) -> None:
-    """Check every model location the job names, so a typo fails now and not on a worker an hour in."""
+def health_problems(manifest: dict[str, Any], cfg: BuildConfig) -> list[str]:
+    """Why this run should not count as a success (empty list = it should).
+
+    A ledger that does not balance, nothing written, or any generator or reward that lost more
+    than ``max_error_share`` of its items to errors (each one is in dead_letter/ with its reason).
+    """
+    c, errors = manifest["counts"], manifest.get("errors_by_stage", {})
+    problems = [f"ledger does not balance for {level}: in {v['in']} != written {v['written']} + dropped "
+                f"{v['dropped_total']}" for level, v in c.items() if not v["balanced"]]
+    if c["prompts"]["written"] == 0:
+        problems.append("no prompt produced a sample: see the dropped counts above and dead_letter/")
+    per_generator = c["candidates"]["in"] // max(1, len(cfg.generators))
+    generated = c["candidates"]["in"]
     for g in cfg.generators:
-        check_location(g.model, f"generator {g.id}: model")
+        e = errors.get(f"generate:{g.id}")
+        if e:
+            generated -= e["count"]
+        if e and e["count"] > cfg.max_error_share * per_generator:
+            problems.append(f"generator {g.id}: {e['count']} of {per_generator} images failed "
+                            f"(max_error_share {cfg.max_error_share}); first: {e['first']}")
     for r in cfg.rewards:
-        for key in ("checkpoint", "model_config"):
-            check_location(str(r.params.get(key, "")), f"reward {r.name}: {key}")
+        e = errors.get(f"score:{r.name}")
+        if e and e["count"] > cfg.max_error_share * max(1, generated):
+            problems.append(f"reward {r.name}: {e['count']} of {generated} images failed "
+                            f"(max_error_share {cfg.max_error_share}); first: {e['first']}")
+    return problems
+
+
+def _start_fresh_manifest(out: str) -> None:
+    """A rerun first removes the old manifest: while shards are being rewritten, nothing claims they are done."""
+    fs, path = fsspec.core.url_to_fs(f"{out}/manifest.json")
+    if fs.exists(path):
+        fs.rm(path)
+
+
+def _remove_staging(cfg: BuildConfig) -> str:
+    """Delete the default staging folder after a clean run (policy ``output.staging``); say what happened."""
+    if cfg.output.staging == "keep":
+        return f"kept at {cfg.staging_dir} (output.staging: keep)"
+    if cfg.output.staging_dir:
+        return f"kept at {cfg.staging_dir} (a custom staging_dir is a shared cache)"
+    fs, path = fsspec.core.url_to_fs(cfg.staging_dir)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+    return "removed (every image is in the tars; output.staging: keep keeps it for reruns)"
 
 
 def build(cfg: BuildConfig, pipeline_args: Optional[list[str]] = None, test_pipeline=None) -> dict[str, Any]:
@@ -115,7 +153,8 @@ def build(cfg: BuildConfig, pipeline_args: Optional[list[str]] = None, test_pipe
     log.info("build config:\n%s", json.dumps(config_to_dict(cfg), indent=2))
     preflight(cfg)
     progress.reset()  # in-process runners share trackers: start each build's counts at zero
-    options = PipelineOptions(pipeline_args or [], save_main_session=False)
+    _start_fresh_manifest(out)
+    options = PipelineOptions(list(cfg.beam_options) + list(pipeline_args or []), save_main_session=False)
     start = time.monotonic()
     p = test_pipeline or beam.Pipeline(options=options)
     _ = p | "BuildPreferences" >> BuildPreferences(cfg)
@@ -130,6 +169,9 @@ def build(cfg: BuildConfig, pipeline_args: Optional[list[str]] = None, test_pipe
                "counters": {k: v for k, v in counters.items() if not k.endswith("_ms")},
                "manifest": f"{out}/manifest.json", "ranked_shards": [s["ranked_tar"] for s in manifest["shards"]],
                "pair_shards": [s["pairs_tar"] for s in manifest["shards"]], "counts": manifest["counts"]}
+    summary["problems"] = health_problems(manifest, cfg)
+    summary["staging"] = (_remove_staging(cfg) if not summary["problems"]
+                          else f"kept at {cfg.staging_dir} (the run has problems)")
     with fsspec.open(f"{out}/run_summary.json", "w") as f:
         json.dump(summary, f, indent=2, sort_keys=True)
     return {"manifest": manifest, "summary": summary}

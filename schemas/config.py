@@ -53,9 +53,19 @@ class GeneratorConfig:
     height: int = 512
     width: int = 512
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    device: str = "auto"  # auto: cuda if available, else cpu (with a warning)
+    device: str = "auto"  # auto: a GPU if one is visible (processes spread over GPUs), else cpu with a warning
     negative_prompt: str = ""
     cache_dir: str = ""
+    # Prompts per diffusers call. 1 (default) is the deterministic mode: one prompt's K seeds per call,
+    # so pixels never depend on batching. >1 fills GPUs better, but pixels then depend on which
+    # prompts share a batch (last bits on CPU and GPU), so reruns are not byte-identical.
+    batch_size: int = 1
+    # 0: one model per worker process (Beam's default). N >= 1: N copies per machine shared by all
+    # of its worker processes (Beam's share_model_across_processes / model_copies): one per GPU.
+    model_copies: int = 0
+    # Beam resource hint for this stage, e.g. "type:nvidia-l4;count:1;install-nvidia-driver", so a
+    # runner with right-fitting (Dataflow) runs only generation and scoring on GPU workers.
+    accelerator: str = ""
 
 
 @dataclass(frozen=True)
@@ -64,7 +74,12 @@ class RewardConfig:
 
     name: str
     params: dict[str, Any] = field(default_factory=dict)
-    batch_size: int = 16
+    # Candidate groups (one prompt x generator's K images) per score_batch call. 1 (default) is
+    # deterministic: scores never depend on batching. More fills a GPU better; on GPUs the batch
+    # composition can change the last bits of a score.
+    units_per_call: int = 1
+    model_copies: int = 0  # as GeneratorConfig.model_copies
+    accelerator: str = ""  # as GeneratorConfig.accelerator
 
 
 @dataclass(frozen=True)
@@ -89,6 +104,10 @@ class OutputConfig:
     output_dir: str = "out/build"
     samples_per_shard: int = 256
     staging_dir: str = ""  # default: <output_dir>/_staging
+    # Staged images are stored again inside the tars. delete_when_done removes the default staging
+    # folder once a run has finished cleanly (manifest written, ledger balanced); keep leaves it for
+    # reruns that change only ranking/filter settings. A custom staging_dir is a shared cache: kept.
+    staging: Literal["delete_when_done", "keep"] = "delete_when_done"
 
 
 @dataclass(frozen=True)
@@ -102,6 +121,11 @@ class BuildConfig:
     # core; more threads on top oversubscribe the CPU (measured: 5x slower at 2 threads
     # on 2 cores under the DirectRunner). 0 leaves torch's default.
     torch_threads: int = 1
+    # A run fails (non-zero exit) when any generator or reward loses more than this share of its
+    # items to errors (exceptions, NaN images or scores). Every loss is in dead_letter/ either way.
+    max_error_share: float = 0.1
+    # Beam pipeline flags (e.g. ["--runner=DataflowRunner", "--region=..."]); command-line flags win.
+    beam_options: tuple[str, ...] = ()
     ranking: RankingConfig = RankingConfig()
     filter: FilterConfig = FilterConfig()
     output: OutputConfig = OutputConfig()
@@ -129,10 +153,31 @@ class BuildConfig:
             raise ValueError("candidates_per_generator must be >= 1")
         if len(self.generators) * self.candidates_per_generator < 2:
             raise ValueError("need at least 2 candidates per prompt (generators x candidates_per_generator)")
+        for g in self.generators:
+            if g.batch_size < 1 or g.model_copies < 0:
+                raise ValueError(f"generator {g.id}: batch_size must be >= 1 and model_copies >= 0")
+        for r in self.rewards:
+            if r.units_per_call < 1 or r.model_copies < 0:
+                raise ValueError(f"reward {r.name}: units_per_call must be >= 1 and model_copies >= 0")
+        if not 0.0 <= self.max_error_share <= 1.0:
+            raise ValueError("max_error_share must be in [0, 1]")
         if self.output.samples_per_shard < 1:
             raise ValueError("output.samples_per_shard must be >= 1")
         if not 0.0 <= self.filter.min_agreement_margin < 0.5:
             raise ValueError("filter.min_agreement_margin must be in [0, 0.5)")
+        if self.filter.min_candidates < 2:
+            raise ValueError(f"filter.min_candidates must be >= 2 (a ranking needs two images), "
+                             f"got {self.filter.min_candidates}")
+        if self.prompts.num_prompts is not None and self.prompts.num_prompts < 1:
+            raise ValueError(f"prompts.num_prompts must be >= 1 or null (null keeps every prompt), "
+                             f"got {self.prompts.num_prompts}")
+        if self.prompts.max_chars < 1:
+            raise ValueError(f"prompts.max_chars must be >= 1, got {self.prompts.max_chars}")
+        for g in self.generators:
+            # The SD VAE downsamples by 8: any other size fails on every call, hours into a run.
+            if g.type == "diffusers" and (g.height < 8 or g.width < 8 or g.height % 8 or g.width % 8):
+                raise ValueError(f"generator {g.id}: height and width must be positive multiples of 8 "
+                                 f"for diffusers models, got {g.height}x{g.width}")
         from synpref.transforms.rewards import available_rewards
 
         for r in self.rewards:

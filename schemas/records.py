@@ -1,16 +1,15 @@
 """Typed records that flow between pipeline stages, with the pyarrow schemas of their indexes.
 
-Records that cross a shuffle (GroupByKey / CoGroupByKey) carry ids, scores and
-staging URIs only; image pixels live in ``Candidate.pixels`` until the image is
-staged, and are dropped before any shuffle.
+No record carries pixels: generation stages each image as soon as it exists,
+and every later stage passes ids, scores and the staged image's URI and hash,
+loading pixels only where it needs them (scoring). Memory stays flat as data grows.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
-import numpy as np
 import pyarrow as pa
 
 
@@ -40,6 +39,7 @@ class Lineage:
     width: int
     dtype: str
     seed: int
+    negative_prompt: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -47,12 +47,17 @@ class Lineage:
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """All candidates of one (prompt, generator): one deterministic diffusers call."""
+    """All candidates of one (prompt, generator): one deterministic diffusers call.
+
+    ``image_keys[i]`` is the content address of candidate i: a hash of everything that
+    determines its pixels (see ``staging.generation_key``), under which it is staged.
+    """
 
     prompt: PromptRecord
     generator_id: str
     candidate_indices: tuple[int, ...]
     seeds: tuple[int, ...]
+    image_keys: tuple[str, ...] = ()
 
     def candidate_id(self, i: int) -> str:
         return candidate_id(self.prompt.prompt_id, self.generator_id, self.candidate_indices[i])
@@ -62,30 +67,24 @@ def candidate_id(prompt_id: str, generator_id: str, index: int) -> str:
     return f"{prompt_id}-{generator_id}-{index}"
 
 
-@dataclass
+@dataclass(frozen=True)
 class Candidate:
-    """One generated image and its rewards.
-
-    ``pixels`` (HxWx3 uint8) is set between generation and staging; after that
-    ``image_uri`` points at the staged PNG and ``pixels`` is None.
-    """
+    """One staged image and its rewards: ``image_uri`` is the staged file, ``image_sha256`` its bytes' hash."""
 
     candidate_id: str
     prompt_id: str
     prompt: str
     lineage: Lineage
-    pixels: Optional[np.ndarray] = None
-    image_uri: str = ""
+    image_uri: str
+    image_sha256: str
     scores: dict[str, float] = field(default_factory=dict)
-
-    def without_pixels(self) -> "Candidate":
-        return dataclasses.replace(self, pixels=None)
 
 
 @dataclass(frozen=True)
 class RankedCandidate:
     candidate_id: str
     image_uri: str
+    image_sha256: str
     rank: int
     phi: float
     scores: dict[str, float]

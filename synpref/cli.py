@@ -42,7 +42,8 @@ class UserError(Exception):
 
 
 def cmd_build(args, rest) -> int:
-    from synpref.pipelines.build_preferences import build, preflight
+    from synpref.pipelines.build_preferences import build
+    from synpref.pipelines.preflight import preflight
     from synpref.report import build_summary
     from synpref.schemas.config import load_build_config
 
@@ -53,7 +54,7 @@ def cmd_build(args, rest) -> int:
         raise UserError(f"synpref build: {e}") from None
     result = build(cfg, rest)
     print(build_summary(result))
-    return 0
+    return 1 if result["summary"]["problems"] else 0
 
 
 def cmd_train(args, rest) -> int:
@@ -86,6 +87,8 @@ def cmd_demo(args, rest) -> int:
 
     result = run_demo(args.workdir, num_prompts=args.num_prompts, train_steps=args.train_steps, pipeline_args=rest)
     print(build_summary(result["build"]))
+    if result["train"] is None:
+        return 1
     print(train_summary(result["train"]))
     return 0
 

@@ -12,8 +12,9 @@ def _dropped(level: dict[str, Any]) -> str:
 def build_summary(result: dict[str, Any]) -> str:
     m, s = result["manifest"], result["summary"]
     c = m["counts"]
+    problems = s.get("problems") or []
     lines = [
-        "== synpref build: done ==",
+        "== synpref build: " + ("FAILED ==" if problems else "done =="),
         f"prompts     in {c['prompts']['in']:>6}  written {c['prompts']['written']:>6} groups  "
         f"dropped {c['prompts']['dropped_total']} ({_dropped(c['prompts'])})",
         f"candidates  in {c['candidates']['in']:>6}  written {c['candidates']['written']:>6} images  "
@@ -38,6 +39,9 @@ def build_summary(result: dict[str, Any]) -> str:
         f"dataset     {out}/README.md (datasets.load_dataset(\"{out}\", \"ranked\"))",
         f"dead letter {out}/dead_letter/",
     ]
+    if s.get("staging"):
+        lines.append(f"staging     {s['staging']}")
+    lines += [f"PROBLEM     {p}" for p in problems]
     return "\n".join(lines)
 
 

@@ -32,7 +32,7 @@ def digests(out) -> dict:
 @pytest.fixture(scope="module")
 def first_build(demo_models, tmp_path_factory):
     out = tmp_path_factory.mktemp("build") / "out"
-    result = run_build(demo_models, out)
+    result = run_build(demo_models, out, output={"output_dir": str(out), "samples_per_shard": 4, "staging": "keep"})
     return out, result
 
 
@@ -117,6 +117,7 @@ def test_rerun_resumes_from_staged_images_and_finished_shards(first_build, demo_
     os.remove(out / "_stats" / "shard-00001.json")
     os.remove(out / "ranked" / "ranked-00001.tar")
     staged = sorted(glob.glob(f"{out}/_staging/*/*.png"))
+    assert len(staged) == 24
     open(staged[0], "wb").write(b"\x89PNG garbage")
     result = run_build(demo_models, out)
     assert digests(out) == before  # no duplicates, no leftovers, same bytes
@@ -126,6 +127,8 @@ def test_rerun_resumes_from_staged_images_and_finished_shards(first_build, demo_
     assert counters["images_generated"] == 2  # only the request with the corrupt image, not all 24
     assert counters["images_reused"] == 22
     assert counters["shards_skipped"] == 1
+    assert not glob.glob(f"{out}/_staging")  # a clean run removes the default staging folder
+    assert not glob.glob(f"{out}/**/*.tmp", recursive=True) and not glob.glob(f"{out}/dead_letter/beam-temp*")
 
 
 def test_portable_runner_gives_the_same_shards(first_build, demo_models, tmp_path):

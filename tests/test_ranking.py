@@ -17,7 +17,7 @@ PROMPT = PromptRecord("p1", "a red cube")
 
 def cand(cid, scores, prompt_id="p1"):
     lineage = Lineage("g", "m", "main", "P", "S", 2, 5.0, 64, 64, "float32", 0)
-    return Candidate(cid, prompt_id, "a red cube", lineage, image_uri=f"mem://{cid}.png",
+    return Candidate(cid, prompt_id, "a red cube", lineage, image_uri=f"mem://{cid}.png", image_sha256="0" * 64,
                      scores=dict(zip(REWARDS, scores)))
 
 

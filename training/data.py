@@ -2,11 +2,12 @@
 
 One sample per prompt: ``<key>.json`` plus ``<key>.img0.png`` ... in rank order. A bad
 sample is skipped with a snake_case reason, counted and logged; it never stops training.
+Shards are untrusted input: members are read raw (nothing is unpickled), member names are
+checked and images decode through ``decode_image`` with a pixel limit.
 """
 from __future__ import annotations
 
 import glob
-import io
 import itertools
 import json
 import logging
@@ -20,6 +21,8 @@ import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image, ImageOps
+
+from synpref.transforms.imageio import DEFAULT_MAX_PIXELS, ImageDecodeError, check_member_name, decode_image
 
 logger = logging.getLogger("synpref.training")
 
@@ -77,12 +80,21 @@ def resolve_shards(shards: Iterable[str]) -> list[str]:
     return urls
 
 
-def decode_sample(sample: dict, resolution: int) -> RankedItem:
+def decode_sample(sample: dict, resolution: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> RankedItem:
     """Turn one raw WebDataset sample into a ``RankedItem``.
 
     Raises:
-        BadSample: missing or malformed JSON, fewer than 2 candidates, or a missing/undecodable image.
+        BadSample: an unsafe member name, missing or malformed JSON, fewer than 2 candidates,
+            a missing image, or an image ``decode_image`` refuses (its reason, e.g. ``too_many_pixels``).
     """
+    for ext in sample:
+        # group_by_keys splits each tar name into __key__ and ext, so this is the member's full name;
+        # links and keyless names (".x.png") never get here: webdataset's tar iterator drops them.
+        if not ext.startswith("__"):
+            try:
+                check_member_name(f"{sample.get('__key__')}.{ext}")
+            except ValueError as exn:
+                raise BadSample("unsafe_member_name", str(exn)) from None
     if "json" not in sample:
         raise BadSample("missing_json")
     try:
@@ -105,9 +117,9 @@ def decode_sample(sample: dict, resolution: int) -> RankedItem:
         if data is None:
             raise BadSample("missing_image", str(name))
         try:
-            images.append(_image_to_tensor(data, resolution))
-        except OSError as exn:
-            raise BadSample("bad_image", f"{name}: {exn}") from None
+            images.append(_image_to_tensor(decode_image(data, max_pixels), resolution))
+        except ImageDecodeError as exn:
+            raise BadSample(exn.reason, f"{name}: {exn.detail}") from None
     return RankedItem(
         prompt_id=meta.get("prompt_id", sample["__key__"]),
         prompt=prompt,
@@ -117,11 +129,10 @@ def decode_sample(sample: dict, resolution: int) -> RankedItem:
     )
 
 
-def _image_to_tensor(data: bytes, resolution: int) -> torch.Tensor:
-    """PNG bytes -> [3, res, res] in [-1, 1]: resize the short side, centre-crop (as diffusers scripts)."""
-    with Image.open(io.BytesIO(data)) as img:
-        img = ImageOps.fit(img.convert("RGB"), (resolution, resolution), Image.Resampling.BICUBIC)
-        arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0  # [H, W, 3]
+def _image_to_tensor(img: Image.Image, resolution: int) -> torch.Tensor:
+    """RGB image -> [3, res, res] in [-1, 1]: resize the short side, centre-crop (as diffusers scripts)."""
+    img = ImageOps.fit(img, (resolution, resolution), Image.Resampling.BICUBIC)
+    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0  # [H, W, 3]
     return torch.from_numpy(arr).permute(2, 0, 1)
 
 
@@ -142,6 +153,7 @@ class RankedShards:
             (epoch e uses seed + e).
         shuffle_buffer: sample shuffle buffer size.
         process_index, num_processes: each process keeps every num_processes-th item.
+        max_image_pixels: larger images skip their sample as ``too_many_pixels`` (decompression bombs).
 
     Attributes:
         skipped: count of skipped samples per reason, over all epochs.
@@ -156,6 +168,7 @@ class RankedShards:
         shuffle_buffer: int = 100,
         process_index: int = 0,
         num_processes: int = 1,
+        max_image_pixels: int = DEFAULT_MAX_PIXELS,
     ):
         self.urls = resolve_shards(shards)
         self.resolution = resolution
@@ -163,6 +176,7 @@ class RankedShards:
         self.shuffle_buffer = shuffle_buffer
         self.process_index = process_index
         self.num_processes = num_processes
+        self.max_image_pixels = max_image_pixels
         self.skipped: Counter[str] = Counter()
         self._epoch = 0
 
@@ -182,7 +196,7 @@ class RankedShards:
 
     def _decode(self, sample: dict) -> RankedItem | None:
         try:
-            return decode_sample(sample, self.resolution)
+            return decode_sample(sample, self.resolution, self.max_image_pixels)
         except BadSample as exn:
             self.skipped[exn.reason] += 1
             logger.warning("skipping sample %s from %s: %s", sample.get("__key__"), sample.get("__url__"), exn)

@@ -221,6 +221,7 @@ def train(config: TrainConfig) -> dict:
         shuffle_buffer=config.shuffle_buffer,
         process_index=accelerator.process_index,
         num_processes=accelerator.num_processes,
+        max_image_pixels=config.max_image_pixels,
     )
     batches = iter_batches(dataset, config.batch_size)
     generator = torch.Generator().manual_seed(config.seed + accelerator.process_index)

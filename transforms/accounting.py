@@ -6,12 +6,46 @@ The manifest is the job's ledger: for prompts, candidates and pairs,
 from __future__ import annotations
 
 import json
+import logging
+import re
 from typing import Any
 
 import apache_beam as beam
+import fsspec
 
 from synpref.transforms.dataset_card import dataset_card
 from synpref.transforms.fileio import AtomicFile
+from synpref.transforms.writing import shard_paths
+
+log = logging.getLogger("synpref.build")
+
+# Reasons that mean a model failed on an item (as opposed to a deliberate filter decision).
+ERROR_REASONS = ("generation_error", "nan_image", "scoring_error", "nan_score")
+_OUR_FILES = re.compile(r"^(ranked-\d{5}\.(tar|parquet)|pairs-\d{5}\.(tar|parquet)|shard-\d{5}\.json)(\.tmp)?$")
+
+
+def remove_stale_files(output_dir: str, shards: list[dict], dead_letter_files: list[str]) -> list[str]:
+    """Delete shard files a previous run left that this run did not write (it had more shards, or crashed
+    mid-file), and Beam's leftover temp folders, so the folder holds exactly what a fresh run writes."""
+    root = output_dir.rstrip("/")
+    fs, _ = fsspec.core.url_to_fs(root)
+    keep = {fsspec.core.url_to_fs(p)[1] for s in shards
+            for k, p in shard_paths(root, int(s["shard"])).items() if k != "name"}
+    keep |= {fsspec.core.url_to_fs(f)[1] for f in dead_letter_files}
+    removed = []
+    for sub in ("ranked", "pairs", "_stats"):
+        for path in fs.glob(fsspec.core.url_to_fs(f"{root}/{sub}/*")[1]):
+            if _OUR_FILES.match(path.rsplit("/", 1)[-1]) and path not in keep:
+                fs.rm(path)
+                removed.append(path)
+    for path in fs.glob(fsspec.core.url_to_fs(f"{root}/dead_letter/*")[1]):
+        name = path.rsplit("/", 1)[-1]
+        if name.startswith("beam-temp-") or (name.startswith("drops-") and path not in keep):
+            fs.rm(path, recursive=True)
+            removed.append(path)
+    if removed:
+        log.info("removed %d stale file(s) from an earlier run of %s", len(removed), root)
+    return removed
 
 
 class CountAs(beam.PTransform):
@@ -52,12 +86,15 @@ class _WriteManifest(beam.DoFn):
     def __init__(self, path: str, header: dict[str, Any], per_prompt: int):
         self.path, self.header, self.per_prompt = path, header, per_prompt
 
-    def process(self, _, counts: dict, drops: dict, shards: list, dead_letter_files: list):
+    def process(self, _, counts: dict, drops: dict, errors: dict, shards: list, dead_letter_files: list):
         counts = dict(counts)
         counts["groups_written"] = sum(s["groups"] for s in shards)
         counts["images_written"] = sum(s["images"] for s in shards)
         counts["pairs_written"] = sum(s["pairs"] for s in shards)
+        remove_stale_files(self.path.rsplit("/", 1)[0], shards, dead_letter_files)
         manifest = {**self.header, "counts": ledger(counts, dict(drops), self.per_prompt),
+                    "errors_by_stage": {stage: {"count": n, "first": first}
+                                        for stage, (n, first) in sorted(errors.items())},
                     "shards": sorted(shards, key=lambda s: s["shard"]),
                     "dead_letter_files": sorted(dead_letter_files)}
         with AtomicFile(self.path.rsplit("/", 1)[0] + "/README.md") as f:
@@ -65,6 +102,15 @@ class _WriteManifest(beam.DoFn):
         with AtomicFile(self.path) as f:  # last: a manifest on disk means the build finished
             f.write(json.dumps(manifest, indent=2, sort_keys=True).encode())
         yield manifest
+
+
+def _count_and_first(values) -> tuple[int, str]:
+    """(number of errors, the smallest detail line): a deterministic example for the summary."""
+    n, first = 0, None
+    for count, detail in values:
+        n += count
+        first = detail if first is None else min(first, detail)
+    return n, first or ""
 
 
 class WriteManifest(beam.PTransform):
@@ -83,11 +129,16 @@ class WriteManifest(beam.PTransform):
         drop_counts = (drops
                        | "DropKey" >> beam.Map(lambda d: (f"{d.level}:{d.reason}", 1))
                        | "CountDrops" >> beam.CombinePerKey(sum))
+        errors = (drops
+                  | "ModelErrors" >> beam.Filter(lambda d: d.reason in ERROR_REASONS)
+                  | "ByStage" >> beam.Map(lambda d: (d.stage, (1, f"{d.reason}: {d.record_id}: {d.detail}")))
+                  | "CountAndFirst" >> beam.CombinePerKey(_count_and_first))
         return (counts.pipeline
                 | "Once" >> beam.Create([None])
                 | "Write" >> beam.ParDo(_WriteManifest(self.path, self.header, self.per_prompt),
                                         beam.pvalue.AsDict(counts), beam.pvalue.AsDict(drop_counts),
-                                        beam.pvalue.AsList(shards), beam.pvalue.AsList(dead_letter_files)))
+                                        beam.pvalue.AsDict(errors), beam.pvalue.AsList(shards),
+                                        beam.pvalue.AsList(dead_letter_files)))
 
 
 class WriteDeadLetters(beam.PTransform):

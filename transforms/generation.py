@@ -1,8 +1,9 @@
-"""Generate K candidates per prompt per generator with Beam's RunInference.
+"""Generate K candidates per prompt per generator with Beam's RunInference, staging each image at once.
 
 One ``GenerationRequest`` (all K seeds of one prompt and one generator) is one
-diffusers call, so batch composition, and with it every pixel, is the same on
-every run and runner.
+diffusers call by default, so batch composition, and with it every pixel, is the
+same on every run and runner. Images are encoded and staged inside the model
+handler: what leaves generation is ids, URIs and hashes, never pixels.
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from synpref.schemas.config import GeneratorConfig
 from synpref.schemas.records import Candidate, Drop, GenerationRequest, PromptRecord
 from synpref.transforms.generators import Generator, create_generator
 from synpref.transforms.model_io import set_torch_threads
-from synpref.transforms.staging import load_staged, stage_image, staged_uri, to_uint8
+from synpref.transforms.staging import (encode_png, find_staged, generation_key, generator_fingerprint,
+                                        stage_image, to_uint8)
 
 DROPPED = "dropped"
 
@@ -31,18 +33,36 @@ def derive_seed(global_seed: int, prompt_id: str, generator_id: str, index: int)
     return int.from_bytes(h[:4], "big") & 0x7FFFFFFF
 
 
-def make_request(prompt: PromptRecord, generator_id: str, k: int, global_seed: int) -> GenerationRequest:
-    return GenerationRequest(
-        prompt=prompt, generator_id=generator_id, candidate_indices=tuple(range(k)),
-        seeds=tuple(derive_seed(global_seed, prompt.prompt_id, generator_id, i) for i in range(k)))
+def make_request(prompt: PromptRecord, generator_id: str, k: int, global_seed: int,
+                 generator_fp: str = "") -> GenerationRequest:
+    seeds = tuple(derive_seed(global_seed, prompt.prompt_id, generator_id, i) for i in range(k))
+    return GenerationRequest(prompt=prompt, generator_id=generator_id, candidate_indices=tuple(range(k)),
+                             seeds=seeds, image_keys=tuple(generation_key(generator_fp, prompt.prompt, s) for s in seeds))
+
+
+def error_line(exc_info) -> str:
+    """One readable line from Beam's failure tuple (type, repr, traceback lines) or an exception."""
+    if isinstance(exc_info, BaseException):
+        text = f"{type(exc_info).__name__}: {exc_info}"
+    else:
+        exc_type, exc_repr, tb = (tuple(exc_info) + ("", "", ""))[:3]
+        text = tb[-1] if tb else f"{getattr(exc_type, '__name__', exc_type)}: {exc_repr}"
+    text = " ".join(str(text).split())
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 class GeneratorModelHandler(ModelHandler[GenerationRequest, list, Generator]):
-    """RunInference adapter for any registered generator: loads once per worker, one request per call."""
+    """RunInference adapter for any registered generator: loads once per worker, stages what it makes.
 
-    def __init__(self, config: GeneratorConfig, *, total_images: Optional[int] = None, torch_threads: int = 1):
-        super().__init__()
+    Each inference result is a list with one entry per candidate: a staged ``Candidate``,
+    or a ``Drop`` (NaN pixels).
+    """
+
+    def __init__(self, config: GeneratorConfig, staging_dir: str, *, total_images: Optional[int] = None,
+                 torch_threads: int = 1):
+        super().__init__(model_copies=config.model_copies or None)
         self._config = config
+        self._staging_dir = staging_dir
         self._total = total_images
         self._threads = torch_threads
 
@@ -54,78 +74,79 @@ class GeneratorModelHandler(ModelHandler[GenerationRequest, list, Generator]):
 
     def run_inference(self, batch: Sequence[GenerationRequest], model: Generator, inference_args=None) -> Iterable:
         tracker = progress("generate", self._total, "images")
-        results = []
+        start = time.perf_counter()
+        prompts = [req.prompt.prompt for req in batch for _ in req.seeds]
+        seeds = [s for req in batch for s in req.seeds]
+        images = model.generate(prompts, seeds)  # batch_size requests = one call
+        if len(images) != len(seeds):
+            raise ValueError(f"generator {self._config.id} returned {len(images)} images for {len(seeds)} seeds")
+        Metrics.counter("synpref", "generate_ms").inc(int(1000 * (time.perf_counter() - start)))
+        Metrics.counter("synpref", "images_generated").inc(len(images))
+        tracker.update(len(images))
+        results, it = [], iter(images)
         for req in batch:
-            start = time.perf_counter()
-            images = model.generate([req.prompt.prompt] * len(req.seeds), req.seeds)
-            Metrics.counter("synpref", "generate_ms").inc(int(1000 * (time.perf_counter() - start)))
-            Metrics.counter("synpref", "images_generated").inc(len(images))
-            tracker.update(len(images))
-            results.append(PredictionResult(req, [(img, model.lineage(s)) for img, s in zip(images, req.seeds)],
-                                            self._config.id))
+            outcome = [self._stage(req, i, next(it), model) for i in range(len(req.seeds))]
+            results.append(PredictionResult(req, outcome, self._config.id))
         return results
 
+    def _stage(self, req: GenerationRequest, i: int, image: np.ndarray, model: Generator):
+        cid = req.candidate_id(i)
+        if not np.isfinite(image).all():
+            return Drop("candidate", "nan_image", cid, f"generate:{req.generator_id}",
+                        f"generator {req.generator_id} produced NaN pixels (fp16 overflow?)")
+        lineage = model.lineage(req.seeds[i])
+        uri, sha = stage_image(self._staging_dir, req.image_keys[i], encode_png(to_uint8(image)), lineage)
+        return Candidate(candidate_id=cid, prompt_id=req.prompt.prompt_id, prompt=req.prompt.prompt,
+                         lineage=lineage, image_uri=uri, image_sha256=sha)
+
     def batch_elements_kwargs(self):
-        return {"min_batch_size": 1, "max_batch_size": 1}
+        n = self._config.batch_size
+        return {"min_batch_size": n, "max_batch_size": n}
 
     def get_metrics_namespace(self) -> str:
         return f"synpref_generate_{self._config.id}"
 
 
 class _ReuseStaged(beam.DoFn):
-    """Resume: a request whose images are all staged already skips generation."""
+    """Resume: a request whose images are all staged under their content keys skips generation."""
 
     def __init__(self, staging_dir: str):
         self.staging_dir = staging_dir
 
     def process(self, req: GenerationRequest):
         staged = []
-        for i in range(len(req.seeds)):
-            hit = load_staged(staged_uri(self.staging_dir, req.candidate_id(i)))
-            if hit is None or hit[1].seed != req.seeds[i]:
+        for key in req.image_keys:
+            hit = find_staged(self.staging_dir, key)
+            if hit is None:
                 yield beam.pvalue.TaggedOutput("generate", req)
                 return
             staged.append(hit)
         Metrics.counter("synpref", "images_reused").inc(len(staged))
         yield [Candidate(candidate_id=req.candidate_id(i), prompt_id=req.prompt.prompt_id, prompt=req.prompt.prompt,
-                         lineage=lineage, pixels=pixels,
-                         image_uri=staged_uri(self.staging_dir, req.candidate_id(i)))
-               for i, (pixels, lineage) in enumerate(staged)]
+                         lineage=lineage, image_uri=uri, image_sha256=sha)
+               for i, (uri, sha, lineage) in enumerate(staged)]
 
 
-class _StageGenerated(beam.DoFn):
-    """Drop NaN images with a reason, stage the rest; emits one unit (list of candidates) per request."""
-
-    def __init__(self, staging_dir: str):
-        self.staging_dir = staging_dir
-
-    def process(self, result: PredictionResult):
-        req: GenerationRequest = result.example
-        unit = []
-        for i, (image, lineage) in enumerate(result.inference):
-            cid = req.candidate_id(i)
-            if not np.isfinite(image).all():
-                yield beam.pvalue.TaggedOutput(DROPPED, Drop("candidate", "nan_image", cid, "generate",
-                                                             f"generator {req.generator_id} produced NaN pixels"))
-                continue
-            pixels = to_uint8(image)
-            uri = stage_image(self.staging_dir, cid, pixels, lineage)
-            unit.append(Candidate(candidate_id=cid, prompt_id=req.prompt.prompt_id, prompt=req.prompt.prompt,
-                                  lineage=lineage, pixels=pixels, image_uri=uri))
-        if unit:
-            yield unit
+def _split_outcomes(result: PredictionResult):
+    """Staged candidates as one unit (the scoring granule); NaN images as drops."""
+    unit = [c for c in result.inference if isinstance(c, Candidate)]
+    for d in result.inference:
+        if isinstance(d, Drop):
+            yield beam.pvalue.TaggedOutput(DROPPED, d)
+    if unit:
+        yield unit
 
 
 def _failed_requests(failure, generator_id: str):
     batch, exc = failure
     for req in batch:
         for i in range(len(req.seeds)):
-            yield Drop("candidate", "generation_error", req.candidate_id(i), "generate",
-                       f"{generator_id}: {type(exc).__name__}: {exc}"[:500])
+            yield Drop("candidate", "generation_error", req.candidate_id(i), f"generate:{generator_id}",
+                       error_line(exc))
 
 
 class GenerateCandidates(beam.PTransform):
-    """prompts -> units (lists of staged candidates with pixels) per (prompt, generator); drops on the side.
+    """prompts -> units (lists of staged candidates, no pixels) per (prompt, generator); drops on the side.
 
     Returns a dict ``{"units": ..., "dropped": ...}``.
     """
@@ -140,15 +161,16 @@ class GenerateCandidates(beam.PTransform):
     def expand(self, prompts):
         units, dropped = [], []
         for g in self.generators:
-            requests = prompts | f"Requests[{g.id}]" >> beam.Map(make_request, g.id, self.k, self.seed)
+            fp = generator_fingerprint(g)  # on the launcher, once: model files are listed here, not per image
+            requests = prompts | f"Requests[{g.id}]" >> beam.Map(make_request, g.id, self.k, self.seed, fp)
             reuse = requests | f"ReuseStaged[{g.id}]" >> beam.ParDo(_ReuseStaged(self.staging_dir)).with_outputs(
                 "generate", main="reused")
-            inference, failures = (
-                reuse.generate
-                | f"Generate[{g.id}]" >> RunInference(GeneratorModelHandler(g, total_images=self.total, torch_threads=self.threads))
-                .with_exception_handling())
-            staged = inference | f"Stage[{g.id}]" >> beam.ParDo(_StageGenerated(self.staging_dir)).with_outputs(
-                DROPPED, main="units")
+            generate = RunInference(GeneratorModelHandler(g, self.staging_dir, total_images=self.total,
+                                                          torch_threads=self.threads))
+            if g.accelerator:
+                generate = generate.with_resource_hints(accelerator=g.accelerator)
+            inference, failures = reuse.generate | f"Generate[{g.id}]" >> generate.with_exception_handling()
+            staged = inference | f"Stage[{g.id}]" >> beam.FlatMap(_split_outcomes).with_outputs(DROPPED, main="units")
             units += [reuse.reused, staged.units]
             dropped += [staged[DROPPED],
                         failures.failed_inferences | f"GenerationErrors[{g.id}]" >> beam.FlatMap(_failed_requests, g.id)]

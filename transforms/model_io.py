@@ -65,3 +65,25 @@ def set_torch_threads(n: int) -> None:
         import torch
 
         torch.set_num_threads(n)
+
+
+_loads_in_process = 0
+
+
+def pick_device(requested: str) -> str:
+    """``auto``: spread model copies over the visible GPUs, else ``cpu``; anything else as given.
+
+    Each load in a process takes the next GPU after one chosen by the process id, so worker
+    processes (and Beam's ``model_copies`` in a shared process) land on different GPUs.
+    """
+    global _loads_in_process
+    if requested != "auto":
+        return requested
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    n = torch.cuda.device_count()
+    index = (os.getpid() + _loads_in_process) % n
+    _loads_in_process += 1
+    return f"cuda:{index}" if n > 1 else "cuda"

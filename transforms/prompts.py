@@ -6,6 +6,7 @@ duplicate, not_sampled.
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import io
@@ -78,6 +79,16 @@ def _row(cfg: PromptsConfig, source: str, index: int, row: dict) -> RawPrompt:
     return RawPrompt(source, index, text, str(row.get(cfg.category_field) or ""))
 
 
+def _first_bad_byte(row: dict) -> Optional[int]:
+    """The first undecodable byte in a CSV row read with surrogateescape, or None."""
+    for value in row.values():
+        for v in value if isinstance(value, list) else [value]:
+            for ch in v if isinstance(v, str) else "":
+                if "\udc80" <= ch <= "\udcff":
+                    return ord(ch) - 0xDC00
+    return None
+
+
 def read_raw_prompts(cfg: PromptsConfig) -> Iterator[RawPrompt]:
     """Yield every line/row of the source (runs on a worker)."""
     fmt = _detect_format(cfg)
@@ -91,6 +102,8 @@ def read_raw_prompts(cfg: PromptsConfig) -> Iterator[RawPrompt]:
             yield _row(cfg, src, i, row)
         return
     data = _open_bytes(src)
+    if fmt != "parquet" and data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]  # Excel and Notepad write one; it would hide the first column/line
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
@@ -99,12 +112,12 @@ def read_raw_prompts(cfg: PromptsConfig) -> Iterator[RawPrompt]:
         return
     lines = data.splitlines()
     if fmt == "csv":
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{src}: CSV prompt files must be UTF-8 ({e})") from None
-        for i, row in enumerate(csv.DictReader(io.StringIO(text))):
-            yield _row(cfg, src, i, row)
+        # surrogateescape keeps bad bytes as lone surrogates, so one bad row is dropped, not the whole file.
+        text = data.decode("utf-8", errors="surrogateescape")
+        for i, row in enumerate(csv.DictReader(io.StringIO(text, newline=""))):
+            bad = _first_bad_byte(row)
+            yield _row(cfg, src, i, row) if bad is None else RawPrompt(
+                src, i, None, error=f"not valid UTF-8: byte 0x{bad:02x} in CSV row")
         return
     for i, raw in enumerate(lines):
         try:

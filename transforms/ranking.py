@@ -36,7 +36,8 @@ def rank_candidates(prompt: PromptRecord, candidates: Sequence[Candidate], rewar
     agree = pair_agreement(scores)
     order = rank_order(phi, ids)
     ranked = tuple(
-        RankedCandidate(candidate_id=ids[i], image_uri=candidates[i].image_uri, rank=r + 1, phi=float(phi[i]),
+        RankedCandidate(candidate_id=ids[i], image_uri=candidates[i].image_uri,
+                        image_sha256=candidates[i].image_sha256, rank=r + 1, phi=float(phi[i]),
                         scores={name: float(scores[i, j]) for j, name in enumerate(rewards)},
                         lineage=candidates[i].lineage)
         for r, i in enumerate(order))

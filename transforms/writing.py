@@ -2,10 +2,13 @@
 
 Shard assignment is a pure function of the sorted prompt ids, so the same inputs
 give the same shards on every runner. Each file is written under a temporary
-name and renamed; a shard whose stats file exists is skipped on a rerun.
+name and renamed; the stats file, written last, records a fingerprint of
+everything that went into the shard (labels, scores, lineage, image hashes) and
+the files' sizes. A rerun keeps a shard only when both still match.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from typing import Iterable
@@ -20,8 +23,12 @@ from apache_beam.metrics import Metrics
 from synpref.progress import progress
 from synpref.schemas.records import PAIR_INDEX_SCHEMA, RANKED_INDEX_SCHEMA, RankedGroup
 from synpref.transforms.fileio import AtomicFile, read_bytes
+from synpref.transforms.imageio import check_member_name
 
 TAR_MTIME = 0.0  # fixed member mtime: byte-identical shards across runs
+# Bump when the bytes a shard holds change for the same inputs (layout, encoding), so old shards are rewritten.
+SHARD_FORMAT = "2"
+SHARD_FILES = ("ranked_tar", "ranked_index", "pairs_tar", "pairs_index")
 
 
 def shard_paths(output_dir: str, shard: int) -> dict[str, str]:
@@ -55,6 +62,44 @@ def ranked_sample(group: RankedGroup, images: dict[str, bytes]) -> dict[str, byt
     return sample
 
 
+def shard_fingerprint(groups: list[RankedGroup]) -> str:
+    """sha256 over every sample's JSON and image hash, in write order: equal fingerprint, equal shard bytes."""
+    h = hashlib.sha256(f"synpref-shard-{SHARD_FORMAT}\n".encode())
+    for g in groups:
+        h.update(ranked_sample(g, {c.candidate_id: c.image_sha256.encode() for c in g.candidates})["json"])
+        for c in g.candidates:
+            h.update(c.image_sha256.encode())
+        for pair in g.pairs:
+            h.update(pair.key.encode() + repr((pair.phi_winner, pair.phi_loser, pair.agreement)).encode())
+    return h.hexdigest()
+
+
+def _still_valid(fs, stats: dict, paths: dict, fingerprint: str) -> bool:
+    if stats.get("fingerprint") != fingerprint:
+        return False
+    sizes = stats.get("sizes") or {}
+    for key in SHARD_FILES:
+        p = fsspec.core.url_to_fs(paths[key])[1]
+        if not fs.exists(p) or fs.size(p) != sizes.get(key):
+            return False
+    return True
+
+
+def _checked(sample: dict[str, bytes]) -> dict[str, bytes]:
+    """Refuse member names that could escape a folder when someone untars the shard."""
+    for ext in sample:
+        if ext != "__key__":
+            check_member_name(f"{sample['__key__']}.{ext}")
+    return sample
+
+
+def _read_staged(c) -> bytes:
+    data = read_bytes(c.image_uri)
+    if hashlib.sha256(data).hexdigest() != c.image_sha256:
+        raise IOError(f"staged image {c.image_uri} changed since it was scored (sha256 mismatch): rerun the build")
+    return data
+
+
 def pair_samples(group: RankedGroup, images: dict[str, bytes]) -> Iterable[dict[str, bytes]]:
     """One sample per kept pair: ``win.png``, ``lose.png`` and a ``json`` with both candidates' labels."""
     by_id = {c.candidate_id: c for c in group.candidates}
@@ -77,21 +122,26 @@ class _WriteShard(beam.DoFn):
         shard, groups = element
         groups: list[RankedGroup] = sorted(groups, key=lambda g: g.prompt.prompt_id)
         paths = shard_paths(self.output_dir, shard)
+        fingerprint = shard_fingerprint(groups)
         fs, stats_path = fsspec.core.url_to_fs(paths["stats"])
         if fs.exists(stats_path):
-            stats = json.loads(fs.cat(stats_path))
-            if stats.get("groups") == len(groups):
+            try:
+                stats = json.loads(fs.cat(stats_path))
+            except ValueError:
+                stats = {}
+            if _still_valid(fs, stats, paths, fingerprint):
                 Metrics.counter("synpref", "shards_skipped").inc()
-                yield stats
+                yield {**stats, **{k: v for k, v in paths.items() if k not in ("name", "stats")}}  # folder may have moved
                 return
+            fs.rm(stats_path)  # from here until the new stats file lands, the shard counts as unfinished
         ranked_rows, pair_rows, n_images = [], [], 0
         with AtomicFile(paths["ranked_tar"]) as rf, AtomicFile(paths["pairs_tar"]) as pf:
             ranked_tar = wds.TarWriter(rf, encoder=False, mtime=TAR_MTIME)
             pairs_tar = wds.TarWriter(pf, encoder=False, mtime=TAR_MTIME)
             start = time.perf_counter()
             for g in groups:
-                images = {c.candidate_id: read_bytes(c.image_uri) for c in g.candidates}
-                ranked_tar.write(ranked_sample(g, images))
+                images = {c.candidate_id: _read_staged(c) for c in g.candidates}
+                ranked_tar.write(_checked(ranked_sample(g, images)))
                 n_images += len(images)
                 ranked_rows.append({
                     "key": g.prompt.prompt_id, "shard": paths["name"], "prompt_id": g.prompt.prompt_id,
@@ -104,7 +154,7 @@ class _WriteShard(beam.DoFn):
                     "scores_json": json.dumps([c.scores for c in g.candidates], sort_keys=True),
                 })
                 for sample, pair in zip(pair_samples(g, images), g.pairs):
-                    pairs_tar.write(sample)
+                    pairs_tar.write(_checked(sample))
                     pair_rows.append({
                         "key": pair.key, "shard": paths["name"], "prompt_id": pair.prompt_id,
                         "prompt": g.prompt.prompt, "winner_id": pair.winner_id, "loser_id": pair.loser_id,
@@ -119,6 +169,8 @@ class _WriteShard(beam.DoFn):
             with AtomicFile(paths[key]) as f:
                 pq.write_table(pa.Table.from_pylist(rows, schema=schema), f)
         stats = {"shard": paths["name"], "groups": len(groups), "images": n_images, "pairs": len(pair_rows),
+                 "fingerprint": fingerprint,
+                 "sizes": {k: fs.size(fsspec.core.url_to_fs(paths[k])[1]) for k in SHARD_FILES},
                  **{k: v for k, v in paths.items() if k not in ("name", "stats")}}
         with AtomicFile(paths["stats"]) as f:  # written last: its presence marks the shard complete
             f.write(_canonical_json(stats))

@@ -7,7 +7,7 @@ from typing import Sequence
 import numpy as np
 
 from synpref.schemas.records import Lineage
-from synpref.transforms.model_io import local_copy
+from synpref.transforms.model_io import local_copy, pick_device
 
 from .base import Generator, register_generator
 
@@ -23,9 +23,7 @@ class DiffusersGenerator(Generator):
         import torch
 
         c = self.config
-        device = c.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = pick_device(c.device)
         if device.startswith("cuda") and not torch.cuda.is_available():
             log.warning("generator %s asked for %s but no GPU is visible: running on CPU", c.id, device)
             device = "cpu"
@@ -69,4 +67,5 @@ class DiffusersGenerator(Generator):
             generator_id=c.id, model=c.model, revision=c.revision or "main",
             pipeline_class=type(self.pipe).__name__, scheduler=type(self.pipe.scheduler).__name__,
             num_inference_steps=c.num_inference_steps, guidance_scale=float(c.guidance_scale),
-            height=c.height, width=c.width, dtype=str(self.dtype).replace("torch.", ""), seed=int(seed))
+            height=c.height, width=c.width, dtype=str(self.dtype).replace("torch.", ""), seed=int(seed),
+            negative_prompt=c.negative_prompt)

@@ -11,7 +11,7 @@ from typing import Sequence
 from PIL import Image
 
 from .base import Reward, register_reward
-from ..model_io import local_copy
+from ..model_io import local_copy, pick_device
 
 
 @register_reward("clip_score")
@@ -46,7 +46,7 @@ class ClipScore(Reward):
 
         if self.model_config:
             open_clip.add_model_config(local_copy(self.model_config, self.cache_dir))
-        device = self.device if self.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        device = pick_device(self.device)
         # A local checkpoint path is accepted as ``pretrained`` by open_clip (it calls load_checkpoint).
         weights = local_copy(self.checkpoint, self.cache_dir) if self.checkpoint else (self.pretrained or None)
         model, _, preprocess = open_clip.create_model_and_transforms(
