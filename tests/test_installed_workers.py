@@ -20,6 +20,7 @@ and every worker pip-installs it before it runs a bundle. Here:
    installed copy, and none from the source tree; and that the shards are byte-identical to a
    DirectRunner build of the same config.
 """
+import contextlib
 import os
 import shutil
 import signal
@@ -28,6 +29,7 @@ import subprocess
 import sys
 import sysconfig
 import tarfile
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -41,6 +43,7 @@ from synpref.schemas.config import build_config_from_dict
 from test_build_e2e import digests
 
 REPO = Path(__file__).resolve().parents[1]
+PORTABLE_BUILD_TIMEOUT_S = int(os.environ.get("SYNPREF_PORTABLE_TIMEOUT_S", "600"))
 MAIN_SITE_PACKAGES = sysconfig.get_paths()["purelib"]
 # What a snapshot of the project for an sdist leaves out: environments, VCS, build outputs, tests' debris.
 SNAPSHOT_IGNORE = shutil.ignore_patterns(".git", ".venv", "venv", "out", "build", "dist", "*.egg-info",
@@ -204,6 +207,7 @@ def worker_pool(worker_env, tmp_path):
         # worker_pool_main starts each SDK worker as a bare `python -c ...` found on PATH, not sys.executable.
         PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
         SYNPREF_PROBE_LOG=str(probe_log), SYNPREF_PROBE_WATCH=os.pathsep.join(watch))
+    assert shutil.which("python", path=env["PATH"]) == str(bin_dir / "python"), "workers would not run the worker env"
     port = _free_port()
     with open(log, "wb") as logf:
         proc = subprocess.Popen([str(worker_env["python"]), "-m", "apache_beam.runners.worker.worker_pool_main",
@@ -214,6 +218,25 @@ def worker_pool(worker_env, tmp_path):
         yield {"port": port, "pid": proc.pid, "probe_log": probe_log, "log": log, "watch": watch}
     finally:
         _stop(proc)
+
+
+@contextlib.contextmanager
+def _deadline(seconds: int, what: str, log: Path):
+    """Fail instead of hanging: a portable job whose SDK worker never connects waits forever."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def fire(signum, frame):
+        raise TimeoutError(f"{what} still running after {seconds}s; worker pool log:\n{log.read_text()[-3000:]}")
+
+    previous = signal.signal(signal.SIGALRM, fire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _synpref_source_modules():
@@ -242,7 +265,8 @@ def test_build_on_workers_with_the_installed_package(worker_env, worker_pool, de
     portable = tmp_path / "installed_workers"
     args = ["--runner=PortableRunner", "--job_endpoint=embed", "--environment_type=EXTERNAL",
             f"--environment_config=localhost:{worker_pool['port']}", "--sdk_worker_parallelism=1"]
-    build(build_config_from_dict(tiny_build_config(demo_models, portable)), args)
+    with _deadline(PORTABLE_BUILD_TIMEOUT_S, "portable build on the installed workers", worker_pool["log"]):
+        build(build_config_from_dict(tiny_build_config(demo_models, portable)), args)
     assert digests(portable) == digests(direct)
     assert digests(direct)  # not two empty outputs
 
