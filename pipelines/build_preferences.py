@@ -8,9 +8,11 @@ through unchanged, so the same job runs on the DirectRunner, Dataflow, Flink or 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import time
+from importlib import resources
 from typing import Any, Optional
 
 import apache_beam as beam
@@ -28,14 +30,39 @@ from synpref.transforms.prompts import ReadPrompts
 from synpref.transforms.ranking import RankGroups
 from synpref.transforms.rewards import create_reward
 from synpref.transforms.scoring import ScoreCandidates
-from synpref.transforms.writing import WriteShards
+from synpref.transforms.staging import generator_fingerprint, model_fingerprint
+from synpref.transforms.writing import SHARD_FORMAT, WriteShards, shard_paths
 
 log = logging.getLogger("synpref.build")
+
+
+def run_fingerprint(cfg: BuildConfig) -> str:
+    """A hash of everything a finished build's bytes depend on: the config (except Beam flags, which
+    the tests show do not change bytes, and locations), generator, reward and prompt files, and
+    synpref's formats. A rerun whose fingerprint matches a finished, intact build does nothing."""
+    def files(location: str) -> str:
+        if location == "builtin":
+            return hashlib.sha256(
+                resources.files("synpref.jobs").joinpath("builtin_prompts.jsonl").read_bytes()).hexdigest()
+        return model_fingerprint(location) if location and not location.startswith("hf://") else location
+
+    config = config_to_dict(cfg)
+    config.pop("beam_options")
+    for where in ("output_dir", "staging_dir", "staging"):  # where things go, not what they hold
+        config["output"].pop(where)
+    doc = {"config": config, "synpref": synpref.__version__, "shard_format": SHARD_FORMAT,
+           "generators": [generator_fingerprint(g) for g in cfg.generators],
+           "rewards": [[create_reward(r.name, r.params).describe(),
+                        [files(str(r.params.get(k, ""))) for k in ("checkpoint", "model_config")]]
+                       for r in cfg.rewards],
+           "prompts": files(cfg.prompts.source)}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def manifest_header(cfg: BuildConfig) -> dict[str, Any]:
     return {
         "synpref_version": synpref.__version__,
+        "run_fingerprint": run_fingerprint(cfg),
         "output_dir": cfg.output.output_dir,
         "layout": {
             "ranked": "ranked/ranked-{shard}.tar: key=prompt_id; img0.png..img{k-1}.png in rank order; json labels",
@@ -128,6 +155,26 @@ def health_problems(manifest: dict[str, Any], cfg: BuildConfig) -> list[str]:
     return problems
 
 
+def _up_to_date(out: str, fingerprint: str) -> Optional[dict[str, Any]]:
+    """The manifest of a finished build of exactly this job whose files are all still there, else None."""
+    fs, path = fsspec.core.url_to_fs(f"{out}/manifest.json")
+    if not fs.exists(path):
+        return None
+    try:
+        manifest = json.loads(fs.cat_file(path))
+    except ValueError:
+        return None
+    if manifest.get("run_fingerprint") != fingerprint:
+        return None
+    for shard in manifest.get("shards", []):
+        paths = shard_paths(out, int(shard["shard"]))
+        for key, size in (shard.get("sizes") or {"missing": -1}).items():
+            p = fsspec.core.url_to_fs(paths.get(key, ""))[1]
+            if not fs.exists(p) or fs.size(p) != size:
+                return None
+    return manifest
+
+
 def _start_fresh_manifest(out: str) -> None:
     """A rerun first removes the old manifest: while shards are being rewritten, nothing claims they are done."""
     fs, path = fsspec.core.url_to_fs(f"{out}/manifest.json")
@@ -152,6 +199,13 @@ def build(cfg: BuildConfig, pipeline_args: Optional[list[str]] = None, test_pipe
     out = cfg.output.output_dir.rstrip("/")
     log.info("build config:\n%s", json.dumps(config_to_dict(cfg), indent=2))
     preflight(cfg)
+    done = _up_to_date(out, run_fingerprint(cfg))
+    if done is not None:
+        log.info("an identical finished build is already in %s: nothing to do", out)
+        summary = {"wall_seconds": 0.0, "stage_busy_seconds": {}, "counters": {}, "up_to_date": True,
+                   "manifest": f"{out}/manifest.json", "counts": done["counts"], "problems": [],
+                   "staging": "not needed: the build was already complete"}
+        return {"manifest": done, "summary": summary}
     progress.reset()  # in-process runners share trackers: start each build's counts at zero
     _start_fresh_manifest(out)
     options = PipelineOptions(list(cfg.beam_options) + list(pipeline_args or []), save_main_session=False)

@@ -14,7 +14,9 @@ def build_summary(result: dict[str, Any]) -> str:
     c = m["counts"]
     problems = s.get("problems") or []
     lines = [
-        "== synpref build: " + ("FAILED ==" if problems else "done =="),
+        "== synpref build: " + ("FAILED ==" if problems else
+                                "up to date (an identical finished build is here; nothing was run) =="
+                                if s.get("up_to_date") else "done =="),
         f"prompts     in {c['prompts']['in']:>6}  written {c['prompts']['written']:>6} groups  "
         f"dropped {c['prompts']['dropped_total']} ({_dropped(c['prompts'])})",
         f"candidates  in {c['candidates']['in']:>6}  written {c['candidates']['written']:>6} images  "

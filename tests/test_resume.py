@@ -108,13 +108,32 @@ def test_fewer_prompts_remove_the_extra_shards(demo_models, base, tmp_path):
     assert sorted(os.listdir(tmp_path / "again" / "_stats")) == ["shard-00000.json"]
 
 
-def test_same_config_keeps_every_shard(demo_models, base, tmp_path):
+def test_same_config_is_up_to_date_and_runs_nothing(demo_models, base, tmp_path):
     again = tmp_path / "again"
     shutil.copytree(base[0], again)
     rerun = run(demo_models, again)
+    assert rerun["summary"]["up_to_date"] and rerun["summary"]["counters"] == {}
     assert digests(again) == digests(base[0])
-    assert rerun["summary"]["counters"]["shards_skipped"] == 2
+    os.remove(again / "ranked" / "ranked-00001.parquet")  # a missing file: not up to date any more
+    rerun = run(demo_models, again)
+    assert "up_to_date" not in rerun["summary"]
+    assert rerun["summary"]["counters"]["shards_skipped"] == 1  # shard 0 provably intact, shard 1 rewritten
     assert rerun["summary"]["counters"].get("images_generated", 0) == 0
+    assert digests(again) == digests(base[0])
+
+
+def test_changed_prompt_file_is_not_up_to_date(demo_models, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cube\ntwo green apples\n")
+    cfg = tiny_build_config(demo_models, tmp_path / "out", prompts={"source": str(prompts)})
+    first = build(build_config_from_dict(cfg))
+    assert not os.path.exists(tmp_path / "out" / "_staging")  # default policy: removed after a clean run
+    assert build(build_config_from_dict(cfg))["summary"]["up_to_date"]
+    prompts.write_text("a red cube\nthree blue birds\n")
+    second = build(build_config_from_dict(cfg))
+    assert "up_to_date" not in second["summary"]
+    assert {m["prompt"] for m in ranked_meta(tmp_path / "out")} == {"a red cube", "three blue birds"}
+    assert first["manifest"]["run_fingerprint"] != second["manifest"]["run_fingerprint"]
 
 
 def test_a_generator_failing_every_call_fails_the_run(demo_models, tmp_path):
