@@ -285,8 +285,13 @@ def measure_memory(size: int, n_prompts: int, work: str, beam_args: str) -> dict
     for line in proc.stdout.splitlines():
         if line.startswith("BENCH_CHILD "):
             return json.loads(line[len("BENCH_CHILD "):])
-    tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
-    raise RuntimeError(f"memory child ({size} px, {n_prompts} prompts) failed with exit {proc.returncode}:\n{tail}")
+    log_path = f"{work}/{tag}.log"
+    with open(log_path, "w") as f:
+        f.write(proc.stdout + proc.stderr)
+    sys.stderr.write(proc.stderr)  # the whole story: a failure's first traceback is rarely its last lines
+    errors = [line for line in proc.stderr.splitlines() if line and not line[0].isspace() and "Error" in line]
+    raise RuntimeError(f"memory child ({size} px, {n_prompts} prompts) failed with exit {proc.returncode}; "
+                       f"first error: {errors[0] if errors else '?'}; last error: {errors[-1] if errors else '?'}")
 
 
 # --- driver -----------------------------------------------------------------------------------------------

@@ -197,7 +197,7 @@ def _remove_staging(cfg: BuildConfig) -> str:
 def build(cfg: BuildConfig, pipeline_args: Optional[list[str]] = None, test_pipeline=None) -> dict[str, Any]:
     """Run the build and return the manifest plus a run summary (also written to run_summary.json)."""
     out = cfg.output.output_dir.rstrip("/")
-    log.info("build config:\n%s", json.dumps(config_to_dict(cfg), indent=2))
+    log.info("build config: %s", json.dumps(config_to_dict(cfg), sort_keys=True))
     preflight(cfg)
     done = _up_to_date(out, run_fingerprint(cfg))
     if done is not None:

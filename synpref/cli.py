@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import warnings
 
@@ -12,7 +13,8 @@ class _DropNoise(logging.Filter):
     """Beam's DirectRunner logs this once per bundle on Linux containers; it says nothing useful here."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "Resource module is not available" not in record.getMessage()
+        msg = record.getMessage()
+        return "Resource module is not available" not in msg and "apitools not found" not in msg
 
 
 def setup_logging(verbose: bool = False, model_libraries: bool = True) -> None:
@@ -24,6 +26,8 @@ def setup_logging(verbose: bool = False, model_libraries: bool = True) -> None:
     # Libraries (open_clip logs on the root logger) stay at WARNING; synpref's own progress at INFO.
     root.setLevel(logging.INFO if verbose else logging.WARNING)
     logging.getLogger("synpref").setLevel(logging.INFO)
+    if not verbose:  # a failed job is reported once, in one line, by the command itself
+        logging.getLogger("apache_beam").setLevel(logging.CRITICAL)
     if not verbose:
         warnings.filterwarnings("ignore", category=FutureWarning)
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -41,6 +45,23 @@ class UserError(Exception):
     """A bad config or a missing file: reported as one line, without a traceback."""
 
 
+def pipeline_failure(exc: BaseException) -> str:
+    """One line from a failed Beam job: the step that failed and the innermost error.
+
+    Runners wrap a worker's exception (with its whole chain) in their own; the last
+    ``Type: message`` line of that text is the error that stopped the job.
+    """
+    text = str(exc)
+    step = re.findall(r"\[while running '([^']+)'\]", text)
+    text = re.sub(r"\s*\[while running '[^']+'\]", "", text)
+    errors = [ln.strip() for ln in text.splitlines() if re.match(r"^\s*[\w.]+(Error|Exception|Exit)\b.*:", ln)]
+    line = errors[-1] if errors else f"{type(exc).__name__}: {(text.strip().splitlines() or [''])[-1]}"
+    parts = step[-1].split("/") if step else []
+    where = parts[2] if len(parts) > 2 else (parts[-1] if parts else "")  # BuildPreferences/<Stage>/<Step>/...
+    line = " ".join(line.split())
+    return (f"{where} failed: " if where else "") + (line if len(line) <= 400 else line[:397] + "...")
+
+
 def cmd_build(args, rest) -> int:
     from synpref.pipelines.build_preferences import build
     from synpref.pipelines.preflight import preflight
@@ -52,7 +73,14 @@ def cmd_build(args, rest) -> int:
         preflight(cfg)
     except (ValueError, FileNotFoundError) as e:
         raise UserError(f"synpref build: {e}") from None
-    result = build(cfg, rest)
+    try:
+        result = build(cfg, rest)
+    except Exception as e:  # the job itself failed (a model that does not load, a full disk...)
+        if args.verbose:
+            raise
+        print(f"synpref build: {pipeline_failure(e)}\n(-v shows the traceback; finished shards are kept: "
+              "rerun the same command to resume)", file=sys.stderr)
+        return 1
     print(build_summary(result))
     return 1 if result["summary"]["problems"] else 0
 

@@ -66,3 +66,26 @@ def test_config_mistakes_and_unfinished_outputs_get_one_line_errors(tmp_path):
         proc = subprocess.run([sys.executable, "-m", "synpref.cli", *args], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_model_that_does_not_load_fails_in_one_line(demo_models, tmp_path):
+    """A damaged checkpoint fails the job on the worker: one line naming the step and the error, exit 1."""
+    import glob
+    import shutil
+
+    import yaml
+    from conftest import tiny_build_config
+
+    bad = tmp_path / "bad-sd"
+    shutil.copytree(demo_models["tiny-sd-a"], bad)
+    for f in glob.glob(f"{bad}/unet/*.safetensors"):
+        open(f, "wb").write(b"not a checkpoint")
+    cfg = tiny_build_config(demo_models, tmp_path / "out")
+    cfg["generators"][0]["model"] = str(bad)
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run([sys.executable, "-m", "synpref.cli", "build", "--config", "job.yaml"], cwd=tmp_path,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("synpref build:")]
+    assert len(errors) == 1 and errors[0].startswith("synpref build: Generate[tiny-sd-a] failed: OSError:")
+    assert "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) <= 3
