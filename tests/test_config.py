@@ -38,3 +38,17 @@ def test_yaml_file_with_cli_style_overrides(tmp_path):
     path.write_text(yaml.safe_dump(base()))
     cfg = load_build_config(str(path), ["seed=5", "output.samples_per_shard=3", "prompts.num_prompts=null"])
     assert (cfg.seed, cfg.output.samples_per_shard, cfg.prompts.num_prompts) == (5, 3, None)
+
+
+def test_runner_job_configs_validate_and_beam_reads_their_flags():
+    """jobs/dataflow_gpu.yaml, flink.yaml, spark.yaml: valid configs whose beam_options Beam parses."""
+    from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+    from synpref.schemas.config import load_build_config
+
+    expected = {"dataflow_gpu": "DataflowRunner", "flink": "PortableRunner", "spark": "PortableRunner"}
+    for name, runner in expected.items():
+        cfg = load_build_config(f"jobs/{name}.yaml")
+        assert PipelineOptions(list(cfg.beam_options)).view_as(StandardOptions).runner == runner
+    gpu = load_build_config("jobs/dataflow_gpu.yaml")
+    assert all(g.accelerator.startswith("type:nvidia") for g in gpu.generators)
