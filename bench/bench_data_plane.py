@@ -386,11 +386,12 @@ def main(argv=None) -> int:
 
 
 def _print_row(row: dict) -> None:
+    loop = f"plain loop {row['base_images']} images, {row['base_pairs']} pairs, {row['base_shards']} shards in {row['base_s']:.1f}s"
     if "pipe_s" in row:
-        print(f"{row['size']}px: build {row['images']} images in {row['pipe_s']:.1f}s, plain loop "
-              f"{row['base_images']} in {row['base_s']:.1f}s; same images: {row['same_images']}", flush=True)
+        print(f"{row['size']}px: build {row['images']} images, {row['pairs']} pairs, {row['shards']} shards in "
+              f"{row['pipe_s']:.1f}s; {loop}; same images: {row['same_images']}", flush=True)
     else:
-        print(f"{row['size']}px: build FAILED, plain loop {row['base_images']} images in {row['base_s']:.1f}s", flush=True)
+        print(f"{row['size']}px: build FAILED; {loop}", flush=True)
 
 
 def _print_tables(args, rows: list[dict], mem_rows: list[dict], total_s: float) -> None:
@@ -415,7 +416,10 @@ def _print_tables(args, rows: list[dict], mem_rows: list[dict], total_s: float) 
         for r in rows:
             if "pipe_s" in r:
                 ratio = (r["images"] / r["pipe_s"]) / (r["base_images"] / r["base_s"])
-                print(f"  {r['size']}px: data plane {ratio:.2f}x of plain loop")
+                same = (r["images"], r["pairs"], r["shards"]) == (r["base_images"], r["base_pairs"], r["base_shards"])
+                print(f"  {r['size']}px: data plane {ratio:.2f}x of plain loop"
+                      + ("" if same else f" (OUTPUTS DIFFER: loop wrote {r['base_images']} images, "
+                                         f"{r['base_pairs']} pairs, {r['base_shards']} shards)"))
     if mem_rows:
         print(f"peak memory, one build per fresh process, {args.mem_prompts} and {4 * args.mem_prompts} prompts "
               f"(peak = VmHWM after imports, reset before the build; ru_maxrss at exit beside it):")

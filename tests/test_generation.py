@@ -78,3 +78,31 @@ def test_a_missing_model_fails_before_the_pipeline_starts(demo_models, tmp_path)
     with pytest.raises(FileNotFoundError, match="reward clip_score: checkpoint: memory:///no/such.safetensors"):
         build(build_config_from_dict(cfg))
     assert not (tmp_path / "out").exists()
+
+
+def test_batched_requests_keep_each_image_with_its_prompt_and_seed(demo_models, tmp_path):
+    """batch_size 3: three prompts' seeds in one diffusers call, each image staged under its own request."""
+    from synpref.transforms.generation import GeneratorModelHandler
+    from synpref.transforms.staging import generator_fingerprint
+    from synpref.transforms.imageio import decode_image
+
+    cfg = config(demo_models["tiny-sd-a"], batch_size=3)
+    fp = generator_fingerprint(cfg)
+    assert fp != generator_fingerprint(config(demo_models["tiny-sd-a"]))  # batched images never pass as unbatched
+    reqs = [make_request(PromptRecord(f"p{i}", text), "tiny", 2, 0, fp)
+            for i, text in enumerate(["a red cube", "a blue ball", "a green tree"])]
+    handler = GeneratorModelHandler(cfg, str(tmp_path))
+    assert handler.batch_elements_kwargs() == {"min_batch_size": 3, "max_batch_size": 3}
+    model = handler.load_model()
+    results = handler.run_inference(reqs, model)
+    single = create_generator(config(demo_models["tiny-sd-a"]))
+    single.load()
+    for req, result in zip(reqs, results):
+        assert result.example is req
+        for i, cand in enumerate(result.inference):
+            assert cand.candidate_id == req.candidate_id(i) and cand.lineage.seed == req.seeds[i]
+            assert cand.image_uri.endswith(f"/{req.image_keys[i]}.png")
+            # the image is this prompt's: close to a one-prompt call with the same seed (only last bits differ)
+            alone = single.generate([req.prompt.prompt], [req.seeds[i]])[0]
+            staged = np.asarray(decode_image(open(cand.image_uri, "rb").read()), dtype=np.float32) / 255
+            assert np.abs(staged - alone).max() < 0.02
