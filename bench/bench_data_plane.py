@@ -4,7 +4,7 @@
                                      [--mem-prompts 32] [--mem-sizes 256,512] [--skip-memory]
                                      [--skip-throughput] [--workdir DIR] [--beam-args "--direct_num_workers=1"]
 
-About 5 minutes at the defaults on 2 CPU cores. Exit status 1 if any build failed.
+About 3.5 minutes at the defaults on 2 CPU cores. Exit status 1 if any build failed.
 
 No diffusion model: the build runs the model-free ``procedural`` generator
 (``transforms/generators/procedural.py``, ~6 ms per 512 px image), so what is

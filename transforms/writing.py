@@ -135,9 +135,11 @@ class _WriteShard(beam.DoFn):
                 return
             fs.rm(stats_path)  # from here until the new stats file lands, the shard counts as unfinished
         ranked_rows, pair_rows, n_images = [], [], 0
-        with AtomicFile(paths["ranked_tar"]) as rf, AtomicFile(paths["pairs_tar"]) as pf:
-            ranked_tar = wds.TarWriter(rf, encoder=False, mtime=TAR_MTIME)
-            pairs_tar = wds.TarWriter(pf, encoder=False, mtime=TAR_MTIME)
+        # Tar writers close before their files, also on an error (else the tar stream's finaliser writes to
+        # a closed file later and buries the real error).
+        with AtomicFile(paths["ranked_tar"]) as rf, AtomicFile(paths["pairs_tar"]) as pf, \
+                wds.TarWriter(rf, encoder=False, mtime=TAR_MTIME) as ranked_tar, \
+                wds.TarWriter(pf, encoder=False, mtime=TAR_MTIME) as pairs_tar:
             start = time.perf_counter()
             for g in groups:
                 images = {c.candidate_id: _read_staged(c) for c in g.candidates}
@@ -161,8 +163,6 @@ class _WriteShard(beam.DoFn):
                         "phi_winner": pair.phi_winner, "phi_loser": pair.phi_loser, "agreement": pair.agreement,
                     })
                 progress("write", self.total, "groups").update()
-            ranked_tar.close()
-            pairs_tar.close()
             Metrics.counter("synpref", "write_ms").inc(int(1000 * (time.perf_counter() - start)))
         for key, rows, schema in (("ranked_index", ranked_rows, RANKED_INDEX_SCHEMA),
                                   ("pairs_index", pair_rows, PAIR_INDEX_SCHEMA)):
