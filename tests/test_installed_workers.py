@@ -12,17 +12,18 @@ and every worker pip-installs it before it runs a bundle. Here:
    which does *not* run the main venv's editable-install finder: ``import synpref`` fails there until
    the wheel is installed;
 3. Beam's worker pool (``apache_beam.runners.worker.worker_pool_main``, what the Python SDK container
-   runs in pool mode on Flink/Spark) is started from ``workerenv`` in a temp cwd, and the build runs on
-   the portable runner with ``--environment_type=EXTERNAL`` pointing at it;
+   runs in pool mode on Flink/Spark) is started from ``workerenv`` in a temp cwd, and a launcher process
+   (this venv, the source tree, like ``synpref build``) runs the build on the portable runner with an
+   embedded job server and ``--environment_type=EXTERNAL`` pointing at the pool;
 4. a probe in ``workerenv`` (an audit hook loaded by a ``.pth`` line) logs every synpref ``.py``/``.pyc``
    file that any process of that environment opens, whether it lies in the installed copy or the source
    tree. The test asserts that SDK worker processes loaded the pipeline's modules, all from the
    installed copy, and none from the source tree; and that the shards are byte-identical to a
    DirectRunner build of the same config.
 """
-import contextlib
 import importlib
 import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -31,7 +32,6 @@ import subprocess
 import sys
 import sysconfig
 import tarfile
-import threading
 import time
 import zipfile
 from pathlib import Path
@@ -45,7 +45,7 @@ from synpref.schemas.config import build_config_from_dict
 from test_build_e2e import digests
 
 REPO = Path(__file__).resolve().parents[1]
-PORTABLE_BUILD_TIMEOUT_S = int(os.environ.get("SYNPREF_PORTABLE_TIMEOUT_S", "600"))
+PORTABLE_BUILD_TIMEOUT_S = int(os.environ.get("SYNPREF_PORTABLE_TIMEOUT_S", "900"))
 MAIN_SITE_PACKAGES = sysconfig.get_paths()["purelib"]
 SNAPSHOT_IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
 
@@ -209,6 +209,7 @@ def worker_pool(worker_env, tmp_path):
     """Beam's worker pool service, run from the worker env in a temp cwd; yields its port and probe log."""
     cwd = tmp_path / "pool_cwd"
     cwd.mkdir()
+    (tmp_path / "pool_tmp").mkdir()
     probe_log = tmp_path / "probe.log"
     log = tmp_path / "worker_pool.log"
     bin_dir = worker_env["python"].parent
@@ -218,7 +219,7 @@ def worker_pool(worker_env, tmp_path):
     env = _clean_env(
         # worker_pool_main starts each SDK worker as a bare `python -c ...` found on PATH, not sys.executable.
         PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-        SYNPREF_PROBE_LOG=str(probe_log), SYNPREF_PROBE_WATCH=os.pathsep.join(watch))
+        SYNPREF_PROBE_LOG=str(probe_log), SYNPREF_PROBE_WATCH=os.pathsep.join(watch), TMPDIR=str(tmp_path / "pool_tmp"))
     assert shutil.which("python", path=env["PATH"]) == str(bin_dir / "python"), "workers would not run the worker env"
     port = _free_port()
     with open(log, "wb") as logf:
@@ -230,25 +231,37 @@ def worker_pool(worker_env, tmp_path):
         yield {"port": port, "pid": proc.pid, "probe_log": probe_log, "log": log, "watch": watch}
     finally:
         _stop(proc)
+        shutil.rmtree(tmp_path, ignore_errors=True)  # both builds' outputs, logs (quoted in any failure)
 
 
-@contextlib.contextmanager
-def _deadline(seconds: int, what: str, log: Path):
-    """Fail instead of hanging: a portable job whose SDK worker never connects waits forever."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+LAUNCHER = """
+import json, sys
+from synpref.pipelines.build_preferences import build
+from synpref.schemas.config import build_config_from_dict
+job = json.load(open(sys.argv[1]))
+build(build_config_from_dict(job["config"]), job["pipeline_args"])
+"""
 
-    def fire(signum, frame):
-        raise TimeoutError(f"{what} still running after {seconds}s; worker pool log:\n{log.read_text()[-3000:]}")
 
-    previous = signal.signal(signal.SIGALRM, fire)
-    signal.alarm(seconds)
+def _launch(config: dict, pipeline_args: list, tmp: Path, pool_log: Path) -> None:
+    """Run the build from a launcher process (this venv, the source tree), as `synpref build` would.
+
+    Not in this process: a portable job whose SDK worker never connects waits forever (the embedded job
+    server runs it on a non-daemon thread, and its cancel() is a no-op), so only a killable process
+    turns that into a failure instead of a hung test session.
+    """
+    job = tmp / "launcher_job.json"
+    job.write_text(json.dumps({"config": config, "pipeline_args": pipeline_args}))
+    (tmp / "launcher_tmp").mkdir()  # Beam's stager leaves temp dirs behind; keep them under tmp
+    env = {**os.environ, "TMPDIR": str(tmp / "launcher_tmp")}
     try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
+        proc = subprocess.run([sys.executable, "-c", LAUNCHER, str(job)], cwd=tmp, env=env, capture_output=True,
+                              text=True, timeout=PORTABLE_BUILD_TIMEOUT_S)
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f"portable build still running after {PORTABLE_BUILD_TIMEOUT_S}s (killed); "
+                             f"worker pool log:\n{pool_log.read_text(errors='replace')[-3000:]}") from e
+    assert proc.returncode == 0, (f"launcher failed:\n{proc.stderr[-4000:]}\n"
+                                  f"worker pool log:\n{pool_log.read_text(errors='replace')[-3000:]}")
 
 
 def _synpref_source_modules():
@@ -275,13 +288,12 @@ def test_build_on_workers_with_the_installed_package(worker_env, worker_pool, de
     portable = tmp_path / "installed_workers"
     args = ["--runner=PortableRunner", "--job_endpoint=embed", "--environment_type=EXTERNAL",
             f"--environment_config=localhost:{worker_pool['port']}", "--sdk_worker_parallelism=1"]
-    with _deadline(PORTABLE_BUILD_TIMEOUT_S, "portable build on the installed workers", worker_pool["log"]):
-        build(build_config_from_dict(tiny_build_config(demo_models, portable)), args)
-    assert digests(portable) == digests(direct)
+    _launch(tiny_build_config(demo_models, portable), args, tmp_path, worker_pool["log"])
     assert digests(direct)  # not two empty outputs
+    assert digests(portable) == digests(direct)
 
     pool_log = worker_pool["log"].read_text(errors="replace")
-    assert worker_pool["probe_log"].exists(), f"no worker of the worker env opened any synpref file:\n{pool_log[-3000:]}"
+    assert worker_pool["probe_log"].exists(), f"no process of the worker env opened synpref:\n{pool_log[-3000:]}"
     opened = [line.split("\t", 1) for line in worker_pool["probe_log"].read_text().splitlines()]
     workers = {pid for pid, _ in opened if int(pid) != worker_pool["pid"]}
     assert workers, f"only the pool itself opened synpref files:\n{pool_log[-3000:]}"
