@@ -86,17 +86,18 @@ def build_tiny_sd_pipeline(seed: int = 0, scheduler: str = "pndm", tokenizer_dir
             max_position_embeddings=77,
         )
     )
-    if tokenizer_dir is None:
-        import tempfile
+    import tempfile
 
-        tokenizer_dir = Path(tempfile.mkdtemp(prefix="synpref-tok-"))
-        _write_clip_tokenizer_files(Path(tokenizer_dir))
-    tokenizer = CLIPTokenizer(
-        vocab_file=str(Path(tokenizer_dir) / "vocab.json"),
-        merges_file=str(Path(tokenizer_dir) / "merges.txt"),
-        pad_token="<|endoftext|>",
-        model_max_length=77,
-    )
+    with tempfile.TemporaryDirectory(prefix="synpref-tok-") as scratch:  # the pipeline saves its own copy
+        tokenizer_dir = Path(tokenizer_dir or scratch)
+        if not (tokenizer_dir / "vocab.json").exists():
+            _write_clip_tokenizer_files(tokenizer_dir)
+        tokenizer = CLIPTokenizer(
+            vocab_file=str(tokenizer_dir / "vocab.json"),
+            merges_file=str(tokenizer_dir / "merges.txt"),
+            pad_token="<|endoftext|>",
+            model_max_length=77,
+        )
     sched_kwargs = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, steps_offset=1)
     schedulers = {
         "pndm": lambda: PNDMScheduler(skip_prk_steps=True, **sched_kwargs),
