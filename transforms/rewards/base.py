@@ -7,7 +7,7 @@ validated at pipeline build time and pickled to workers.
 from __future__ import annotations
 
 import abc
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Hashable, Optional, Sequence
 
 from PIL import Image
 
@@ -46,9 +46,31 @@ class Reward(abc.ABC):
     def load(self) -> None:
         """Load weights. Called once per worker before the first ``score_batch``."""
 
-    @abc.abstractmethod
     def score_batch(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
-        """Return one float per image (NaN allowed: the pipeline drops it with a reason)."""
+        """Return one float per image (NaN allowed: the pipeline drops it with a reason).
+
+        Rewards with a ``preprocess_key`` get this for free; others override it.
+        """
+        if self.preprocess_key() is None:
+            raise NotImplementedError(f"reward {self.name} must implement score_batch or preprocess_key")
+        return self.score_preprocessed(self.preprocess(images), prompts)
+
+    # Shared preprocessing: rewards whose ``preprocess_key()`` is equal (and not None) are given one
+    # ``preprocess(images)`` result between them, so an ensemble decodes, resizes and normalises each
+    # image once (e.g. every CLIP-224 reward shares ``preprocess.clip_center_crop``).
+    def preprocess_key(self) -> Optional[Hashable]:
+        return None
+
+    def preprocess(self, images: Sequence[Image.Image]) -> Any:
+        raise NotImplementedError
+
+    def score_preprocessed(self, pixels: Any, prompts: Sequence[str]) -> list[float]:
+        raise NotImplementedError
+
+    def files(self) -> dict[str, str]:
+        """Every file or folder the reward loads (name -> location), hidden second downloads included:
+        checked before a build starts, listed by ``synpref check-models``, fingerprinted in the manifest."""
+        return {}
 
     def describe(self) -> dict[str, Any]:
         """Name, version and params, recorded in the manifest."""
