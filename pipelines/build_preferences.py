@@ -139,18 +139,13 @@ def health_problems(manifest: dict[str, Any], cfg: BuildConfig) -> list[str]:
     if c["prompts"]["written"] == 0:
         problems.append("no prompt produced a sample: see the dropped counts above and dead_letter/")
     per_generator = c["candidates"]["in"] // max(1, len(cfg.generators))
-    generated = c["candidates"]["in"]
-    for g in cfg.generators:
-        e = errors.get(f"generate:{g.id}")
-        if e:
-            generated -= e["count"]
-        if e and e["count"] > cfg.max_error_share * per_generator:
-            problems.append(f"generator {g.id}: {e['count']} of {per_generator} images failed "
-                            f"(max_error_share {cfg.max_error_share}); first: {e['first']}")
-    for r in cfg.rewards:
-        e = errors.get(f"score:{r.name}")
-        if e and e["count"] > cfg.max_error_share * max(1, generated):
-            problems.append(f"reward {r.name}: {e['count']} of {generated} images failed "
+    generated = c["candidates"]["in"] - sum(e["count"] for stage, e in errors.items() if stage.startswith("generate:"))
+    for stage, e in sorted(errors.items()):
+        what, name = stage.split(":", 1)
+        attempted = per_generator if what == "generate" else max(1, generated)
+        if e["count"] > cfg.max_error_share * attempted:
+            kind = "generator" if what == "generate" else "reward"
+            problems.append(f"{kind} {name}: {e['count']} of {attempted} images failed "
                             f"(max_error_share {cfg.max_error_share}); first: {e['first']}")
     return problems
 

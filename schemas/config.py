@@ -80,6 +80,9 @@ class RewardConfig:
     units_per_call: int = 1
     model_copies: int = 0  # as GeneratorConfig.model_copies
     accelerator: str = ""  # as GeneratorConfig.accelerator
+    # Rewards with the same group run as one ensemble step (each image decoded once, shared
+    # preprocessing computed once). Give a large judge its own group to run it in a separate step.
+    group: str = ""
 
 
 @dataclass(frozen=True)

@@ -82,7 +82,7 @@ def test_a_missing_model_fails_before_the_pipeline_starts(demo_models, tmp_path)
 
 def test_batched_requests_keep_each_image_with_its_prompt_and_seed(demo_models, tmp_path):
     """batch_size 3: three prompts' seeds in one diffusers call, each image staged under its own request."""
-    from synpref.transforms.generation import GeneratorModelHandler
+    from synpref.transforms.generation import generator_handler
     from synpref.transforms.staging import generator_fingerprint
     from synpref.transforms.imageio import decode_image
 
@@ -91,7 +91,7 @@ def test_batched_requests_keep_each_image_with_its_prompt_and_seed(demo_models, 
     assert fp != generator_fingerprint(config(demo_models["tiny-sd-a"]))  # batched images never pass as unbatched
     reqs = [make_request(PromptRecord(f"p{i}", text), "tiny", 2, 0, fp)
             for i, text in enumerate(["a red cube", "a blue ball", "a green tree"])]
-    handler = GeneratorModelHandler(cfg, str(tmp_path))
+    handler = generator_handler(cfg, str(tmp_path))
     assert handler.batch_elements_kwargs() == {"min_batch_size": 3, "max_batch_size": 3}
     model = handler.load_model()
     results = handler.run_inference(reqs, model)

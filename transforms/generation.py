@@ -8,19 +8,17 @@ handler: what leaves generation is ids, URIs and hashes, never pixels.
 from __future__ import annotations
 
 import hashlib
-import time
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
-from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
+from apache_beam.ml.inference.base import PredictionResult, RunInference
 
-from synpref.progress import progress
 from synpref.schemas.config import GeneratorConfig
 from synpref.schemas.records import Candidate, Drop, GenerationRequest, PromptRecord
 from synpref.transforms.generators import Generator, create_generator
-from synpref.transforms.model_io import set_torch_threads
+from synpref.transforms.inference import PluginModelHandler, Work
 from synpref.transforms.staging import (encode_png, find_staged, generation_key, generator_fingerprint,
                                         stage_image, to_uint8)
 
@@ -51,43 +49,34 @@ def error_line(exc_info) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-class GeneratorModelHandler(ModelHandler[GenerationRequest, list, Generator]):
-    """RunInference adapter for any registered generator: loads once per worker, stages what it makes.
+class GenerateAndStage(Work):
+    """Generation as a ``Work``: one call makes the images of a batch of requests and stages each at once.
 
-    Each inference result is a list with one entry per candidate: a staged ``Candidate``,
-    or a ``Drop`` (NaN pixels).
+    Each result is a list with one entry per candidate: a staged ``Candidate``, or a ``Drop`` (NaN pixels).
     """
 
-    def __init__(self, config: GeneratorConfig, staging_dir: str, *, total_images: Optional[int] = None,
-                 torch_threads: int = 1):
-        super().__init__(model_copies=config.model_copies or None)
-        self._config = config
-        self._staging_dir = staging_dir
-        self._total = total_images
-        self._threads = torch_threads
+    stage, unit = "generate", "images"
 
-    def load_model(self) -> Generator:
-        set_torch_threads(self._threads)
-        generator = create_generator(self._config)
+    def __init__(self, config: GeneratorConfig, staging_dir: str):
+        self.config, self.staging_dir = config, staging_dir
+
+    def load(self) -> Generator:
+        generator = create_generator(self.config)
         generator.load()
         return generator
 
-    def run_inference(self, batch: Sequence[GenerationRequest], model: Generator, inference_args=None) -> Iterable:
-        tracker = progress("generate", self._total, "images")
-        start = time.perf_counter()
+    def size(self, req: GenerationRequest) -> int:
+        return len(req.seeds)
+
+    def run(self, model: Generator, batch: Sequence[GenerationRequest]) -> list:
         prompts = [req.prompt.prompt for req in batch for _ in req.seeds]
         seeds = [s for req in batch for s in req.seeds]
         images = model.generate(prompts, seeds)  # batch_size requests = one call
         if len(images) != len(seeds):
-            raise ValueError(f"generator {self._config.id} returned {len(images)} images for {len(seeds)} seeds")
-        Metrics.counter("synpref", "generate_ms").inc(int(1000 * (time.perf_counter() - start)))
+            raise ValueError(f"generator {self.config.id} returned {len(images)} images for {len(seeds)} seeds")
         Metrics.counter("synpref", "images_generated").inc(len(images))
-        tracker.update(len(images))
-        results, it = [], iter(images)
-        for req in batch:
-            outcome = [self._stage(req, i, next(it), model) for i in range(len(req.seeds))]
-            results.append(PredictionResult(req, outcome, self._config.id))
-        return results
+        it = iter(images)
+        return [[self._stage(req, i, next(it), model) for i in range(len(req.seeds))] for req in batch]
 
     def _stage(self, req: GenerationRequest, i: int, image: np.ndarray, model: Generator):
         cid = req.candidate_id(i)
@@ -95,16 +84,17 @@ class GeneratorModelHandler(ModelHandler[GenerationRequest, list, Generator]):
             return Drop("candidate", "nan_image", cid, f"generate:{req.generator_id}",
                         f"generator {req.generator_id} produced NaN pixels (fp16 overflow?)")
         lineage = model.lineage(req.seeds[i])
-        uri, sha = stage_image(self._staging_dir, req.image_keys[i], encode_png(to_uint8(image)), lineage)
+        uri, sha = stage_image(self.staging_dir, req.image_keys[i], encode_png(to_uint8(image)), lineage)
         return Candidate(candidate_id=cid, prompt_id=req.prompt.prompt_id, prompt=req.prompt.prompt,
                          lineage=lineage, image_uri=uri, image_sha256=sha)
 
-    def batch_elements_kwargs(self):
-        n = self._config.batch_size
-        return {"min_batch_size": n, "max_batch_size": n}
 
-    def get_metrics_namespace(self) -> str:
-        return f"synpref_generate_{self._config.id}"
+def generator_handler(config: GeneratorConfig, staging_dir: str, *, total_images: Optional[int] = None,
+                      torch_threads: int = 1) -> PluginModelHandler:
+    """The RunInference handler for one generator (batch size and model copies from its config)."""
+    return PluginModelHandler(GenerateAndStage(config, staging_dir), f"generate_{config.id}",
+                              batch_size=config.batch_size, model_copies=config.model_copies,
+                              torch_threads=torch_threads, total=total_images)
 
 
 class _ReuseStaged(beam.DoFn):
@@ -165,8 +155,8 @@ class GenerateCandidates(beam.PTransform):
             requests = prompts | f"Requests[{g.id}]" >> beam.Map(make_request, g.id, self.k, self.seed, fp)
             reuse = requests | f"ReuseStaged[{g.id}]" >> beam.ParDo(_ReuseStaged(self.staging_dir)).with_outputs(
                 "generate", main="reused")
-            generate = RunInference(GeneratorModelHandler(g, self.staging_dir, total_images=self.total,
-                                                          torch_threads=self.threads))
+            generate = RunInference(generator_handler(g, self.staging_dir, total_images=self.total,
+                                                      torch_threads=self.threads))
             if g.accelerator:
                 generate = generate.with_resource_hints(accelerator=g.accelerator)
             inference, failures = reuse.generate | f"Generate[{g.id}]" >> generate.with_exception_handling()

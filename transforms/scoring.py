@@ -1,99 +1,142 @@
-"""Score every candidate with an ensemble of rewards, one RunInference per reward.
+"""Score every candidate with an ensemble of rewards: each image decoded once, each preprocessing once.
 
-A unit (the candidates of one prompt and generator) is scored in one
-``score_batch`` call by default, so scores do not depend on how a runner batches
-work. Units carry staged URIs, not pixels: each reward decodes the images it scores.
+Rewards in one ``group`` (all of them by default) run in one RunInference step whose model is
+the whole ensemble: a call decodes the staged PNGs of its units once, computes each distinct
+``preprocess_key`` once (every CLIP-224 reward shares one tensor), and asks every reward. A
+reward that raises loses only its own scores for that call (``scoring_error``, stage
+``score:<reward>``). Give a large judge its own group to run it in a step of its own, e.g. on
+its own accelerator. A unit (one prompt x generator's candidates) is never split across
+calls, so with ``units_per_call: 1`` scores do not depend on how a runner batches work.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import time
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
-from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
+from apache_beam.ml.inference.base import PredictionResult, RunInference
 
-from synpref.progress import progress
 from synpref.schemas.config import RewardConfig
 from synpref.schemas.records import Drop
 from synpref.transforms.generation import error_line
-from synpref.transforms.model_io import set_torch_threads
+from synpref.transforms.inference import PluginModelHandler, Work
 from synpref.transforms.rewards import Reward, create_reward
 from synpref.transforms.staging import load_staged_image
 
 DROPPED = "dropped"
 
 
-class RewardModelHandler(ModelHandler[list, list, Reward]):
-    """RunInference adapter for any registered reward."""
+def score_ensemble(rewards: Sequence[Reward], images: list, prompts: list[str]) -> dict[str, list[float] | str]:
+    """Each reward's scores for ``images`` (or a one-line error), sharing preprocessing between rewards.
 
-    def __init__(self, config: RewardConfig, *, total_images: Optional[int] = None, torch_threads: int = 1):
-        super().__init__(model_copies=config.model_copies or None)
-        self._config = config
-        self._total = total_images
-        self._threads = torch_threads
-        create_reward(config.name, config.params)  # fail at build time on bad params, not on workers
-
-    def load_model(self) -> Reward:
-        set_torch_threads(self._threads)
-        reward = create_reward(self._config.name, self._config.params)
-        reward.load()
-        return reward
-
-    def run_inference(self, batch: Sequence[list], model: Reward, inference_args=None) -> Iterable:
-        tracker = progress(f"score:{self._config.name}", self._total, "images")
+    Returns ``{reward name: [score per image] | "ErrorType: message"}``.
+    """
+    shared: dict = {}
+    out: dict[str, list[float] | str] = {}
+    for reward in rewards:
         start = time.perf_counter()
+        try:
+            key = reward.preprocess_key()
+            if key is None:
+                scores = reward.score_batch(images, prompts)
+            else:
+                if key not in shared:
+                    shared[key] = reward.preprocess(images)
+                scores = reward.score_preprocessed(shared[key], prompts)
+            if len(scores) != len(images):
+                raise ValueError(f"returned {len(scores)} scores for {len(images)} images")
+            out[reward.name] = [float(s) for s in scores]
+        except Exception as e:  # one reward's failure must not cost the others' scores
+            out[reward.name] = error_line(e)
+        Metrics.counter("synpref", f"score:{reward.name}_ms").inc(int(1000 * (time.perf_counter() - start)))
+    return out
+
+
+class LoadedRewards:
+    """The loaded rewards of one group (a class, not a list: Beam keeps models through weak references)."""
+
+    def __init__(self, rewards: list[Reward]):
+        self.rewards = rewards
+
+
+class ScoreWithEnsemble(Work):
+    """Scoring as a ``Work``: the model is the list of loaded rewards; one result per unit."""
+
+    stage, unit = "score", "images"
+
+    def __init__(self, configs: Sequence[RewardConfig]):
+        self.configs = list(configs)
+        for c in self.configs:
+            create_reward(c.name, c.params)  # bad params fail when the pipeline is built, not on workers
+
+    def load(self) -> LoadedRewards:
+        rewards = [create_reward(c.name, c.params) for c in self.configs]
+        for r in rewards:
+            r.load()
+        return LoadedRewards(rewards)
+
+    def size(self, unit: list) -> int:
+        return len(unit)
+
+    def run(self, model: LoadedRewards, batch: Sequence[list]) -> list:
         flat = [c for unit in batch for c in unit]
+        start = time.perf_counter()
         images = [load_staged_image(c.image_uri) for c in flat]  # pixels live only for this call
-        scores = model.score_batch(images, [c.prompt for c in flat])
-        del images
-        if len(scores) != len(flat):
-            raise ValueError(f"reward {self._config.name} returned {len(scores)} scores for {len(flat)} images")
-        Metrics.counter("synpref", "score_ms").inc(int(1000 * (time.perf_counter() - start)))
-        tracker.update(len(flat))
+        Metrics.counter("synpref", "decode_ms").inc(int(1000 * (time.perf_counter() - start)))
+        scores = score_ensemble(model.rewards, images, [c.prompt for c in flat])
         results, offset = [], 0
         for unit in batch:
-            results.append(PredictionResult(unit, [float(s) for s in scores[offset:offset + len(unit)]],
-                                            self._config.name))
+            results.append({name: s if isinstance(s, str) else s[offset:offset + len(unit)]
+                            for name, s in scores.items()})
             offset += len(unit)
         return results
 
-    def batch_elements_kwargs(self):
-        n = self._config.units_per_call
-        return {"min_batch_size": n, "max_batch_size": n}
 
-    def get_metrics_namespace(self) -> str:
-        return f"synpref_score_{self._config.name}"
+def _attach_scores(result: PredictionResult):
+    """The unit with this group's scores added; if a reward failed on the call, its candidates are
+    dropped with that reward's error (the first failing reward, in config order)."""
+    failed = [(name, s) for name, s in result.inference.items() if isinstance(s, str)]
+    if failed:
+        name, err = failed[0]
+        for c in result.example:
+            yield beam.pvalue.TaggedOutput(DROPPED, Drop("candidate", "scoring_error", c.candidate_id,
+                                                         f"score:{name}", err))
+        return
+    yield [dataclasses.replace(c, scores={**c.scores, **{name: s[i] for name, s in result.inference.items()}})
+           for i, c in enumerate(result.example)]
 
 
-def _attach_scores(result: PredictionResult, reward_name: str) -> list:
-    return [dataclasses.replace(c, scores={**c.scores, reward_name: s}) for c, s in zip(result.example, result.inference)]
-
-
-def _failed_units(failure, reward_name: str):
+def _failed_units(failure, names: str):
     batch, exc = failure
     for unit in batch:
         for c in unit:
-            yield Drop("candidate", "scoring_error", c.candidate_id, f"score:{reward_name}", error_line(exc))
+            yield Drop("candidate", "scoring_error", c.candidate_id, f"score:{names}", error_line(exc))
 
 
-class _CheckScores(beam.DoFn):
-    """Drop candidates with a non-finite score (fp16 models produce NaN); key the rest by prompt."""
+def _check_scores(unit: list):
+    """Drop a candidate with a non-finite score (fp16 models produce NaN); key the rest by prompt."""
+    for c in unit:
+        bad = sorted(name for name, s in c.scores.items() if not math.isfinite(s))
+        if bad:
+            yield beam.pvalue.TaggedOutput(DROPPED, Drop("candidate", "nan_score", c.candidate_id,
+                                                         f"score:{bad[0]}", "non-finite score from " + ", ".join(bad)))
+        else:
+            yield c.prompt_id, c
 
-    def process(self, unit: list):
-        for c in unit:
-            bad = sorted(name for name, s in c.scores.items() if not math.isfinite(s))
-            if bad:
-                yield beam.pvalue.TaggedOutput(DROPPED, Drop("candidate", "nan_score", c.candidate_id,
-                                                             f"score:{bad[0]}", "non-finite score from " + ", ".join(bad)))
-            else:
-                yield c.prompt_id, c
+
+def reward_groups(rewards: Sequence[RewardConfig]) -> list[list[RewardConfig]]:
+    """Rewards grouped by ``group`` in config order (one RunInference step per group)."""
+    groups: dict[str, list[RewardConfig]] = {}
+    for r in rewards:
+        groups.setdefault(r.group, []).append(r)
+    return list(groups.values())
 
 
 class ScoreCandidates(beam.PTransform):
-    """units -> (prompt_id, Candidate with scores, no pixels); drops on the side."""
+    """units -> (prompt_id, Candidate with every reward's score); drops on the side."""
 
     def __init__(self, rewards: Sequence[RewardConfig], expected_images: Optional[int] = None,
                  torch_threads: int = 1):
@@ -102,13 +145,21 @@ class ScoreCandidates(beam.PTransform):
 
     def expand(self, units):
         dropped = []
-        for r in self.rewards:
-            score = RunInference(RewardModelHandler(r, total_images=self.total, torch_threads=self.threads))
-            if r.accelerator:
-                score = score.with_resource_hints(accelerator=r.accelerator)
-            inference, failures = units | f"Score[{r.name}]" >> score.with_exception_handling()
-            units = inference | f"Attach[{r.name}]" >> beam.Map(_attach_scores, r.name)
-            dropped.append(failures.failed_inferences | f"ScoringErrors[{r.name}]" >> beam.FlatMap(_failed_units, r.name))
-        checked = units | "CheckScores" >> beam.ParDo(_CheckScores()).with_outputs(DROPPED, main="scored")
+        for group in reward_groups(self.rewards):
+            names = ",".join(r.name for r in group)
+            handler = PluginModelHandler(
+                ScoreWithEnsemble(group), f"score_{names}", batch_size=min(r.units_per_call for r in group),
+                model_copies=max(r.model_copies for r in group), torch_threads=self.threads, total=self.total)
+            score = RunInference(handler)
+            accelerator = next((r.accelerator for r in group if r.accelerator), "")
+            if accelerator:
+                score = score.with_resource_hints(accelerator=accelerator)
+            inference, failures = units | f"Score[{names}]" >> score.with_exception_handling()
+            attached = inference | f"Attach[{names}]" >> beam.FlatMap(_attach_scores).with_outputs(
+                DROPPED, main="units")
+            dropped += [attached[DROPPED],
+                        failures.failed_inferences | f"ScoringErrors[{names}]" >> beam.FlatMap(_failed_units, names)]
+            units = attached.units  # the next group scores what this one kept
+        checked = units | "CheckScores" >> beam.FlatMap(_check_scores).with_outputs(DROPPED, main="scored")
         dropped.append(checked[DROPPED])
         return {"scored": checked.scored, "dropped": dropped | "ScoringDrops" >> beam.Flatten()}
