@@ -36,11 +36,16 @@ from synpref.transforms.writing import SHARD_FORMAT, WriteShards, shard_paths
 log = logging.getLogger("synpref.build")
 
 
+def describe_rewards(cfg: BuildConfig) -> list[dict[str, Any]]:
+    """Each reward's name, version, params and files with their fingerprints (see ``Reward.describe``)."""
+    return [create_reward(r.name, r.params).describe() for r in cfg.rewards]
+
+
 def run_fingerprint(cfg: BuildConfig) -> str:
     """A hash of everything a finished build's bytes depend on: the config (except Beam flags, which
     the tests show do not change bytes, and locations), generator, reward and prompt files, and
     synpref's formats. A rerun whose fingerprint matches a finished, intact build does nothing."""
-    def files(location: str) -> str:
+    def prompt_files(location: str) -> str:
         if location == "builtin":
             return hashlib.sha256(
                 resources.files("synpref.jobs").joinpath("builtin_prompts.jsonl").read_bytes()).hexdigest()
@@ -52,10 +57,8 @@ def run_fingerprint(cfg: BuildConfig) -> str:
         config["output"].pop(where)
     doc = {"config": config, "synpref": synpref.__version__, "shard_format": SHARD_FORMAT,
            "generators": [generator_fingerprint(g) for g in cfg.generators],
-           "rewards": [[create_reward(r.name, r.params).describe(),
-                        [files(str(r.params.get(k, ""))) for k in ("checkpoint", "model_config")]]
-                       for r in cfg.rewards],
-           "prompts": files(cfg.prompts.source)}
+           "rewards": describe_rewards(cfg),
+           "prompts": prompt_files(cfg.prompts.source)}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -72,7 +75,7 @@ def manifest_header(cfg: BuildConfig) -> dict[str, Any]:
         },
         "aggregator": cfg.ranking.aggregator,
         "max_candidates": len(cfg.generators) * cfg.candidates_per_generator,
-        "rewards": [create_reward(r.name, r.params).describe() for r in cfg.rewards],
+        "rewards": describe_rewards(cfg),
         "generators": [config_to_dict(g) for g in cfg.generators],
         "config": config_to_dict(cfg),
     }
@@ -100,7 +103,9 @@ class BuildPreferences(beam.PTransform):
         ranked = (prompts["prompts"], scored["scored"]) | "RankCandidates" >> RankGroups(
             [r.name for r in cfg.rewards], cfg.ranking.aggregator, cfg.filter.min_candidates)
         filtered = ranked["groups"] | "FilterNoisyPairs" >> FilterPairs(cfg.filter)
-        shards = filtered["groups"] | "WriteShards" >> WriteShards(out, cfg.output.samples_per_shard, n)
+        reward_info = {r["name"]: {"version": r["version"], "fingerprint": r["fingerprint"]}
+                       for r in describe_rewards(cfg)}
+        shards = filtered["groups"] | "WriteShards" >> WriteShards(out, cfg.output.samples_per_shard, n, reward_info)
 
         drops = [s["dropped"] for s in (prompts, generated, scored, ranked, filtered)] | "AllDrops" >> beam.Flatten()
         dead_letter_files = drops | "DeadLetters" >> WriteDeadLetters(out)

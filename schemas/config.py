@@ -74,7 +74,7 @@ class RewardConfig:
 
     name: str
     params: dict[str, Any] = field(default_factory=dict)
-    # Candidate groups (one prompt x generator's K images) per score_batch call. 1 (default) is
+    # Prompts (each with all its candidates, every generator's) per scoring call. 1 (default) is
     # deterministic: scores never depend on batching. More fills a GPU better; on GPUs the batch
     # composition can change the last bits of a score.
     units_per_call: int = 1

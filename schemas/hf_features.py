@@ -37,7 +37,9 @@ def _candidate_struct(rewards: list[str]) -> dict:
 def _common(rewards: list[str]) -> dict:
     return {"prompt_id": datasets.Value("string"), "prompt": datasets.Value("string"),
             "category": datasets.Value("string"), "aggregator": datasets.Value("string"),
-            "rewards": datasets.List(datasets.Value("string"))}
+            "rewards": datasets.List(datasets.Value("string")),
+            "reward_info": {r: {"version": datasets.Value("string"), "fingerprint": datasets.Value("string")}
+                            for r in rewards}}
 
 
 _KEYS = {"__key__": datasets.Value("string"), "__url__": datasets.Value("string")}

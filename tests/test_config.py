@@ -19,7 +19,7 @@ def test_demo_config_parses_and_rebases_paths():
 
 @pytest.mark.parametrize("override, message", [
     ({"prompts.nmu_prompts": 3}, "unknown key(s) ['nmu_prompts']"),
-    ({"rewards.0.name": "hpsv9"}, "unknown reward 'hpsv9'; available: ['clip_score'"),
+    ({"rewards.0.name": "hpsv9"}, "unknown reward 'hpsv9'; available: "),
     ({"generators.0.dtype": "float8"}, "is not one of ['float32', 'float16', 'bfloat16']"),
     ({"generators.1.id": "tiny-sd-a"}, "generator ids must be unique"),
     ({"generators.0.id": "sd.xl"}, "may only use letters, digits"),

@@ -7,6 +7,7 @@ cache directory keyed by the URL.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 
@@ -87,3 +88,38 @@ def pick_device(requested: str) -> str:
     index = (os.getpid() + _loads_in_process) % n
     _loads_in_process += 1
     return f"cuda:{index}" if n > 1 else "cuda"
+
+
+_SMALL_FILE = 1 << 20  # configs, tokenizers, scheduler files: hashed by content; weights by size + mtime/etag
+
+
+def json_digest(obj) -> str:
+    """sha256 of canonical JSON: a stable fingerprint of a config-like value."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def model_fingerprint(location: str, revision: str = "") -> str:
+    """A hash of a model checkpoint's files, so weights replaced under the same path are noticed.
+
+    Small files (configs, tokenizer, scheduler) are hashed by content, large ones by size and
+    modification time (local) or checksum/etag (object stores). A hub id cannot be resolved offline:
+    it is identified by id and revision only, so pin ``revision`` to a commit for exact resume.
+    """
+    if not location or looks_like_hub_id(location) or location.startswith("hf-hub:"):
+        return json_digest({"hub": location, "revision": revision or "main"})
+    try:
+        fs, path = fsspec.core.url_to_fs(location[len("file://"):] if location.startswith("file://") else location)
+        files = fs.find(path, detail=True) if fs.isdir(path) else {path: fs.info(path)}
+    except (FileNotFoundError, OSError):
+        return json_digest({"missing": location})
+    entries = []
+    for name, info in sorted(files.items()):
+        rel = name[len(path):].lstrip("/") if name != path else ""
+        size = info.get("size") or 0
+        if size <= _SMALL_FILE:
+            stamp = hashlib.sha256(fs.cat_file(name)).hexdigest()
+        else:
+            stamp = str(info.get("md5Hash") or info.get("ETag") or info.get("etag") or info.get("mtime")
+                        or info.get("LastModified") or info.get("updated") or "")
+        entries.append((rel, size, stamp))
+    return json_digest({"files": entries, "revision": revision, "remote": is_remote(location)})

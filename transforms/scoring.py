@@ -5,7 +5,8 @@ the whole ensemble: a call decodes the staged PNGs of its units once, computes e
 ``preprocess_key`` once (every CLIP-224 reward shares one tensor), and asks every reward. A
 reward that raises loses only its own scores for that call (``scoring_error``, stage
 ``score:<reward>``). Give a large judge its own group to run it in a step of its own, e.g. on
-its own accelerator. A unit (one prompt x generator's candidates) is never split across
+its own accelerator. A unit is every candidate of one prompt (all generators, sorted by id), so
+judges that compare candidates (a pairwise VLM judge) see them all; a unit is never split across
 calls, so with ``units_per_call: 1`` scores do not depend on how a runner batches work.
 """
 from __future__ import annotations
@@ -135,8 +136,13 @@ def reward_groups(rewards: Sequence[RewardConfig]) -> list[list[RewardConfig]]:
     return list(groups.values())
 
 
+def _one_unit(element) -> list:
+    _, units = element
+    return sorted((c for unit in units for c in unit), key=lambda c: c.candidate_id)
+
+
 class ScoreCandidates(beam.PTransform):
-    """units -> (prompt_id, Candidate with every reward's score); drops on the side."""
+    """units (any grouping) -> (prompt_id, Candidate with every reward's score); drops on the side."""
 
     def __init__(self, rewards: Sequence[RewardConfig], expected_images: Optional[int] = None,
                  torch_threads: int = 1):
@@ -145,6 +151,10 @@ class ScoreCandidates(beam.PTransform):
 
     def expand(self, units):
         dropped = []
+        units = (units
+                 | "KeyByPrompt" >> beam.Map(lambda unit: (unit[0].prompt_id, unit))
+                 | "CandidatesOfAPrompt" >> beam.GroupByKey()  # ids and URIs only: no pixels in this shuffle
+                 | "OneUnitPerPrompt" >> beam.Map(_one_unit))
         for group in reward_groups(self.rewards):
             names = ",".join(r.name for r in group)
             handler = PluginModelHandler(

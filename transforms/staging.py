@@ -22,13 +22,12 @@ from synpref.schemas.config import GeneratorConfig
 from synpref.schemas.records import Lineage
 from synpref.transforms.fileio import read_bytes, write_atomic
 from synpref.transforms.imageio import decode_image
-from synpref.transforms.model_io import is_remote, looks_like_hub_id
+from synpref.transforms.model_io import json_digest, model_fingerprint
 
 # Bump when synpref changes how a config turns into pixels (e.g. noise sampling), so old staging is not reused.
 GENERATION_SCHEME = "1"
 # GeneratorConfig fields that do not change pixels: naming, where weights are cached, which device runs it.
 _NOT_PIXEL_FIELDS = {"id", "cache_dir", "device", "model_copies", "accelerator"}
-_SMALL_FILE = 1 << 20  # configs, tokenizers, scheduler files: hashed by content; weights by size + mtime/etag
 
 
 def encode_png(pixels: np.ndarray) -> bytes:
@@ -42,41 +41,10 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     return (np.clip(image, 0.0, 1.0) * 255.0).round().astype(np.uint8)
 
 
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def model_fingerprint(location: str, revision: str = "") -> str:
-    """A hash of a model checkpoint's files, so weights replaced under the same path are noticed.
-
-    Small files (configs, tokenizer, scheduler) are hashed by content, large ones by size and
-    modification time (local) or checksum/etag (object stores). A hub id cannot be resolved offline:
-    it is identified by id and revision only, so pin ``revision`` to a commit for exact resume.
-    """
-    if not location or looks_like_hub_id(location) or location.startswith("hf-hub:"):
-        return _digest({"hub": location, "revision": revision or "main"})
-    try:
-        fs, path = fsspec.core.url_to_fs(location[len("file://"):] if location.startswith("file://") else location)
-        files = fs.find(path, detail=True) if fs.isdir(path) else {path: fs.info(path)}
-    except (FileNotFoundError, OSError):
-        return _digest({"missing": location})
-    entries = []
-    for name, info in sorted(files.items()):
-        rel = name[len(path):].lstrip("/") if name != path else ""
-        size = info.get("size") or 0
-        if size <= _SMALL_FILE:
-            stamp = hashlib.sha256(fs.cat_file(name)).hexdigest()
-        else:
-            stamp = str(info.get("md5Hash") or info.get("ETag") or info.get("etag") or info.get("mtime")
-                        or info.get("LastModified") or info.get("updated") or "")
-        entries.append((rel, size, stamp))
-    return _digest({"files": entries, "revision": revision, "remote": is_remote(location)})
-
-
 def generator_fingerprint(config: GeneratorConfig) -> str:
     """Everything about a generator that decides pixels, except the prompt and the seed."""
     fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in _NOT_PIXEL_FIELDS}
-    return _digest({"scheme": GENERATION_SCHEME, "config": fields,
+    return json_digest({"scheme": GENERATION_SCHEME, "config": fields,
                     "model": model_fingerprint(config.model, config.revision)})
 
 

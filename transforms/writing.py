@@ -48,12 +48,12 @@ def _canonical_json(obj) -> bytes:
     return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
-def ranked_sample(group: RankedGroup, images: dict[str, bytes]) -> dict[str, bytes]:
+def ranked_sample(group: RankedGroup, images: dict[str, bytes], reward_info: dict | None = None) -> dict[str, bytes]:
     """One sample per prompt: ``img{r}.png`` in rank order (img0 = best) plus the labels as ``json``."""
     p = group.prompt
     meta = {
         "prompt_id": p.prompt_id, "prompt": p.prompt, "category": p.category,
-        "aggregator": group.aggregator, "rewards": list(group.rewards),
+        "aggregator": group.aggregator, "rewards": list(group.rewards), "reward_info": reward_info or {},
         "candidates": [c.to_json(f"img{r}.png") for r, c in enumerate(group.candidates)],
     }
     sample = {"__key__": p.prompt_id, "json": _canonical_json(meta)}
@@ -62,11 +62,12 @@ def ranked_sample(group: RankedGroup, images: dict[str, bytes]) -> dict[str, byt
     return sample
 
 
-def shard_fingerprint(groups: list[RankedGroup]) -> str:
+def shard_fingerprint(groups: list[RankedGroup], reward_info: dict | None = None) -> str:
     """sha256 over every sample's JSON and image hash, in write order: equal fingerprint, equal shard bytes."""
     h = hashlib.sha256(f"synpref-shard-{SHARD_FORMAT}\n".encode())
     for g in groups:
-        h.update(ranked_sample(g, {c.candidate_id: c.image_sha256.encode() for c in g.candidates})["json"])
+        h.update(ranked_sample(g, {c.candidate_id: c.image_sha256.encode() for c in g.candidates},
+                               reward_info)["json"])
         for c in g.candidates:
             h.update(c.image_sha256.encode())
         for pair in g.pairs:
@@ -100,7 +101,8 @@ def _read_staged(c) -> bytes:
     return data
 
 
-def pair_samples(group: RankedGroup, images: dict[str, bytes]) -> Iterable[dict[str, bytes]]:
+def pair_samples(group: RankedGroup, images: dict[str, bytes],
+                 reward_info: dict | None = None) -> Iterable[dict[str, bytes]]:
     """One sample per kept pair: ``win.png``, ``lose.png`` and a ``json`` with both candidates' labels."""
     by_id = {c.candidate_id: c for c in group.candidates}
     for pair in group.pairs:
@@ -108,6 +110,7 @@ def pair_samples(group: RankedGroup, images: dict[str, bytes]) -> Iterable[dict[
         meta = {
             "prompt_id": group.prompt.prompt_id, "prompt": group.prompt.prompt, "category": group.prompt.category,
             "agreement": pair.agreement, "rewards": list(group.rewards), "aggregator": group.aggregator,
+            "reward_info": reward_info or {},
             "winner": w.to_json("win.png"), "loser": l.to_json("lose.png"),
         }
         yield {"__key__": pair.key, "json": _canonical_json(meta), "win.png": images[w.candidate_id],
@@ -115,14 +118,14 @@ def pair_samples(group: RankedGroup, images: dict[str, bytes]) -> Iterable[dict[
 
 
 class _WriteShard(beam.DoFn):
-    def __init__(self, output_dir: str, total_groups_hint: int | None = None):
-        self.output_dir, self.total = output_dir, total_groups_hint
+    def __init__(self, output_dir: str, total_groups_hint: int | None = None, reward_info: dict | None = None):
+        self.output_dir, self.total, self.reward_info = output_dir, total_groups_hint, reward_info or {}
 
     def process(self, element):
         shard, groups = element
         groups: list[RankedGroup] = sorted(groups, key=lambda g: g.prompt.prompt_id)
         paths = shard_paths(self.output_dir, shard)
-        fingerprint = shard_fingerprint(groups)
+        fingerprint = shard_fingerprint(groups, self.reward_info)
         fs, stats_path = fsspec.core.url_to_fs(paths["stats"])
         if fs.exists(stats_path):
             try:
@@ -143,7 +146,7 @@ class _WriteShard(beam.DoFn):
             start = time.perf_counter()
             for g in groups:
                 images = {c.candidate_id: _read_staged(c) for c in g.candidates}
-                ranked_tar.write(_checked(ranked_sample(g, images)))
+                ranked_tar.write(_checked(ranked_sample(g, images, self.reward_info)))
                 n_images += len(images)
                 ranked_rows.append({
                     "key": g.prompt.prompt_id, "shard": paths["name"], "prompt_id": g.prompt.prompt_id,
@@ -155,7 +158,7 @@ class _WriteShard(beam.DoFn):
                     "phi": [c.phi for c in g.candidates],
                     "scores_json": json.dumps([c.scores for c in g.candidates], sort_keys=True),
                 })
-                for sample, pair in zip(pair_samples(g, images), g.pairs):
+                for sample, pair in zip(pair_samples(g, images, self.reward_info), g.pairs):
                     pairs_tar.write(_checked(sample))
                     pair_rows.append({
                         "key": pair.key, "shard": paths["name"], "prompt_id": pair.prompt_id,
@@ -184,9 +187,11 @@ def _assign(group: RankedGroup, index: dict[str, int]):
 class WriteShards(beam.PTransform):
     """RankedGroup -> shard stats dicts. The shuffle carries groups (ids, scores, URIs), not pixels."""
 
-    def __init__(self, output_dir: str, samples_per_shard: int, expected_groups: int | None = None):
+    def __init__(self, output_dir: str, samples_per_shard: int, expected_groups: int | None = None,
+                 reward_info: dict | None = None):
         super().__init__()
         self.output_dir, self.per_shard, self.expected = output_dir, samples_per_shard, expected_groups
+        self.reward_info = reward_info or {}
 
     def expand(self, groups):
         per_shard = self.per_shard
@@ -197,4 +202,4 @@ class WriteShards(beam.PTransform):
         return (groups
                 | "AssignShard" >> beam.Map(_assign, beam.pvalue.AsSingleton(index))
                 | "GroupByShard" >> beam.GroupByKey()
-                | "WriteShard" >> beam.ParDo(_WriteShard(self.output_dir, self.expected)))
+                | "WriteShard" >> beam.ParDo(_WriteShard(self.output_dir, self.expected, self.reward_info)))

@@ -73,8 +73,15 @@ class Reward(abc.ABC):
         return {}
 
     def describe(self) -> dict[str, Any]:
-        """Name, version and params, recorded in the manifest."""
-        return {"name": self.name, "version": self.version, "params": self.params()}
+        """Name, version, params and a fingerprint of the files it loads: recorded in the manifest, and
+        (name, version, fingerprint) in every sample's labels, so a dataset says which judges labelled it."""
+        from synpref.transforms.model_io import json_digest, model_fingerprint
+
+        files = {k: v for k, v in self.files().items() if v}
+        info = {"name": self.name, "version": self.version, "params": self.params(),
+                "files": {k: {"location": v, "fingerprint": model_fingerprint(v)} for k, v in sorted(files.items())}}
+        info["fingerprint"] = json_digest(info)
+        return info
 
     def params(self) -> dict[str, Any]:
         return {}
