@@ -27,13 +27,23 @@ def preflight(cfg: BuildConfig) -> None:
         check_writable(cfg.output.staging_dir, "output.staging_dir")
 
 
-def check_models(cfg: BuildConfig) -> None:
-    """Every model file or folder the job names must exist (hub ids cannot be checked offline)."""
-    for g in cfg.generators:
-        check_location(g.model, f"generator {g.id}: model")
+def model_files(cfg: BuildConfig) -> list[tuple[str, str]]:
+    """(what, location) for every model file or folder the job loads, hidden second downloads included
+    (each reward's ``files()``: a PickScore processor, ImageReward's BERT tokenizer...)."""
+    from synpref.transforms.generators import create_generator
+    from synpref.transforms.rewards import create_reward
+
+    out = [(f"generator {g.id}: {name}", loc) for g in cfg.generators
+           for name, loc in create_generator(g).files().items() if loc]
     for r in cfg.rewards:
-        for key in ("checkpoint", "model_config"):
-            check_location(str(r.params.get(key, "")), f"reward {r.name}: {key}")
+        out += [(f"reward {r.name}: {name}", loc) for name, loc in create_reward(r.name, r.params).files().items() if loc]
+    return out
+
+
+def check_models(cfg: BuildConfig) -> None:
+    """Every model file or folder the job needs must be there; the first missing one is named."""
+    for what, location in model_files(cfg):
+        check_location(location, what)
 
 
 def check_prompt_source(cfg: PromptsConfig) -> None:

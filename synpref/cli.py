@@ -85,6 +85,26 @@ def cmd_build(args, rest) -> int:
     return 1 if result["summary"]["problems"] else 0
 
 
+def cmd_check_models(args, rest) -> int:
+    """Every model file, folder or hub id the job loads, and whether it is there; exit 2 if any is not."""
+    from synpref.pipelines.preflight import model_files
+    from synpref.schemas.config import load_build_config
+    from synpref.transforms.model_io import location_status
+
+    try:
+        cfg = load_build_config(args.config, args.set)
+        files = model_files(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        raise UserError(f"synpref check-models: {e}") from None
+    missing = 0
+    for what, location in files:
+        ok, status = location_status(location)
+        missing += not ok
+        print(f"{'ok     ' if ok else 'MISSING'}  {what:<40} {location}  ({status})")
+    print(f"{len(files)} model locations, {missing} missing")
+    return 2 if missing else 0
+
+
 def cmd_train(args, rest) -> int:
     from synpref.report import train_summary
     from synpref.training.train import main as train_main
@@ -131,6 +151,12 @@ def main(argv=None) -> int:
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     b.set_defaults(fn=cmd_build)
 
+    c = sub.add_parser("check-models", help="list every model file the job needs (hidden downloads too) and "
+                                            "which are missing")
+    c.add_argument("--config", required=True, help="YAML job config")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    c.set_defaults(fn=cmd_check_models)
+
     t = sub.add_parser("train", help="RankDPO / Diffusion-DPO LoRA training on ranked shards")
     t.add_argument("--config", required=True, help="YAML train config, e.g. jobs/demo_train.yaml")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
@@ -151,7 +177,7 @@ def main(argv=None) -> int:
     args, rest = parser.parse_known_args(argv)
     if rest and args.command not in ("build", "demo", "train"):
         parser.error(f"unrecognized arguments: {rest}")
-    setup_logging(args.verbose, model_libraries=args.command != "inspect")
+    setup_logging(args.verbose, model_libraries=args.command not in ("inspect", "check-models"))
     try:
         return args.fn(args, rest)
     except UserError as e:

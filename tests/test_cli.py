@@ -89,3 +89,27 @@ def test_a_model_that_does_not_load_fails_in_one_line(demo_models, tmp_path):
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("synpref build:")]
     assert len(errors) == 1 and errors[0].startswith("synpref build: Generate[tiny-sd-a] failed: OSError:")
     assert "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) <= 3
+
+
+def test_check_models_lists_every_location_and_names_the_missing_ones(demo_models, tmp_path):
+    import yaml
+    from conftest import tiny_build_config
+
+    cfg = tiny_build_config(demo_models, tmp_path / "out")
+    (tmp_path / "ok.yaml").write_text(yaml.safe_dump(cfg))
+    cfg["rewards"].append({"name": "vlm_judge", "params": {"model": "Qwen/Qwen2-VL-2B-Instruct"}})
+    cfg["rewards"][0]["params"]["checkpoint"] = str(tmp_path / "gone.safetensors")
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}  # an empty cache
+    run = lambda name: subprocess.run([sys.executable, "-m", "synpref.cli", "check-models", "--config", name],
+                                      cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    ok = run("ok.yaml")
+    assert ok.returncode == 0 and "4 model locations, 0 missing" in ok.stdout
+    bad = run("bad.yaml")
+    assert bad.returncode == 2 and "missing" in bad.stdout.splitlines()[-1]
+    missing = [ln for ln in bad.stdout.splitlines() if ln.startswith("MISSING")]
+    assert any("reward clip_score: checkpoint" in ln and "gone.safetensors" in ln for ln in missing)
+    assert any("reward vlm_judge: model" in ln and "HF_HUB_OFFLINE" in ln for ln in missing)
+    build = subprocess.run([sys.executable, "-m", "synpref.cli", "build", "--config", "bad.yaml"], cwd=tmp_path,
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert build.returncode == 2 and build.stderr.strip().splitlines()[-1].startswith("synpref build: reward clip_score: checkpoint")

@@ -45,19 +45,37 @@ def looks_like_hub_id(path: str) -> bool:
             and not os.path.exists(path))
 
 
-def check_location(path: str, what: str) -> None:
-    """Fail before a pipeline starts when a model file or folder is missing, naming it.
+def location_status(path: str) -> tuple[bool, str]:
+    """(usable, what we know) for a model file, folder, URL or hub id, without loading anything.
 
-    Hub ids and open_clip names cannot be checked offline and pass through.
+    A hub id is looked up in the local Hugging Face cache: with ``HF_HUB_OFFLINE=1`` an uncached
+    id cannot load, so it counts as missing; online it is downloaded when a worker loads it.
     """
-    if not path or (looks_like_hub_id(path) or path.startswith("hf-hub:")):
-        return
+    if looks_like_hub_id(path) or path.startswith("hf-hub:"):
+        repo = path[len("hf-hub:"):] if path.startswith("hf-hub:") else path
+        try:
+            from huggingface_hub import snapshot_download
+
+            return True, f"hub id, in the local cache ({snapshot_download(repo, local_files_only=True)})"
+        except Exception:
+            if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+                return False, "hub id not in the local Hugging Face cache, and HF_HUB_OFFLINE is set"
+            return True, "hub id, not cached: downloaded when a worker loads it"
     if is_remote(path):
         fs, fs_path = fsspec.core.url_to_fs(path)
-        if not fs.exists(fs_path):
-            raise FileNotFoundError(f"{what}: {path} does not exist")
-    elif not os.path.exists(local_copy(path)):
-        raise FileNotFoundError(f"{what}: {path} does not exist (not a local path, and not a hub id 'org/name')")
+        return (True, "remote, exists") if fs.exists(fs_path) else (False, "does not exist")
+    if os.path.exists(local_copy(path)):
+        return True, "local, exists"
+    return False, "does not exist (not a local path, and not a hub id 'org/name')"
+
+
+def check_location(path: str, what: str) -> None:
+    """Fail before a pipeline starts when a model file or folder is missing, naming it."""
+    if not path:
+        return
+    ok, status = location_status(path)
+    if not ok:
+        raise FileNotFoundError(f"{what}: {path} {status}")
 
 
 def set_torch_threads(n: int) -> None:

@@ -47,3 +47,7 @@ class Generator(abc.ABC):
     @abc.abstractmethod
     def lineage(self, seed: int) -> Lineage:
         ...
+
+    def files(self) -> dict[str, str]:
+        """Every file, folder or hub id the generator loads (checked before a build starts)."""
+        return {"model": self.config.model}

@@ -93,6 +93,9 @@ class ProceduralGenerator(Generator):
         c = self.config
         return [procedural_image(p, s, c.height, c.width) for p, s in zip(prompts, seeds)]
 
+    def files(self) -> dict[str, str]:
+        return {}  # no model: ``model`` is only a name
+
     def lineage(self, seed: int) -> Lineage:
         c = self.config
         return Lineage(
