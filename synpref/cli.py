@@ -105,6 +105,23 @@ def cmd_check_models(args, rest) -> int:
     return 2 if missing else 0
 
 
+def cmd_eval_rewards(args, rest) -> int:
+    from synpref.jobs.eval_rewards import evaluate, format_table, write_json
+    from synpref.schemas.config import load_build_config
+    from synpref.pipelines.preflight import check_models
+
+    try:
+        cfg = load_build_config(args.config, args.set)
+        check_models(cfg)
+        report = evaluate(cfg, args.pairs)
+    except (ValueError, FileNotFoundError) as e:
+        raise UserError(f"synpref eval-rewards: {' '.join(str(e).split())}") from None
+    print(format_table(report))
+    if args.json:
+        write_json(report, args.json)
+    return 0
+
+
 def cmd_train(args, rest) -> int:
     from synpref.report import train_summary
     from synpref.training.train import main as train_main
@@ -156,6 +173,14 @@ def main(argv=None) -> int:
     c.add_argument("--config", required=True, help="YAML job config")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     c.set_defaults(fn=cmd_check_models)
+
+    e = sub.add_parser("eval-rewards", help="pairwise accuracy of each reward and of their aggregate on a "
+                                            "human-labelled set (Pick-a-Pic v2 parquet schema)")
+    e.add_argument("--config", required=True, help="YAML build config whose rewards and aggregator are evaluated")
+    e.add_argument("--pairs", required=True, help="parquet with caption, jpg_0, jpg_1, label_0 (local or fsspec URL)")
+    e.add_argument("--json", default="", help="also write the figures here")
+    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    e.set_defaults(fn=cmd_eval_rewards)
 
     t = sub.add_parser("train", help="RankDPO / Diffusion-DPO LoRA training on ranked shards")
     t.add_argument("--config", required=True, help="YAML train config, e.g. jobs/demo_train.yaml")

@@ -1,0 +1,114 @@
+"""``synpref eval-rewards``: how often each reward, and the job's aggregate of them, agrees with humans.
+
+Input: a preference set in the Pick-a-Pic v2 schema (parquet: ``caption``, ``jpg_0``, ``jpg_1`` image
+bytes, ``label_0`` = 1 when image 0 is preferred, 0 when image 1 is, 0.5 for a tie). Ties are
+skipped; so are rows whose images do not decode (counted). A reward's accuracy counts a pair as
+right when it scores the preferred image strictly higher, half when it scores both the same, and
+leaves the pair out when a score is not finite. The aggregate ranks each pair's two images with
+the job's aggregator (Syn-Pic by default) over all rewards, with the same rule.
+"""
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Iterator
+
+import fsspec
+import numpy as np
+import pyarrow.parquet as pq
+
+from synpref.schemas.config import BuildConfig
+from synpref.transforms.aggregators import get_aggregator
+from synpref.transforms.imageio import ImageDecodeError, decode_image
+from synpref.transforms.rewards import create_reward
+from synpref.transforms.scoring import score_ensemble
+
+COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
+
+
+def _image_bytes(value) -> bytes:
+    """Pick-a-Pic stores bytes; HF image columns store {"bytes": ..., "path": ...}."""
+    return value.get("bytes") if isinstance(value, dict) else value
+
+
+def read_pairs(path: str, batch_rows: int = 64) -> Iterator[list[dict[str, Any]]]:
+    """Row batches of the preference parquet (streamed: the file is never held in memory whole)."""
+    with fsspec.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        missing = [c for c in COLUMNS if c not in pf.schema_arrow.names]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {missing}; expected the Pick-a-Pic v2 schema {list(COLUMNS)}")
+        for batch in pf.iter_batches(batch_size=batch_rows, columns=list(COLUMNS)):
+            yield batch.to_pylist()
+
+
+def _credit(a: float, b: float, label_0: float) -> float | None:
+    """1 right, 0.5 a tie in the scores, 0 wrong, None when a score is not finite."""
+    if not (math.isfinite(a) and math.isfinite(b)):
+        return None
+    if a == b:
+        return 0.5
+    return 1.0 if (a > b) == (label_0 == 1.0) else 0.0
+
+
+def evaluate(cfg: BuildConfig, pairs_path: str, batch_rows: int = 64) -> dict[str, Any]:
+    """Pairwise accuracy of every reward of ``cfg`` and of its aggregator on a human-labelled set."""
+    rewards = [create_reward(r.name, r.params) for r in cfg.rewards]
+    for r in rewards:
+        r.load()
+    aggregate = get_aggregator(cfg.ranking.aggregator)
+    credit: dict[str, list[float]] = {r.name: [] for r in rewards}
+    credit["aggregate"] = []
+    skipped = {"tie": 0, "bad_label": 0, "bad_image": 0}
+    for rows in read_pairs(pairs_path, batch_rows):
+        images, prompts, labels = [], [], []
+        for row in rows:
+            label = row["label_0"]
+            if label == 0.5:
+                skipped["tie"] += 1
+                continue
+            if label not in (0, 1, 0.0, 1.0):
+                skipped["bad_label"] += 1
+                continue
+            try:
+                pair = [decode_image(_image_bytes(row[k])) for k in ("jpg_0", "jpg_1")]
+            except (ImageDecodeError, TypeError):
+                skipped["bad_image"] += 1
+                continue
+            images += pair
+            prompts += [row["caption"] or ""] * 2
+            labels.append(float(label))
+        if not labels:
+            continue
+        scores = score_ensemble(rewards, images, prompts)
+        for name, s in scores.items():
+            if isinstance(s, str):
+                raise RuntimeError(f"reward {name} failed: {s}")
+        table = np.array([scores[r.name] for r in rewards], dtype=np.float64).T  # [2 * pairs, n_rewards]
+        for i, label in enumerate(labels):
+            for j, r in enumerate(rewards):
+                c = _credit(table[2 * i, j], table[2 * i + 1, j], label)
+                if c is not None:
+                    credit[r.name].append(c)
+            pair = table[2 * i:2 * i + 2]
+            if np.isfinite(pair).all():
+                phi = aggregate(pair)
+                credit["aggregate"].append(_credit(float(phi[0]), float(phi[1]), label))
+    rows = [{"name": name, "accuracy": (sum(v) / len(v)) if v else float("nan"), "pairs": len(v)}
+            for name, v in credit.items()]
+    return {"pairs_file": pairs_path, "aggregator": cfg.ranking.aggregator, "results": rows, "skipped": skipped}
+
+
+def format_table(report: dict[str, Any]) -> str:
+    lines = [f"pairwise accuracy against human labels: {report['pairs_file']}",
+             f"{'reward':<28} {'accuracy':>8} {'pairs':>7}"]
+    for row in report["results"]:
+        name = f"{report['aggregator']} (all rewards)" if row["name"] == "aggregate" else row["name"]
+        lines.append(f"{name:<28} {row['accuracy']:>8.4f} {row['pairs']:>7}")
+    lines.append("skipped: " + ", ".join(f"{k}={v}" for k, v in report["skipped"].items()))
+    return "\n".join(lines)
+
+
+def write_json(report: dict[str, Any], path: str) -> None:
+    with fsspec.open(path, "w") as f:
+        json.dump(report, f, indent=2, sort_keys=True)
