@@ -13,7 +13,7 @@ def test_demo_config_parses_and_rebases_paths():
     cfg = build_config_from_dict(base())
     assert cfg.output.output_dir == "/tmp/synpref-demo/build"
     assert cfg.generators[0].model == "/tmp/synpref-demo/models/tiny-sd-a"
-    assert [r.name for r in cfg.rewards] == ["clip_score", "jpeg_compressibility", "sharpness"]
+    assert [r.name for r in cfg.rewards] == ["clip_score", "brisque", "sharpness"]
     assert cfg.staging_dir == "/tmp/synpref-demo/build/_staging"
 
 
