@@ -25,7 +25,7 @@ setup(
     python_requires=">=3.10",
     packages=list(PACKAGES),
     package_dir=PACKAGES,
-    package_data={"synpref.jobs": ["*.yaml", "*.jsonl"]},
+    package_data={"synpref.jobs": ["*.yaml", "*.jsonl"], "synpref.transforms.rewards": ["*.npz"]},
     include_package_data=True,
     install_requires=[
         "apache-beam>=2.60",
@@ -48,7 +48,7 @@ setup(
     extras_require={
         "gcp": ["apache-beam[gcp]", "gcsfs"],
         "aws": ["s3fs"],
-        "test": ["pytest>=7"],
+        "test": ["pytest>=7", "scikit-image>=0.19"],
     },
     entry_points={"console_scripts": ["synpref=synpref.cli:main"]},
 )
