@@ -112,6 +112,8 @@ class PreferencePair:
     phi_winner: float
     phi_loser: float
     agreement: float
+    wins: int = 0  # rewards scoring the winner strictly higher: the filter compares these exactly
+    n_rewards: int = 0
 
     @property
     def key(self) -> str:

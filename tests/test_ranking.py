@@ -17,8 +17,9 @@ PROMPT = PromptRecord("p1", "a red cube")
 
 def cand(cid, scores, prompt_id="p1"):
     lineage = Lineage("g", "m", "main", "P", "S", 2, 5.0, 64, 64, "float32", 0)
+    names = REWARDS if len(scores) <= len(REWARDS) else [f"r{i}" for i in range(len(scores))]
     return Candidate(cid, prompt_id, "a red cube", lineage, image_uri=f"mem://{cid}.png", image_sha256="0" * 64,
-                     scores=dict(zip(REWARDS, scores)))
+                     scores=dict(zip(names, scores)))
 
 
 # Rows a, b, c; columns r0, r1, r2.
@@ -97,3 +98,14 @@ def test_rank_and_filter_in_beam_account_for_every_group_and_pair():
         assert_that(drops | beam.Map(lambda d: (d.level, d.reason, d.record_id)), equal_to([
             ("prompt", "too_few_candidates", "f#2"), ("candidate", "group_dropped", "z"),
             ("prompt", "too_few_candidates", "f#3"), ("pair", "tied_phi", "a__c")]), label="drops")
+
+
+def test_margin_is_compared_exactly_four_of_five_at_margin_three_tenths_is_dropped():
+    """4 of 5 rewards agree: 0.8 - 0.5 is 0.30000000000000004 in floats; exactly 3/10, not above 0.3."""
+    rewards = [f"r{i}" for i in range(5)]
+    group = rank_candidates(PROMPT, [cand("a", [2, 2, 2, 2, 0]), cand("b", [1, 1, 1, 1, 1])], rewards)
+    (pair,) = group.pairs
+    assert (pair.winner_id, pair.wins, pair.n_rewards) == ("a", 4, 5)
+    assert 0.8 - 0.5 > 0.3  # the float trap this guards against
+    assert keep_pair(pair, FilterConfig(min_agreement_margin=0.3)) == (False, "low_agreement")
+    assert keep_pair(pair, FilterConfig(min_agreement_margin=0.29)) is True

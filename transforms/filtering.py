@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from fractions import Fraction
 from typing import Union
 
 import apache_beam as beam
@@ -13,12 +14,21 @@ DROPPED = "dropped"
 
 
 def keep_pair(pair: PreferencePair, cfg: FilterConfig) -> Union[bool, tuple[bool, str]]:
-    """True, or (False, reason). Reasons: tied_phi, low_agreement, not_unanimous."""
+    """True, or (False, reason). Reasons: tied_phi, low_agreement, not_unanimous.
+
+    The margin rule ``wins / n - 1/2 > margin`` is evaluated in exact fractions of integer win
+    counts: in floats 0.8 - 0.5 is 0.30000000000000004, which would keep a 4-of-5 pair at margin 0.3.
+    """
     if pair.phi_winner == pair.phi_loser:
         return False, "tied_phi"
-    if pair.agreement - 0.5 <= cfg.min_agreement_margin:
+    if pair.n_rewards:
+        agreement = Fraction(pair.wins, pair.n_rewards)
+        unanimous = pair.wins == pair.n_rewards
+    else:  # a pair built without counts (older callers): fall back to the float
+        agreement, unanimous = Fraction(pair.agreement), pair.agreement >= 1.0
+    if agreement - Fraction(1, 2) <= Fraction(str(cfg.min_agreement_margin)):
         return False, "low_agreement"
-    if cfg.require_unanimous and pair.agreement < 1.0:
+    if cfg.require_unanimous and not unanimous:
         return False, "not_unanimous"
     return True
 

@@ -33,7 +33,8 @@ def rank_candidates(prompt: PromptRecord, candidates: Sequence[Candidate], rewar
     ids = [c.candidate_id for c in candidates]
     scores = np.array([[c.scores[r] for r in rewards] for c in candidates], dtype=np.float64)
     phi = get_aggregator(aggregator)(scores)
-    agree = pair_agreement(scores)
+    wins = strict_wins(scores)
+    agree = wins / float(scores.shape[1])
     order = rank_order(phi, ids)
     ranked = tuple(
         RankedCandidate(candidate_id=ids[i], image_uri=candidates[i].image_uri,
@@ -43,7 +44,8 @@ def rank_candidates(prompt: PromptRecord, candidates: Sequence[Candidate], rewar
         for r, i in enumerate(order))
     pairs = tuple(
         PreferencePair(prompt_id=prompt.prompt_id, winner_id=ids[w], loser_id=ids[l], phi_winner=float(phi[w]),
-                       phi_loser=float(phi[l]), agreement=float(agree[w, l]))
+                       phi_loser=float(phi[l]), agreement=float(agree[w, l]),
+                       wins=int(wins[w, l]), n_rewards=len(rewards))
         for a, w in enumerate(order) for l in order[a + 1:])
     return RankedGroup(prompt=prompt, rewards=tuple(rewards), aggregator=aggregator, candidates=ranked, pairs=pairs)
 
