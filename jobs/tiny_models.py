@@ -92,12 +92,9 @@ def build_tiny_sd_pipeline(seed: int = 0, scheduler: str = "pndm", tokenizer_dir
         tokenizer_dir = Path(tokenizer_dir or scratch)
         if not (tokenizer_dir / "vocab.json").exists():
             _write_clip_tokenizer_files(tokenizer_dir)
-        tokenizer = CLIPTokenizer(
-            vocab_file=str(tokenizer_dir / "vocab.json"),
-            merges_file=str(tokenizer_dir / "merges.txt"),
-            pad_token="<|endoftext|>",
-            model_max_length=77,
-        )
+        # from_pretrained: transformers 5's CLIPTokenizer(vocab_file=..., merges_file=...) ignores both files
+        # and keeps a 2-token vocabulary, so every prompt would encode alike.
+        tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir), pad_token="<|endoftext|>", model_max_length=77)
     sched_kwargs = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, steps_offset=1)
     schedulers = {
         "pndm": lambda: PNDMScheduler(skip_prk_steps=True, **sched_kwargs),
