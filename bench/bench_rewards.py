@@ -6,8 +6,8 @@ Both sides score the same staged PNGs (procedural images) with the same rewards,
 ``--chunk`` images (one prompt's candidates). The baseline is what a loop over rewards does: each
 reward decodes the PNGs and preprocesses them itself. The ensemble (what the build runs) decodes
 once per call and computes each distinct ``preprocess_key`` once. The models are tiny random ones
-(offline), so model time is small and the shared decode/preprocessing weighs more than it would
-with ViT-H models on a GPU: read the ratio as an upper bound of the saving on CPU.
+(offline) unless ``--arch`` builds a real-size one (random weights): with tiny models the shared
+decode/preprocessing weighs more than with ViT-H, so read that ratio as an upper bound on CPU.
 """
 from __future__ import annotations
 
@@ -20,17 +20,26 @@ import numpy as np
 import torch
 
 
-def tiny_rewards(workdir: str) -> list:
+def clip_rewards(workdir: str, arch: str = "") -> list:
+    """clip_score, laion_aesthetic and hpsv2 on the tiny CLIP, or on ``arch`` (e.g. ViT-H-14) with random
+    weights, so the timings are those of the real architecture; plus the weight-free rewards."""
+    import open_clip
     from safetensors.torch import save_file
 
     from synpref.jobs.tiny_models import save_tiny_open_clip
     from synpref.transforms.rewards import create_reward
 
-    clip = save_tiny_open_clip(os.path.join(workdir, "clip"))
-    import open_clip
-
-    open_clip.add_model_config(clip["model_config"])
-    width = open_clip.create_model(clip["model"], pretrained=None).visual.output_dim
+    if arch:
+        model = open_clip.create_model(arch, pretrained=None)
+        ckpt = os.path.join(workdir, f"{arch}.safetensors")
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, ckpt)
+        clip = {"model": arch, "checkpoint": ckpt}
+        width = model.visual.output_dim
+        del model
+    else:
+        clip = save_tiny_open_clip(os.path.join(workdir, "clip"))
+        open_clip.add_model_config(clip["model_config"])
+        width = open_clip.create_model(clip["model"], pretrained=None).visual.output_dim
     g = torch.Generator().manual_seed(0)
     dims = [(width, 1024), (1024, 128), (128, 64), (64, 16), (16, 1)]
     head = {}
@@ -54,6 +63,8 @@ def main(argv=None) -> None:
     ap.add_argument("--images", type=int, default=128)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--chunk", type=int, default=8, help="images per scoring call (one prompt's candidates)")
+    ap.add_argument("--arch", default="", help="open_clip architecture with random weights for the CLIP rewards "
+                                               "(e.g. ViT-L-14, ViT-H-14): real-size timings; default a tiny CLIP")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)  # as inside Beam workers on CPU
 
@@ -63,7 +74,7 @@ def main(argv=None) -> None:
     from synpref.transforms.staging import encode_png, to_uint8
 
     with tempfile.TemporaryDirectory() as workdir:
-        rewards = tiny_rewards(workdir)
+        rewards = clip_rewards(workdir, args.arch)
         pngs = [encode_png(to_uint8(procedural_image(f"prompt {i // args.chunk}", i, args.size, args.size)))
                 for i in range(args.images)]
         prompts = [f"prompt {i // args.chunk}" for i in range(args.images)]
@@ -91,7 +102,7 @@ def main(argv=None) -> None:
 
     same = all(np.allclose(baseline[n], ensemble[n], equal_nan=True) for n in baseline)
     print(f"== reward ensemble bench: {args.images} images of {args.size}px, {args.chunk} per call, "
-          f"torch threads 1, tiny random models ==")
+          f"torch threads 1, CLIP rewards on {args.arch or 'a tiny CLIP'} (random weights) ==")
     for name, sec in per_reward.items():
         print(f"  {name:<16} alone {args.images / sec:8.1f} img/s  ({sec:.2f}s)")
     print(f"one after another: {sequential:.2f}s ({args.images / sequential:.1f} img/s through all rewards)")
