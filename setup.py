@@ -16,6 +16,7 @@ PACKAGES = {
     "synpref.schemas": "schemas",
     "synpref.jobs": "jobs",
     "synpref.training": "training",
+    "synpref.training.families": "training/families",
 }
 
 setup(

@@ -124,12 +124,18 @@ def cmd_eval_rewards(args, rest) -> int:
 
 def cmd_train(args, rest) -> int:
     from synpref.report import train_summary
-    from synpref.training.train import main as train_main
+    from synpref.training.config import TrainConfig
+    from synpref.training.preflight import preflight_train
+    from synpref.training.train import parse_overrides, train
 
     if rest:
-        raise SystemExit(f"synpref train: unknown arguments {rest}")
-    summary = train_main(["--config", args.config] + [a for kv in args.set for a in ("--set", kv)])
-    print(train_summary(summary))
+        raise UserError(f"synpref train: unknown arguments {rest}")
+    try:
+        config = TrainConfig.from_yaml(args.config, overrides=parse_overrides(args.set))
+        preflight_train(config)  # paths, shards, output folder, model files: before the first step
+    except (ValueError, FileNotFoundError) as e:
+        raise UserError(f"synpref train: {' '.join(str(e).split())}") from None
+    print(train_summary(train(config)))
     return 0
 
 

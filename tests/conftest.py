@@ -1,10 +1,18 @@
 """Shared fixtures: tiny offline models, built once per test session."""
+import atexit
 import logging
 import os
+import shutil
+import tempfile
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# A fresh datasets cache per session: its cache key for a local folder can match a folder an earlier
+# run wrote under the same relative names, and then it "verifies" today's files against old split sizes.
+_DATASETS_CACHE = tempfile.mkdtemp(prefix="synpref-test-datasets-")
+os.environ["HF_DATASETS_CACHE"] = _DATASETS_CACHE
+atexit.register(shutil.rmtree, _DATASETS_CACHE, True)
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 for name in ("apache_beam", "diffusers", "transformers"):

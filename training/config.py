@@ -19,6 +19,9 @@ DiscountRank = Literal["label", "model"]
 Noise = Literal["shared", "per_image"]
 DpoPairs = Literal["best_worst", "all"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
+WeightingScheme = Literal["logit_normal", "mode", "cosmap", "sigma_sqrt", "none"]
+LrScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine"]
+DataFormat = Literal["ranked", "pairs", "pickapic"]
 
 # Diffusion-DPO's beta = 5000 multiplies 0.5 * (model_diff - ref_diff); RankDPO's
 # loss has no 0.5, so beta = 2500 puts the same coefficient on each pair (PAPER_NOTES s.3).
@@ -30,8 +33,8 @@ class TrainConfig:
     """Everything one RankDPO / Diffusion-DPO LoRA run needs.
 
     Args:
-        pretrained_model: a diffusers Stable Diffusion folder (with ``unet``, ``vae``,
-            ``text_encoder``, ``tokenizer``, ``scheduler`` subfolders) or a hub id.
+        pretrained_model: a diffusers pipeline folder or hub id; its ``model_index.json`` picks the
+            model family (``training/families/``: SD1.x/2.x, SDXL, SD3-class flow matching).
         shards: ranked WebDataset shards: paths, globs, directories or fsspec URLs.
         output_dir: where the LoRA weights and ``train_summary.json`` go.
         revision: model revision when ``pretrained_model`` is a hub id.
@@ -60,6 +63,25 @@ class TrainConfig:
             tiny step on 2 busy cores).
         max_image_pixels: an image with more pixels skips its sample as ``too_many_pixels``, refused
             from the header before decoding (a decompression bomb in a shard must not kill a run).
+        data_format: what ``shards`` holds: ``ranked`` (synpref ranked tars, k images per prompt),
+            ``pairs`` (synpref pairs tars, each read as k = 2: winner phi 1 rank 1, loser phi 0 rank 2)
+            or ``pickapic`` (Pick-a-Pic v2 parquet: ``caption``, ``jpg_0``, ``jpg_1``, ``label_0``;
+            a directory means its ``*.parquet``; ties are skipped as ``tie``). See ``training/data.py``.
+        min_pair_agreement: ``None`` (off) or a value in [0, 1): pairs whose reward agreement (fraction
+            of rewards scoring the higher-phi image strictly higher, as the build computes it) is at or
+            below it leave the loss (``RankedItem.pair_mask``); pairs shards drop such samples as
+            ``low_agreement``. Needs reward scores, so not with ``pickapic``.
+        weighting_scheme: flow-matching (SD3-class) models only: timestep density and loss weighting,
+            as diffusers' SD3 scripts (``logit_normal`` default; ``sigma_sqrt`` and ``cosmap`` also
+            weight the loss; ``mode`` uses ``mode_scale``; ``none`` is uniform).
+        logit_mean / logit_std / mode_scale: parameters of those densities (diffusers' defaults).
+        lr_scheduler / lr_warmup_steps: diffusers' ``get_scheduler`` name and warmup steps over
+            ``max_steps``; ``constant`` keeps the learning rate fixed.
+        checkpointing_steps: every this many optimiser steps save ``output_dir/checkpoint-<step>``
+            (LoRA weights, optimiser, LR scheduler, RNG states, data position); ``None`` never.
+        checkpoints_total_limit: keep at most this many checkpoints (oldest removed); ``None`` keeps all.
+        resume_from_checkpoint: ``latest`` (newest ``checkpoint-*`` in ``output_dir``; starts fresh when
+            there is none) or a checkpoint folder; resuming continues exactly where it stopped.
     """
 
     pretrained_model: str
@@ -90,6 +112,17 @@ class TrainConfig:
     log_every: int = 1
     torch_threads: int = 0
     max_image_pixels: int = DEFAULT_MAX_PIXELS
+    weighting_scheme: WeightingScheme = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    lr_scheduler: LrScheduler = "constant"
+    lr_warmup_steps: int = 0
+    checkpointing_steps: int | None = None
+    checkpoints_total_limit: int | None = None
+    resume_from_checkpoint: str | None = None
+    data_format: DataFormat = "ranked"
+    min_pair_agreement: float | None = None
 
     def __post_init__(self):
         hints = typing.get_type_hints(type(self))
@@ -103,6 +136,13 @@ class TrainConfig:
                      "resolution", "log_every", "shuffle_buffer", "max_image_pixels"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.min_pair_agreement is not None and not 0.0 <= self.min_pair_agreement < 1.0:
+            raise ValueError(f"min_pair_agreement must be in [0, 1) or null, got {self.min_pair_agreement!r}")
+        if self.min_pair_agreement is not None and self.data_format == "pickapic":
+            raise ValueError("min_pair_agreement needs reward scores; data_format pickapic has none: set it to null")
+        for name in ("checkpointing_steps", "checkpoints_total_limit"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0 or null, got {getattr(self, name)!r}")
         if not self.shards:
             raise ValueError("shards is empty: give shard paths, globs, directories or URLs")
 

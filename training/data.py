@@ -1,9 +1,22 @@
-"""Read ranked WebDataset shards into per-prompt training items and variable-k batches.
+"""Read training data into per-prompt items and variable-k batches.
 
-One sample per prompt: ``<key>.json`` plus ``<key>.img0.png`` ... in rank order. A bad
-sample is skipped with a snake_case reason, counted and logged; it never stops training.
+Three sources (``TrainConfig.data_format``), all giving ``RankedItem`` so the same losses apply:
+
+* ``RankedShards``: synpref ranked tars, one sample per prompt: ``<key>.json`` plus ``<key>.img0.png`` ...
+  in rank order (img0 = best). With ``min_pair_agreement`` each item carries ``pair_mask``.
+* ``PairShards``: synpref pairs tars, one sample per pair: ``<key>.json`` (with ``agreement``),
+  ``win.png``, ``lose.png``; each is an item with k = 2 (winner phi 1 rank 1, loser phi 0 rank 2).
+* ``PickapicParquet``: Pick-a-Pic v2 parquet (``caption``, ``jpg_0``, ``jpg_1`` image bytes,
+  ``label_0`` = 1 image 0 preferred, 0 image 1, 0.5 tie: skipped as ``tie``), streamed batch by batch
+  within row groups; k = 2 items, preferred image first.
+
+A bad sample is skipped with a snake_case reason, counted and logged; it never stops training.
 Shards are untrusted input: members are read raw (nothing is unpickled), member names are
 checked and images decode through ``decode_image`` with a pixel limit.
+
+Multi-process training: pass ``rank``/``world_size``; each process reads and decodes only its share
+(whole shards when there are at least ``world_size`` of them, else every ``world_size``-th raw sample,
+chosen before anything is decoded). Every process must use the same ``shuffle_seed``.
 """
 from __future__ import annotations
 
@@ -11,6 +24,7 @@ import glob
 import itertools
 import json
 import logging
+import os
 import random
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -18,6 +32,7 @@ from dataclasses import dataclass
 
 import fsspec
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 import webdataset as wds
 from PIL import Image, ImageOps
@@ -25,6 +40,8 @@ from PIL import Image, ImageOps
 from synpref.transforms.imageio import DEFAULT_MAX_PIXELS, ImageDecodeError, check_member_name, decode_image
 
 logger = logging.getLogger("synpref.training")
+
+PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
 
 
 @dataclass
@@ -36,6 +53,9 @@ class RankedItem:
     images: torch.Tensor  # [k, 3, H, W] in [-1, 1]
     phi: torch.Tensor  # [k] Syn-Pic win rates
     rank: torch.Tensor  # [k] 1-based, 1 = best
+    # [k, k] bool, symmetric, False on the diagonal: pair_mask[i, j] = the pair (i, j) may enter the loss
+    # (its reward agreement > min_pair_agreement). None when min_pair_agreement is off (every pair usable).
+    pair_mask: torch.Tensor | None = None
 
 
 @dataclass
@@ -48,6 +68,13 @@ class RankedBatch:
     phi: torch.Tensor  # [N]
     rank: torch.Tensor  # [N]
     group: torch.Tensor  # [N] long, 0..B-1
+    # [N, N] bool, block-diagonal over prompts (False across prompts and on the diagonal);
+    # None when no item has a mask (min_pair_agreement off). The loss must skip pairs where it is False.
+    pair_mask: torch.Tensor | None = None
+
+
+class SchemaError(ValueError):
+    """A whole input file has the wrong layout (e.g. parquet without the Pick-a-Pic columns): not skippable."""
 
 
 class BadSample(ValueError):
@@ -58,8 +85,8 @@ class BadSample(ValueError):
         self.reason = reason
 
 
-def resolve_shards(shards: Iterable[str]) -> list[str]:
-    """Expand directories (their ``*.tar``) and globs, local or fsspec URLs, keeping the given order.
+def resolve_shards(shards: Iterable[str], ext: str = "tar") -> list[str]:
+    """Expand directories (their ``*.<ext>``) and globs, local or fsspec URLs, keeping the given order.
 
     Raises:
         FileNotFoundError: an entry matches no shard (a typo should not train on nothing).
@@ -68,25 +95,19 @@ def resolve_shards(shards: Iterable[str]) -> list[str]:
     for entry in shards:
         fs, path = fsspec.core.url_to_fs(entry)
         if fs.isdir(path):
-            found = fs.glob(path.rstrip("/") + "/*.tar")
+            found = fs.glob(path.rstrip("/") + f"/*.{ext}")
         elif glob.has_magic(path):
             found = fs.glob(path)
         else:
             found = [path] if fs.exists(path) else []
         if not found:
-            raise FileNotFoundError(f"no shards found for {entry!r}: give a .tar file, a glob or a directory of .tar")
+            raise FileNotFoundError(f"no shards found for {entry!r}: give a .{ext} file, a glob or a directory of .{ext}")
         local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
         urls += [p if local else fs.unstrip_protocol(p) for p in sorted(found)]
     return urls
 
 
-def decode_sample(sample: dict, resolution: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> RankedItem:
-    """Turn one raw WebDataset sample into a ``RankedItem``.
-
-    Raises:
-        BadSample: an unsafe member name, missing or malformed JSON, fewer than 2 candidates,
-            a missing image, or an image ``decode_image`` refuses (its reason, e.g. ``too_many_pixels``).
-    """
+def _check_names(sample: dict) -> None:
     for ext in sample:
         # group_by_keys splits each tar name into __key__ and ext, so this is the member's full name;
         # links and keyless names (".x.png") never get here: webdataset's tar iterator drops them.
@@ -95,6 +116,71 @@ def decode_sample(sample: dict, resolution: int, max_pixels: int = DEFAULT_MAX_P
                 check_member_name(f"{sample.get('__key__')}.{ext}")
             except ValueError as exn:
                 raise BadSample("unsafe_member_name", str(exn)) from None
+
+
+def _decode_images(sample: dict, names: list, resolution: int, max_pixels: int) -> torch.Tensor:
+    images = []
+    for name in names:
+        data = sample.get(str(name).lower())
+        if data is None:
+            raise BadSample("missing_image", str(name))
+        try:
+            images.append(_image_to_tensor(decode_image(data, max_pixels), resolution))
+        except ImageDecodeError as exn:
+            raise BadSample(exn.reason, f"{name}: {exn.detail}") from None
+    return torch.stack(images)
+
+
+def agreement_matrix(scores: np.ndarray) -> np.ndarray:
+    """A[i, j] = fraction of rewards scoring i strictly above j (``transforms.ranking.pair_agreement``)."""
+    s = np.asarray(scores, dtype=np.float64)  # [k, n_rewards]
+    return (s[:, None, :] > s[None, :, :]).sum(axis=2) / float(s.shape[1])
+
+
+def ranked_pair_mask(meta: dict, phi: list[float], rank: list[int], min_agreement: float) -> torch.Tensor:
+    """[k, k] bool: True where the pair's agreement > ``min_agreement`` (the build's pair agreement).
+
+    A pair is oriented as the build orients it: winner = higher phi, equal phi broken by rank; its
+    agreement is the fraction of rewards (``meta["rewards"]``, else the candidates' score keys) scoring the
+    winner strictly higher. Symmetric; the diagonal is False.
+
+    Raises:
+        BadSample: ``missing_scores`` when a candidate lacks a numeric score for some reward.
+    """
+    candidates = meta["candidates"]
+    try:
+        rewards = list(meta.get("rewards") or sorted(candidates[0]["scores"]))
+        scores = np.array([[float(c["scores"][r]) for r in rewards] for c in candidates], dtype=np.float64)
+    except (KeyError, TypeError, ValueError, IndexError) as exn:
+        raise BadSample("missing_scores", repr(exn)) from None
+    if not rewards:
+        raise BadSample("missing_scores", "no rewards")
+    agree = agreement_matrix(scores)
+    k = len(candidates)
+    order = {i: (-phi[i], rank[i], i) for i in range(k)}  # smaller = winner
+    keep = torch.zeros((k, k), dtype=torch.bool)
+    for i in range(k):
+        for j in range(k):
+            if i != j:
+                w, l = (i, j) if order[i] < order[j] else (j, i)
+                keep[i, j] = bool(agree[w, l] > min_agreement)
+    return keep
+
+
+def decode_sample(
+    sample: dict, resolution: int, max_pixels: int = DEFAULT_MAX_PIXELS, min_pair_agreement: float | None = None
+) -> RankedItem:
+    """Turn one raw ranked WebDataset sample into a ``RankedItem``.
+
+    With ``min_pair_agreement`` the item carries ``pair_mask``; a sample where no pair with different phi
+    survives is skipped as ``no_agreeing_pairs`` (before its images are decoded).
+
+    Raises:
+        BadSample: an unsafe member name, missing or malformed JSON, fewer than 2 candidates,
+            a missing image, or an image ``decode_image`` refuses (its reason, e.g. ``too_many_pixels``);
+            with ``min_pair_agreement``, also ``missing_scores`` and ``no_agreeing_pairs``.
+    """
+    _check_names(sample)
     if "json" not in sample:
         raise BadSample("missing_json")
     try:
@@ -111,22 +197,94 @@ def decode_sample(sample: dict, resolution: int, max_pixels: int = DEFAULT_MAX_P
         raise BadSample("too_few_images", f"{len(candidates)} candidate(s)")
     if not all(0.0 <= p <= 1.0 for p in phi):
         raise BadSample("bad_phi", str(phi))
-    images = []
-    for name in names:
-        data = sample.get(str(name).lower())
-        if data is None:
-            raise BadSample("missing_image", str(name))
-        try:
-            images.append(_image_to_tensor(decode_image(data, max_pixels), resolution))
-        except ImageDecodeError as exn:
-            raise BadSample(exn.reason, f"{name}: {exn.detail}") from None
+    mask = None
+    if min_pair_agreement is not None:
+        mask = ranked_pair_mask(meta, phi, rank, min_pair_agreement)
+        phi_t = torch.tensor(phi)
+        if not (mask & (phi_t[:, None] != phi_t[None, :])).any():
+            raise BadSample("no_agreeing_pairs", f"no pair with different phi has agreement > {min_pair_agreement}")
     return RankedItem(
         prompt_id=meta.get("prompt_id", sample["__key__"]),
         prompt=prompt,
-        images=torch.stack(images),
+        images=_decode_images(sample, names, resolution, max_pixels),
         phi=torch.tensor(phi, dtype=torch.float32),
         rank=torch.tensor(rank, dtype=torch.long),
+        pair_mask=mask,
     )
+
+
+def _pair_item(prompt_id: str, prompt: str, images: torch.Tensor, masked: bool) -> RankedItem:
+    """k = 2: image 0 preferred (phi 1, rank 1), image 1 not (phi 0, rank 2)."""
+    return RankedItem(
+        prompt_id=prompt_id,
+        prompt=prompt,
+        images=images,
+        phi=torch.tensor([1.0, 0.0]),
+        rank=torch.tensor([1, 2]),
+        pair_mask=~torch.eye(2, dtype=torch.bool) if masked else None,
+    )
+
+
+def decode_pair_sample(
+    sample: dict, resolution: int, max_pixels: int = DEFAULT_MAX_PIXELS, min_pair_agreement: float | None = None
+) -> RankedItem:
+    """One synpref pairs sample (``json`` with ``prompt`` and ``agreement``, ``win.png``, ``lose.png``) -> k = 2 item.
+
+    Raises:
+        BadSample: as ``decode_sample``; ``low_agreement`` when ``agreement <= min_pair_agreement``
+            (checked before the images are decoded).
+    """
+    _check_names(sample)
+    if "json" not in sample:
+        raise BadSample("missing_json")
+    try:
+        meta = json.loads(sample["json"])
+        prompt = meta["prompt"]
+        names = [meta.get("winner", {}).get("image", "win.png"), meta.get("loser", {}).get("image", "lose.png")]
+        agreement = meta.get("agreement")
+        agreement = None if agreement is None else float(agreement)
+    except (ValueError, KeyError, TypeError, AttributeError) as exn:
+        raise BadSample("bad_json", repr(exn)) from None
+    if not isinstance(prompt, str):
+        raise BadSample("bad_json", "prompt is not a string")
+    if min_pair_agreement is not None:
+        if agreement is None:
+            raise BadSample("missing_scores", "no agreement in the pair's json")
+        if agreement <= min_pair_agreement:
+            raise BadSample("low_agreement", f"{agreement} <= {min_pair_agreement}")
+    images = _decode_images(sample, names, resolution, max_pixels)
+    return _pair_item(meta.get("prompt_id", sample["__key__"]), prompt, images, min_pair_agreement is not None)
+
+
+def _image_bytes(value):
+    """Pick-a-Pic stores bytes; HF image columns store {"bytes": ..., "path": ...}."""
+    return value.get("bytes") if isinstance(value, dict) else value
+
+
+def decode_pickapic_row(row: dict, resolution: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> RankedItem:
+    """One Pick-a-Pic row -> k = 2 item, preferred image first. Labels are checked before any decoding.
+
+    Raises:
+        BadSample: ``tie`` (label_0 = 0.5), ``bad_label`` (anything but 0, 0.5, 1), ``missing_image``
+            or the image's ``decode_image`` reason (``corrupt_image``, ``not_an_image``, ``too_many_pixels``).
+    """
+    label = row.get("label_0")
+    if isinstance(label, (int, float)) and not isinstance(label, bool) and label == 0.5:
+        raise BadSample("tie")
+    if not isinstance(label, (int, float)) or isinstance(label, bool) or label not in (0, 1):
+        raise BadSample("bad_label", repr(label))
+    order = ("jpg_0", "jpg_1") if label == 1 else ("jpg_1", "jpg_0")
+    images = []
+    for col in order:
+        data = _image_bytes(row.get(col))
+        if not isinstance(data, (bytes, bytearray)) or not data:
+            raise BadSample("missing_image", col)
+        try:
+            images.append(_image_to_tensor(decode_image(bytes(data), max_pixels), resolution))
+        except ImageDecodeError as exn:
+            raise BadSample(exn.reason, f"{col}: {exn.detail}") from None
+    caption = row.get("caption")
+    return _pair_item(row["__key__"], caption if isinstance(caption, str) else "", torch.stack(images), False)
 
 
 def _image_to_tensor(img: Image.Image, resolution: int) -> torch.Tensor:
@@ -143,21 +301,29 @@ def _open_shards(urls: Iterable[str]) -> Iterator[dict]:
             yield {"url": url, "stream": stream}
 
 
-class RankedShards:
-    """Iterable of ``RankedItem`` over ranked shards; iterate again for another epoch.
+class _Reader:
+    """Shared machinery: shard resolution, per-process split, shuffling, counted skips, epochs.
 
     Args:
         shards: paths, globs, directories or fsspec URLs (see ``resolve_shards``).
         resolution: square output size in pixels.
         shuffle_seed: ``None`` keeps shard and sample order; an int shuffles both, reproducibly
-            (epoch e uses seed + e).
+            (epoch e uses seed + e). Every process must get the same seed.
         shuffle_buffer: sample shuffle buffer size.
-        process_index, num_processes: each process keeps every num_processes-th item.
+        rank, world_size: this process's index and the number of processes. With at least
+            ``world_size`` shards, process r reads shards r, r + world_size, ... (of this epoch's order);
+            with fewer, every process reads all shards but keeps only raw samples with
+            index % world_size == rank, before decoding anything. Shares are disjoint and cover everything.
+        process_index, num_processes: older names of ``rank``/``world_size`` (accepted, same meaning).
         max_image_pixels: larger images skip their sample as ``too_many_pixels`` (decompression bombs).
+        min_pair_agreement: ``None`` or the agreement at or below which pairs leave the loss.
 
     Attributes:
-        skipped: count of skipped samples per reason, over all epochs.
+        urls: the resolved shard list (all processes').
+        skipped: count of this process's skipped samples per reason, over all epochs.
     """
+
+    extension = "tar"
 
     def __init__(
         self,
@@ -166,37 +332,60 @@ class RankedShards:
         *,
         shuffle_seed: int | None = None,
         shuffle_buffer: int = 100,
-        process_index: int = 0,
-        num_processes: int = 1,
+        rank: int = 0,
+        world_size: int = 1,
+        process_index: int | None = None,
+        num_processes: int | None = None,
         max_image_pixels: int = DEFAULT_MAX_PIXELS,
+        min_pair_agreement: float | None = None,
     ):
-        self.urls = resolve_shards(shards)
+        rank = rank if process_index is None else process_index
+        world_size = world_size if num_processes is None else num_processes
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
+        self.urls = resolve_shards(shards, self.extension)
         self.resolution = resolution
         self.shuffle_seed = shuffle_seed
         self.shuffle_buffer = shuffle_buffer
-        self.process_index = process_index
-        self.num_processes = num_processes
+        self.rank = rank
+        self.world_size = world_size
         self.max_image_pixels = max_image_pixels
+        self.min_pair_agreement = min_pair_agreement
         self.skipped: Counter[str] = Counter()
         self._epoch = 0
+
+    @property
+    def splits_by_shard(self) -> bool:
+        """True: each process reads whole shards; False: every process reads all, keeps its sample indices."""
+        return len(self.urls) >= self.world_size
 
     def __iter__(self) -> Iterator[RankedItem]:
         urls = list(self.urls)
         epoch, self._epoch = self._epoch, self._epoch + 1
         if self.shuffle_seed is not None:
             random.Random(self.shuffle_seed + epoch).shuffle(urls)
-        samples = wds.tariterators.group_by_keys(
+        if self.splits_by_shard:
+            urls = urls[self.rank::self.world_size]
+        samples = self._raw_samples(urls)
+        if not self.splits_by_shard:
+            samples = itertools.islice(samples, self.rank, None, self.world_size)  # raw bytes, not decoded yet
+        if self.shuffle_seed is not None:
+            samples = wds.shuffle(self.shuffle_buffer, seed=self.shuffle_seed + epoch)(samples)
+        return (item for item in map(self._decode, samples) if item is not None)
+
+    def _raw_samples(self, urls: list[str]) -> Iterator[dict]:
+        """Raw samples (``__key__``, ``__url__``, member bytes) of ``urls`` in order; nothing decoded."""
+        return wds.tariterators.group_by_keys(
             wds.tariterators.tar_file_expander(_open_shards(urls), handler=self._corrupt_shard),
             handler=wds.warn_and_continue,
         )
-        if self.shuffle_seed is not None:
-            samples = wds.shuffle(self.shuffle_buffer, seed=self.shuffle_seed + epoch)(samples)
-        items = (item for item in map(self._decode, samples) if item is not None)
-        return itertools.islice(items, self.process_index, None, self.num_processes)
+
+    def decode(self, sample: dict) -> RankedItem:
+        raise NotImplementedError
 
     def _decode(self, sample: dict) -> RankedItem | None:
         try:
-            return decode_sample(sample, self.resolution, self.max_image_pixels)
+            return self.decode(sample)
         except BadSample as exn:
             self.skipped[exn.reason] += 1
             logger.warning("skipping sample %s from %s: %s", sample.get("__key__"), sample.get("__url__"), exn)
@@ -208,8 +397,101 @@ class RankedShards:
         return True
 
 
+class RankedShards(_Reader):
+    """Iterable of ``RankedItem`` over synpref ranked shards; iterate again for another epoch (see ``_Reader``).
+
+    With ``min_pair_agreement`` every item has ``pair_mask`` (``ranked_pair_mask``); samples with no
+    usable pair left are skipped as ``no_agreeing_pairs``.
+    """
+
+    def decode(self, sample: dict) -> RankedItem:
+        return decode_sample(sample, self.resolution, self.max_image_pixels, self.min_pair_agreement)
+
+
+class PairShards(_Reader):
+    """Iterable of k = 2 ``RankedItem`` over synpref pairs shards (see ``_Reader``, ``decode_pair_sample``)."""
+
+    def decode(self, sample: dict) -> RankedItem:
+        return decode_pair_sample(sample, self.resolution, self.max_image_pixels, self.min_pair_agreement)
+
+
+def read_pickapic_schema(url: str) -> list[str]:
+    """The Pick-a-Pic columns ``url`` lacks (reads the parquet footer only)."""
+    with fsspec.open(url, "rb") as f:
+        names = pq.ParquetFile(f).schema_arrow.names
+    return [c for c in PICKAPIC_COLUMNS if c not in names]
+
+
+class PickapicParquet(_Reader):
+    """Iterable of k = 2 ``RankedItem`` over Pick-a-Pic v2 parquet files (see ``_Reader``, ``decode_pickapic_row``).
+
+    Files are streamed in batches of ``batch_rows`` within row groups: a file is never read whole. Item
+    ``prompt_id`` is ``<file name>:<row>``. ``min_pair_agreement`` must be ``None`` (no reward scores).
+
+    Raises (while iterating):
+        SchemaError: a file lacks one of the Pick-a-Pic columns (``preflight_train`` reports it earlier).
+    """
+
+    extension = "parquet"
+    batch_rows = 64
+
+    def __init__(self, shards: Iterable[str], resolution: int, **kwargs):
+        super().__init__(shards, resolution, **kwargs)
+        if self.min_pair_agreement is not None:
+            raise ValueError("min_pair_agreement needs reward scores; Pick-a-Pic parquet has none")
+
+    def _raw_samples(self, urls: list[str]) -> Iterator[dict]:
+        for url in urls:
+            name = os.path.basename(url.rstrip("/"))
+            try:
+                with fsspec.open(url, "rb") as f:
+                    pf = pq.ParquetFile(f)
+                    missing = [c for c in PICKAPIC_COLUMNS if c not in pf.schema_arrow.names]
+                    if missing:
+                        raise SchemaError(f"{url}: missing column(s) {missing}; "
+                                         f"expected the Pick-a-Pic v2 schema {list(PICKAPIC_COLUMNS)}")
+                    row = 0
+                    for batch in pf.iter_batches(batch_size=self.batch_rows, columns=list(PICKAPIC_COLUMNS)):
+                        for values in batch.to_pylist():
+                            yield {"__key__": f"{name}:{row}", "__url__": url, **values}
+                            row += 1
+            except SchemaError:
+                raise
+            except (ValueError, OSError) as exn:  # not parquet, truncated (pyarrow's ArrowInvalid is a ValueError)
+                self._corrupt_shard(exn)
+
+    def decode(self, sample: dict) -> RankedItem:
+        return decode_pickapic_row(sample, self.resolution, self.max_image_pixels)
+
+
+READERS: dict[str, type[_Reader]] = {"ranked": RankedShards, "pairs": PairShards, "pickapic": PickapicParquet}
+
+
+def open_dataset(config, rank: int = 0, world_size: int = 1) -> _Reader:
+    """The reader ``config.data_format`` names, set up from a ``TrainConfig`` for process ``rank`` of ``world_size``."""
+    try:
+        reader = READERS[config.data_format]
+    except KeyError:
+        raise ValueError(f"unknown data_format {config.data_format!r}; valid: {sorted(READERS)}") from None
+    return reader(
+        config.shards,
+        config.resolution,
+        shuffle_seed=config.seed if config.shuffle else None,
+        shuffle_buffer=config.shuffle_buffer,
+        rank=rank,
+        world_size=world_size,
+        max_image_pixels=config.max_image_pixels,
+        min_pair_agreement=config.min_pair_agreement,
+    )
+
+
 def collate_ranked(items: list[RankedItem]) -> RankedBatch:
-    """Flatten prompts with different k into one image batch plus a prompt index."""
+    """Flatten prompts with different k into one image batch plus a prompt index (and the pair masks, block-diagonal)."""
+    pair_mask = None
+    if any(it.pair_mask is not None for it in items):
+        pair_mask = torch.block_diag(*[
+            it.pair_mask if it.pair_mask is not None else ~torch.eye(len(it.phi), dtype=torch.bool) for it in items
+        ])
     return RankedBatch(
         prompt_ids=[it.prompt_id for it in items],
         prompts=[it.prompt for it in items],
@@ -217,10 +499,11 @@ def collate_ranked(items: list[RankedItem]) -> RankedBatch:
         phi=torch.cat([it.phi for it in items]),
         rank=torch.cat([it.rank for it in items]),
         group=torch.cat([torch.full((len(it.phi),), b, dtype=torch.long) for b, it in enumerate(items)]),
+        pair_mask=pair_mask,
     )
 
 
-def iter_batches(dataset: RankedShards, batch_size: int) -> Iterator[RankedBatch]:
+def iter_batches(dataset: _Reader, batch_size: int) -> Iterator[RankedBatch]:
     """Endless batches of ``batch_size`` prompts, repeating the dataset epoch after epoch.
 
     Raises:

@@ -57,6 +57,7 @@ def rankdpo_loss(
     label_rank: torch.Tensor | None,
     beta: float,
     discount_rank: Literal["label", "model"] = "label",
+    pair_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """RankDPO loss for ONE prompt (paper Eq. 5-7, Algorithm 2; PAPER_NOTES s.2).
 
@@ -74,6 +75,8 @@ def rankdpo_loss(
         beta: KL strength (2500 matches Diffusion-DPO's 0.5 * 5000).
         discount_rank: where tau comes from: ``"label"`` (Algorithm 2) or ``"model"`` (the
             model's current order by s, lowest first, as in Figure 2 and LiPO-lambda).
+        pair_mask: optional [k, k] bool; a pair (w, l) with ``pair_mask[w, l]`` False leaves the sum
+            (noisy-pair filtering, ``min_pair_agreement``). Ranks and gains still use all k images.
 
     Returns:
         Scalar: the per-prompt sum over pairs.
@@ -96,6 +99,8 @@ def rankdpo_loss(
     inv_discount = 1.0 / torch.log1p(tau.to(s.dtype))  # [k]
     delta = (gain[:, None] - gain[None, :]).abs() * (inv_discount[:, None] - inv_discount[None, :]).abs()  # [k, k]
     wins = phi[:, None] > phi[None, :]  # [k, k]: row w beats column l
+    if pair_mask is not None:
+        wins = wins & pair_mask.to(wins.device)
     pair_loss = -delta * F.logsigmoid(-beta * (s[:, None] - s[None, :]))  # [k, k]
     return torch.where(wins, pair_loss, torch.zeros_like(pair_loss)).sum()
 
@@ -108,6 +113,7 @@ def rankdpo_loss_batched(
     group: torch.Tensor,
     beta: float,
     discount_rank: Literal["label", "model"] = "label",
+    pair_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean over prompts of ``rankdpo_loss`` for a flat batch with variable k per prompt.
 
@@ -115,24 +121,32 @@ def rankdpo_loss_batched(
         model_err, ref_err, phi, label_rank: per-image values of all prompts, shape [N].
         group: prompt index 0..B-1 of each image, shape [N].
         beta, discount_rank: as in ``rankdpo_loss``.
+        pair_mask: optional [N, N] bool (block-diagonal, ``RankedBatch.pair_mask``); see ``rankdpo_loss``.
 
     Returns:
         Scalar: per-prompt sums averaged over the B prompts (PAPER_NOTES s.2, "Reduction").
     """
     per_prompt = [
-        rankdpo_loss(model_err[m], ref_err[m], phi[m], label_rank[m], beta, discount_rank)
+        rankdpo_loss(model_err[m], ref_err[m], phi[m], label_rank[m], beta, discount_rank,
+                     None if pair_mask is None else pair_mask[m][:, m])
         for m in (group == g for g in torch.unique(group))
     ]
     return torch.stack(per_prompt).mean()
 
 
 def preference_pairs(
-    phi: torch.Tensor, label_rank: torch.Tensor, group: torch.Tensor, mode: Literal["best_worst", "all"]
+    phi: torch.Tensor,
+    label_rank: torch.Tensor,
+    group: torch.Tensor,
+    mode: Literal["best_worst", "all"],
+    pair_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Winner / loser image indices for plain Diffusion-DPO on ranked data.
 
     ``best_worst`` pairs rank 1 with rank k of each prompt; ``all`` takes every pair with
     phi_w > phi_l. Tied pairs are dropped, as the official Diffusion-DPO code drops ties.
+    ``pair_mask`` ([N, N] bool) drops the pairs it marks False (a filtered best-worst pair
+    is dropped, not replaced).
 
     Returns:
         (winner indices, loser indices), each shape [P], into the flat [N] batch.
@@ -147,6 +161,8 @@ def preference_pairs(
         best = torch.where(same_prompt, rank[None, :], big).min(dim=1).values  # [N]: best rank in my prompt
         worst = torch.where(same_prompt, rank[None, :], 0).max(dim=1).values
         wins &= (rank == best)[:, None] & (rank == worst)[None, :]
+    if pair_mask is not None:
+        wins &= pair_mask.to(wins.device)
     w, l = wins.nonzero(as_tuple=True)
     return w, l
 
@@ -159,6 +175,7 @@ def ranked_dpo_loss(
     group: torch.Tensor,
     beta: float,
     pairs: Literal["best_worst", "all"] = "best_worst",
+    pair_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Diffusion-DPO averaged over the pairs that ``preference_pairs`` takes from a ranked batch.
 
@@ -166,7 +183,19 @@ def ranked_dpo_loss(
     training Diffusion-DPO on them. A batch without any untied pair gives a zero loss that
     still carries the graph, so the training step runs unchanged.
     """
-    w, l = preference_pairs(phi, label_rank, group, pairs)
+    w, l = preference_pairs(phi, label_rank, group, pairs, pair_mask)
     if len(w) == 0:
         return model_err.sum() * 0.0
     return diffusion_dpo_loss(model_err[w], model_err[l], ref_err[w], ref_err[l], beta).mean()
+
+
+def implicit_accuracy(model_err: torch.Tensor, ref_err: torch.Tensor, w: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+    """Share of pairs (w, l) the model already prefers more than the reference does: s_w < s_l.
+
+    This is diffusers' Diffusion-DPO ``implicit_acc`` (the DPO logit -(s_w - s_l) > 0; an exact
+    tie, as at step 0 when the LoRA is still zero, counts as wrong). ``nan`` without pairs.
+    """
+    if len(w) == 0:
+        return torch.tensor(float("nan"))
+    s = (model_err - ref_err).detach()  # [N]
+    return (s[l] - s[w] > 0).float().mean()

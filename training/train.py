@@ -1,26 +1,34 @@
-"""RankDPO / Diffusion-DPO LoRA fine-tuning of a Stable Diffusion UNet on ranked shards.
+"""RankDPO / Diffusion-DPO LoRA fine-tuning of a text-to-image denoiser on ranked shards.
 
 Flat, in the diffusers training-script style: ``parse_args`` -> ``main``, which calls
-``train(config)``. The reference model is the same UNet with its LoRA adapter disabled
-(PAPER_NOTES s.3), so there is no second copy. The math is in ``losses.py``.
+``train(config)``. One loop for every model family; what differs (SD1.x/2.x, SDXL, SD3:
+prompt encoding, noising and target, conditioning extras, LoRA saving) is a plug-in in
+``training/families/``, chosen from ``model_index.json``. The reference model is the same
+denoiser with its LoRA adapter disabled (PAPER_NOTES s.3), so there is no second copy.
+The math is in ``losses.py``.
 
     python -m synpref.training.train --config jobs/demo_train.yaml --set max_steps=20
 """
 from __future__ import annotations
 
 import argparse
+import csv
+import hashlib
 import json
 import logging
+import math
+import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import yaml
 
 from synpref.training.config import TrainConfig
-from synpref.training.data import RankedBatch, RankedShards, iter_batches
-from synpref.training.losses import ranked_dpo_loss, rankdpo_loss_batched
+from synpref.training.data import RankedBatch, iter_batches, open_dataset
+from synpref.training.families import ModelFamily, family_for
+from synpref.training.losses import implicit_accuracy, preference_pairs, ranked_dpo_loss, rankdpo_loss_batched
 
 logger = logging.getLogger("synpref.training")
 
@@ -61,131 +69,164 @@ def main(argv: list[str] | None = None) -> dict:
     return train(TrainConfig.from_yaml(args.config, overrides=parse_overrides(args.set)))
 
 
-@dataclass
-class Models:
-    """The frozen pipeline parts plus the UNet that carries the trainable LoRA adapter."""
+Models = ModelFamily  # the loaded models of one family (kept under its old name for callers)
 
-    tokenizer: object
-    text_encoder: torch.nn.Module
-    vae: torch.nn.Module
-    unet: torch.nn.Module  # may be wrapped by accelerate (DDP); unwrap before disabling adapters
-    noise_scheduler: object
-    device: torch.device
-    weight_dtype: torch.dtype
+LOG_COLUMNS = ["step", "loss", "implicit_acc", "model_err", "ref_err", "lr"]
+# Fields that do not change what a step computes: a checkpoint may resume under other values.
+RESUME_FREE_FIELDS = {
+    "output_dir", "max_steps", "log_every", "torch_threads", "checkpointing_steps", "checkpoints_total_limit",
+    "resume_from_checkpoint",
+}
 
 
 def load_models(
     config: TrainConfig, device: torch.device | str = "cpu", weight_dtype: torch.dtype = torch.float32
-) -> Models:
-    """Load tokenizer, text encoder, VAE, UNet and a DDPM noise scheduler from ``pretrained_model``; all frozen."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    path, rev = config.pretrained_model, config.revision
-    models = Models(
-        tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=rev),
-        text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=rev),
-        vae=AutoencoderKL.from_pretrained(path, subfolder="vae", revision=rev),
-        unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=rev),
-        # Training noise follows the DDPM forward process whatever sampler the pipeline ships with.
-        noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=rev),
-        device=torch.device(device),
-        weight_dtype=weight_dtype,
-    )
-    for module in (models.text_encoder, models.vae, models.unet):
-        module.requires_grad_(False)
-        module.to(device)
-        if weight_dtype != torch.float32:
-            module.to(dtype=weight_dtype)
-    models.text_encoder.eval()
-    models.vae.eval()
-    return models
+) -> ModelFamily:
+    """Load the frozen parts of ``pretrained_model`` through the family its ``model_index.json`` names."""
+    return family_for(config.pretrained_model, config.revision)(config, device, weight_dtype)
 
 
-def add_lora(unet: torch.nn.Module, config: TrainConfig) -> list[torch.nn.Parameter]:
+def add_lora(
+    denoiser: torch.nn.Module, config: TrainConfig, target_modules: list[str] | None = None
+) -> list[torch.nn.Parameter]:
     """Attach the trainable LoRA adapter (B = 0, so the model starts equal to the reference); return its parameters."""
     from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
 
-    unet.add_adapter(
+    denoiser.add_adapter(
         LoraConfig(
             r=config.lora_rank,
             lora_alpha=config.lora_alpha,
             init_lora_weights="gaussian",
-            target_modules=LORA_TARGET_MODULES,
+            target_modules=target_modules or LORA_TARGET_MODULES,
         )
     )
-    cast_training_params(unet, dtype=torch.float32)  # LoRA trains in fp32 even over an fp16/bf16 base
-    return [p for p in unet.parameters() if p.requires_grad]
+    cast_training_params(denoiser, dtype=torch.float32)  # LoRA trains in fp32 even over an fp16/bf16 base
+    return [p for p in denoiser.parameters() if p.requires_grad]
 
 
-def compute_loss(models: Models, batch: RankedBatch, config: TrainConfig, generator: torch.Generator) -> torch.Tensor:
+@dataclass
+class StepOutput:
+    """A micro-batch's loss and what diffusers' DPO script logs beside it."""
+
+    loss: torch.Tensor
+    metrics: dict[str, float] = field(default_factory=dict)  # implicit_acc, model_err, ref_err
+
+
+def compute_step(models: ModelFamily, batch: RankedBatch, config: TrainConfig, generator: torch.Generator) -> StepOutput:
     """One preference loss on a ranked batch: encode, noise, denoise with model and reference, compare.
 
-    ``generator`` (CPU) drives VAE sampling, timesteps and noise, so a fixed seed gives a fixed loss.
+    ``generator`` (CPU) drives VAE sampling, timesteps and noise, in that order, so a fixed seed
+    gives a fixed loss. One timestep (sigma for flow matching) per prompt; noise per prompt
+    (``noise: shared``) or per image.
     """
-    device, dtype = models.device, models.weight_dtype
-    unet, sched = models.unet, models.noise_scheduler
+    device = models.device
     group = batch.group.to(device)  # [N]
-    n_prompts, n_images = len(batch.prompts), len(batch.group)
+    n_prompts = len(batch.prompts)
 
-    with torch.no_grad():
-        tokenizer = models.tokenizer
-        ids = tokenizer(
-            batch.prompts,
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(device)
-        text = models.text_encoder(ids, return_dict=False)[0][group]  # [B, L, D] -> [N, L, D]
-        latent_dist = models.vae.encode(batch.images.to(device, dtype)).latent_dist
-        latents = latent_dist.sample(generator=generator) * models.vae.config.scaling_factor  # [N, C, h, w]
+    # ---- conditioning and clean latents (frozen, no gradient)
+    cond = {k: v[group] for k, v in models.encode_prompts(batch.prompts).items()}  # [B, ...] -> [N, ...]
+    latents = models.encode_images(batch.images, generator)  # [N, C, h, w]
 
-    # One timestep per prompt; eps per prompt ("shared", as Diffusion-DPO shares it within a pair) or per image.
-    timesteps = torch.randint(0, sched.config.num_train_timesteps, (n_prompts,), generator=generator).to(device)[group]
-    shared = config.noise == "shared"
-    noise = torch.randn((n_prompts if shared else n_images, *latents.shape[1:]), generator=generator)
-    noise = noise.to(device, latents.dtype)
-    if shared:
-        noise = noise[group]  # [B, C, h, w] -> [N, C, h, w]
-    noisy = sched.add_noise(latents, noise, timesteps)
-    if sched.config.prediction_type == "epsilon":
-        target = noise
-    elif sched.config.prediction_type == "v_prediction":
-        target = sched.get_velocity(latents, noise, timesteps)
-    else:
-        raise ValueError(f"unsupported prediction_type {sched.config.prediction_type!r}; use epsilon or v_prediction")
+    # ---- noising: the family's forward process and regression target
+    timesteps = models.sample_timesteps(n_prompts, generator)[group]  # [B] -> [N]
+    noise = models.sample_noise(latents, group, n_prompts, config.noise == "shared", generator)  # [N, C, h, w]
+    noisy = models.noisy_input(latents, noise, timesteps)
+    target = models.target(latents, noise, timesteps)
+    weight = models.loss_weight(timesteps)  # [N] or None
 
     def per_image_mse(pred: torch.Tensor) -> torch.Tensor:
-        return ((pred.float() - target.float()) ** 2).mean(dim=(1, 2, 3))  # [N]
+        err = (pred.float() - target.float()) ** 2  # [N, C, h, w]
+        if weight is not None:
+            err = weight.reshape(-1, *([1] * (err.ndim - 1))) * err
+        return err.mean(dim=tuple(range(1, err.ndim)))  # [N]
 
-    model_err = per_image_mse(unet(noisy, timesteps, text, return_dict=False)[0])
-    base = getattr(unet, "module", unet)  # DDP wraps the UNet; adapters live on the inner module
+    # ---- trained model, then the reference: the same denoiser with the adapter switched off
+    model_err = per_image_mse(models.predict(noisy, timesteps, cond))
+    base = getattr(models.denoiser, "module", models.denoiser)  # DDP wraps the denoiser; adapters live inside
     with torch.no_grad():
         base.disable_adapters()
-        ref_err = per_image_mse(unet(noisy, timesteps, text, return_dict=False)[0])
-        base.enable_adapters()
+        try:
+            ref_err = per_image_mse(models.predict(noisy, timesteps, cond))
+        finally:
+            base.enable_adapters()
 
+    # ---- preference loss
     phi, rank = batch.phi.to(device), batch.rank.to(device)
+    mask = getattr(batch, "pair_mask", None)  # [N, N] bool with min_pair_agreement, else None
+    mask = None if mask is None else mask.to(device)
     if config.loss == "rankdpo":
-        return rankdpo_loss_batched(model_err, ref_err, phi, rank, group, config.beta, config.discount_rank)
-    return ranked_dpo_loss(model_err, ref_err, phi, rank, group, config.beta, config.dpo_pairs)
+        loss = rankdpo_loss_batched(model_err, ref_err, phi, rank, group, config.beta, config.discount_rank, mask)
+        w, l = preference_pairs(phi, rank, group, "all", mask)
+    else:
+        loss = ranked_dpo_loss(model_err, ref_err, phi, rank, group, config.beta, config.dpo_pairs, mask)
+        w, l = preference_pairs(phi, rank, group, config.dpo_pairs, mask)
+    metrics = {
+        "implicit_acc": implicit_accuracy(model_err, ref_err, w, l).item(),
+        "model_err": model_err.detach().mean().item(),
+        "ref_err": ref_err.detach().mean().item(),
+    }
+    return StepOutput(loss, metrics)
+
+
+def compute_loss(models: ModelFamily, batch: RankedBatch, config: TrainConfig, generator: torch.Generator) -> torch.Tensor:
+    """``compute_step``'s loss alone."""
+    return compute_step(models, batch, config, generator).loss
+
+
+# ---- checkpoints (diffusers' names: checkpoint-<step> folders under output_dir)
+def config_key(config: TrainConfig) -> str:
+    """Hash of every field that changes what a step computes (STYLE lesson 13)."""
+    values = {k: v for k, v in config.to_dict().items() if k not in RESUME_FREE_FIELDS}
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints (their ``training_state.json`` is written last), oldest first."""
+    found = [p.parent for p in Path(output_dir).glob("checkpoint-*/training_state.json")]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]) if p.name.split("-")[1].isdigit() else -1)
+
+
+def resolve_checkpoint(config: TrainConfig) -> Path | None:
+    """The checkpoint ``resume_from_checkpoint`` names, or ``None`` to start fresh."""
+    if config.resume_from_checkpoint is None:
+        return None
+    if config.resume_from_checkpoint == "latest":
+        found = list_checkpoints(config.output_dir)
+        if not found:
+            logger.info("resume_from_checkpoint=latest: no checkpoint in %s, starting fresh", config.output_dir)
+        return found[-1] if found else None
+    path = Path(config.resume_from_checkpoint)
+    if not (path / "training_state.json").is_file():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no training_state.json); "
+                                f"give a checkpoint-<step> folder or 'latest'")
+    return path
+
+
+def _rewrite_log(path: Path, up_to_step: int) -> None:
+    """Keep the per-step CSV rows up to a resumed step (an interrupted run may have logged past it)."""
+    if not path.is_file():
+        return
+    with path.open(newline="") as f:
+        rows = [r for r in csv.DictReader(f) if int(r["step"]) <= up_to_step]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, LOG_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def train(config: TrainConfig) -> dict:
     """Train a LoRA adapter with ``config``; save it and ``train_summary.json`` to ``config.output_dir``.
 
     Returns:
-        The summary: steps, first_loss, last_loss, losses, seconds, skipped (bad samples per reason),
-        config, lora_path (the safetensors file) and output_dir.
+        The summary: steps, first_loss, last_loss, losses, metrics (per step), seconds, skipped
+        (bad samples per reason), config, family, lora_path (the safetensors file), log_path
+        (per-step CSV), resumed_from and output_dir.
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from diffusers import StableDiffusionPipeline
     from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
+    from diffusers.optimization import get_scheduler
 
     # ---- setup
     if config.torch_threads > 0:
@@ -199,10 +240,13 @@ def train(config: TrainConfig) -> dict:
     )
     logger.info("train config: %s", json.dumps(config.to_dict()))
     set_seed(config.seed)
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
 
-    # ---- models: frozen base + LoRA adapter on the UNet
+    # ---- models: frozen base + LoRA adapter on the family's denoiser
     models = load_models(config, accelerator.device, WEIGHT_DTYPES[mixed_precision])
-    params = add_lora(models.unet, config)
+    logger.info("model family: %s (%s)", type(models).__name__, models.pipeline_class)
+    params = add_lora(models.denoiser, config, models.lora_target_modules)
     optimizer = torch.optim.AdamW(
         params,
         lr=config.learning_rate,
@@ -210,72 +254,135 @@ def train(config: TrainConfig) -> dict:
         weight_decay=config.adam_weight_decay,
         eps=config.adam_epsilon,
     )
-    models.unet, optimizer = accelerator.prepare(models.unet, optimizer)
-    models.unet.train()
+    # accelerate steps a prepared scheduler once per process, hence the scaling (as diffusers' scripts)
+    lr_scheduler = get_scheduler(
+        config.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=config.max_steps * accelerator.num_processes,
+    )
+    models.denoiser, optimizer, lr_scheduler = accelerator.prepare(models.denoiser, optimizer, lr_scheduler)
+    models.denoiser.train()
+
+    # Checkpoints hold the LoRA only (diffusers' format), not the frozen base weights.
+    def save_model_hook(prepared, weights, output_dir):
+        for model in prepared:
+            if accelerator.is_main_process:
+                models.save_lora(output_dir, accelerator.unwrap_model(model))
+        weights.clear()
+
+    def load_model_hook(prepared, input_dir):
+        while prepared:
+            models.load_lora(input_dir, accelerator.unwrap_model(prepared.pop()))
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
 
     # ---- data
-    dataset = RankedShards(
-        config.shards,
-        config.resolution,
-        shuffle_seed=config.seed if config.shuffle else None,
-        shuffle_buffer=config.shuffle_buffer,
-        process_index=accelerator.process_index,
-        num_processes=accelerator.num_processes,
-        max_image_pixels=config.max_image_pixels,
-    )
+    # data_format picks the reader (ranked / pairs / pickapic); each process reads its own share
+    dataset = open_dataset(config, accelerator.process_index, accelerator.num_processes)
     batches = iter_batches(dataset, config.batch_size)
     generator = torch.Generator().manual_seed(config.seed + accelerator.process_index)
 
-    # ---- training loop
+    # ---- resume: weights, optimiser, LR scheduler and RNG states from accelerate; ours from JSON
     losses: list[float] = []
+    step_metrics: list[dict[str, float]] = []
+    micro_batches = 0  # data position: micro-batches consumed
+    log_path = out / "train_log.csv"
+    checkpoint = resolve_checkpoint(config)
+    if checkpoint is not None:
+        state = json.loads((checkpoint / "training_state.json").read_text())
+        if state["config_key"] != config_key(config):
+            raise ValueError(f"{checkpoint} was trained with a different config (key {state['config_key']} != "
+                             f"{config_key(config)}); resume with the same settings or start a new output_dir")
+        accelerator.load_state(str(checkpoint))
+        generator.set_state(torch.load(checkpoint / f"generator_{accelerator.process_index}.pt"))
+        losses, step_metrics, micro_batches = state["losses"], state["metrics"], state["micro_batches"]
+        for _ in range(micro_batches):  # replay the data order up to the checkpoint (decodes, no training)
+            next(batches)
+        if accelerator.is_main_process:
+            _rewrite_log(log_path, len(losses))
+        logger.info("resumed from %s at step %d", checkpoint, len(losses))
+    elif accelerator.is_main_process:
+        log_path.unlink(missing_ok=True)
+
+    def save_checkpoint(step: int) -> None:
+        path = out / f"checkpoint-{step}"
+        accelerator.save_state(str(path))
+        torch.save(generator.get_state(), path / f"generator_{accelerator.process_index}.pt")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            state = {"step": step, "micro_batches": micro_batches, "losses": losses, "metrics": step_metrics,
+                     "config_key": config_key(config)}
+            (path / "training_state.json").write_text(json.dumps(state))  # last: marks the checkpoint complete
+            limit = config.checkpoints_total_limit
+            for old in list_checkpoints(out)[:-limit] if limit else []:
+                shutil.rmtree(old)
+            logger.info("saved checkpoint %s", path)
+
+    # ---- training loop
     step_loss = 0.0
-    start = time.perf_counter()
+    acc_metrics = {k: 0.0 for k in LOG_COLUMNS[2:5]}
+    start, start_step = time.perf_counter(), len(losses)
     while len(losses) < config.max_steps:
-        with accelerator.accumulate(models.unet):
-            loss = compute_loss(models, next(batches), config, generator)
-            accelerator.backward(loss)
+        with accelerator.accumulate(models.denoiser):
+            out_step = compute_step(models, next(batches), config, generator)
+            micro_batches += 1
+            accelerator.backward(out_step.loss)
             if accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
+            lr_scheduler.step()
             optimizer.zero_grad()
-        step_loss += accelerator.gather(loss.detach()).mean().item() / config.gradient_accumulation_steps
+        step_loss += accelerator.gather(out_step.loss.detach()).mean().item() / config.gradient_accumulation_steps
+        for k in acc_metrics:
+            acc_metrics[k] += out_step.metrics[k] / config.gradient_accumulation_steps
         if not accelerator.sync_gradients:
             continue
         losses.append(step_loss)
-        step_loss = 0.0
         step = len(losses)
+        row = {"step": step, "loss": step_loss, **acc_metrics, "lr": lr_scheduler.get_last_lr()[0]}
+        step_metrics.append({k: row[k] for k in LOG_COLUMNS[2:]})
+        step_loss = 0.0
+        acc_metrics = dict.fromkeys(acc_metrics, 0.0)
+        if accelerator.is_main_process:
+            new_file = not log_path.is_file()
+            with log_path.open("a", newline="") as f:
+                writer = csv.DictWriter(f, LOG_COLUMNS)
+                if new_file:
+                    writer.writeheader()
+                writer.writerow(row)
         if step % config.log_every == 0 or step == config.max_steps:
-            rate = step / (time.perf_counter() - start)
+            rate = (step - start_step) / (time.perf_counter() - start)
             eta = (config.max_steps - step) / rate
-            logger.info("step %d/%d loss %.5f %.2f steps/s eta %.0fs", step, config.max_steps, losses[-1], rate, eta)
+            logger.info("step %d/%d loss %.5f acc %.2f err %.5f ref %.5f %.2f steps/s eta %.0fs", step,
+                        config.max_steps, losses[-1], row["implicit_acc"], row["model_err"], row["ref_err"], rate, eta)
+        if config.checkpointing_steps and step % config.checkpointing_steps == 0:
+            save_checkpoint(step)
     seconds = time.perf_counter() - start
 
     # ---- save the LoRA (diffusers format, loadable with pipe.load_lora_weights) and a summary
-    out = Path(config.output_dir)
     accelerator.wait_for_everyone()
     summary = {
         "steps": len(losses),
-        "first_loss": losses[0],
-        "last_loss": losses[-1],
+        "first_loss": losses[0] if losses else math.nan,
+        "last_loss": losses[-1] if losses else math.nan,
         "losses": losses,
+        "metrics": step_metrics,
         "seconds": seconds,
         "skipped": dict(dataset.skipped),
         "config": config.to_dict(),
+        "family": models.pipeline_class,
         "lora_path": str(out / LORA_WEIGHT_NAME_SAFE),
+        "log_path": str(log_path),
+        "resumed_from": str(checkpoint) if checkpoint else None,
         "output_dir": str(out),
     }
     if accelerator.is_main_process:
-        unet = accelerator.unwrap_model(models.unet)
-        StableDiffusionPipeline.save_lora_weights(
-            out,
-            unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
-            safe_serialization=True,
-            # Stores lora_alpha, so a reload scales the adapter as trained even when alpha != rank.
-            unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
-        )
+        models.save_lora(out, accelerator.unwrap_model(models.denoiser))
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
         logger.info("saved LoRA to %s (%d steps, %.1fs, loss %.5f -> %.5f)",
-                    summary["lora_path"], len(losses), seconds, losses[0], losses[-1])
+                    summary["lora_path"], len(losses), seconds, summary["first_loss"], summary["last_loss"])
     accelerator.end_training()
     return summary
 

@@ -1,0 +1,163 @@
+"""Checks a training run before any model loads: a bad config fails in a second, with one line.
+
+``preflight_train(config)`` raises ``ValueError`` / ``FileNotFoundError`` whose message is a single
+line naming the offending key, entry, file or folder, so ``synpref train`` can print it and exit 2
+(as ``synpref build`` does with its own ``preflight``). It reads only shard listings, parquet footers and
+the first tar header, and writes one probe file into ``output_dir`` (created if missing, probe removed).
+"""
+from __future__ import annotations
+
+import os
+import re
+import tarfile
+
+import fsspec
+
+from synpref.training.data import READERS, resolve_shards
+
+# "name" or "org/name": what a hub id looks like. Anything else that does not exist is a missing folder.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*)?$")
+_OFFLINE = ("1", "true", "yes", "on")
+
+
+def _line(exn: BaseException | str) -> str:
+    """One line: whitespace (newlines included) collapsed."""
+    text = exn if isinstance(exn, str) else (str(exn) or type(exn).__name__)
+    return " ".join(text.split())
+
+
+def preflight_train(config) -> list[str]:
+    """Validate ``config`` (a ``TrainConfig``) before the first step; return the resolved shard list.
+
+    Checks, in order: ``max_steps >= 1``; ``data_format`` is known; every ``shards`` entry matches
+    something and the list is not empty; ranked/pairs tars look like the layout ``data_format`` names
+    (first sample of the first shard); every Pick-a-Pic parquet has ``caption``, ``jpg_0``, ``jpg_1``,
+    ``label_0``; a local ``pretrained_model`` folder exists (a hub id must be cached when
+    ``HF_HUB_OFFLINE`` is set); ``output_dir`` can be created and written (probe file via fsspec).
+
+    Raises:
+        ValueError: a bad value, a malformed input file or an unwritable ``output_dir`` (one line).
+        FileNotFoundError: a shard entry matching nothing or a missing model folder (one line).
+    """
+    max_steps = getattr(config, "max_steps", None)
+    if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1:
+        raise ValueError(f"max_steps must be an integer >= 1, got {max_steps!r}")
+    data_format = getattr(config, "data_format", "ranked")
+    if data_format not in READERS:
+        raise ValueError(f"unknown data_format {data_format!r}; valid: {sorted(READERS)}")
+    urls = _check_shards(list(config.shards or []), data_format)
+    _check_model(str(config.pretrained_model), getattr(config, "revision", None))
+    _check_output_dir(str(config.output_dir))
+    return urls
+
+
+def _check_shards(entries: list[str], data_format: str) -> list[str]:
+    if not entries:
+        raise ValueError("shards is empty: give shard paths, globs, directories or URLs")
+    ext = READERS[data_format].extension
+    urls = []
+    for entry in entries:  # one at a time, so the message names the entry
+        try:
+            urls += resolve_shards([entry], ext)
+        except FileNotFoundError as exn:
+            raise FileNotFoundError(f"shards: {_line(exn)}") from None
+        except (OSError, ValueError) as exn:
+            raise ValueError(f"shards: cannot list {entry!r}: {_line(exn)}") from None
+    if not urls:
+        raise ValueError(f"shards: {entries} matched no {ext} file")
+    if data_format == "pickapic":
+        for url in urls:
+            _check_pickapic(url)
+    else:
+        _check_tar_layout(urls[0], data_format)
+    return urls
+
+
+def _check_pickapic(url: str) -> None:
+    import pyarrow.parquet as pq
+
+    from synpref.training.data import PICKAPIC_COLUMNS
+
+    try:
+        with fsspec.open(url, "rb") as f:
+            names = pq.ParquetFile(f).schema_arrow.names
+    except (OSError, ValueError) as exn:
+        raise ValueError(f"shards: {url} is not a readable parquet file: {_line(exn)}") from None
+    missing = [c for c in PICKAPIC_COLUMNS if c not in names]
+    if missing:
+        raise ValueError(f"shards: {url} is missing column(s) {missing}; data_format pickapic needs "
+                         f"the Pick-a-Pic v2 columns {list(PICKAPIC_COLUMNS)}")
+
+
+def _first_sample_members(url: str, limit: int = 64) -> list[str]:
+    """Member names of the first sample of a tar (stops at the first key change); [] if unreadable."""
+    names: list[str] = []
+    key = None
+    try:
+        with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+            for member in tar:
+                base = os.path.basename(member.name)
+                this_key = base.split(".", 1)[0]
+                if key is not None and this_key != key:
+                    break
+                key = this_key
+                names.append(base)
+                if len(names) >= limit:
+                    break
+    except (OSError, tarfile.TarError, EOFError):
+        return []  # the reader skips corrupt shards with a counted reason; not a config error
+    return names
+
+
+def _check_tar_layout(url: str, data_format: str) -> None:
+    """Catch ranked/pairs mix-ups from the first sample, instead of skipping every sample as missing_image."""
+    names = _first_sample_members(url)
+    is_pairs = any(n.endswith(".win.png") or n.endswith(".lose.png") for n in names)
+    is_ranked = any(n.endswith(".img0.png") for n in names)
+    if data_format == "ranked" and is_pairs and not is_ranked:
+        raise ValueError(f"shards: {url} holds pairs samples (win.png/lose.png) but data_format is 'ranked': "
+                         "set data_format: pairs or point shards at the ranked/ folder")
+    if data_format == "pairs" and is_ranked and not is_pairs:
+        raise ValueError(f"shards: {url} holds ranked samples (img0.png, ...) but data_format is 'pairs': "
+                         "set data_format: ranked or point shards at the pairs/ folder")
+
+
+def _check_model(name: str, revision: str | None) -> None:
+    path = os.path.expanduser(name)
+    if os.path.isdir(path):
+        return
+    if os.path.exists(path):
+        raise FileNotFoundError(f"model folder {name!r} is a file, not a diffusers model folder")
+    if not _HUB_ID.fullmatch(name):  # an absolute, ./relative or deeper path: only a folder can be meant
+        raise FileNotFoundError(f"model folder {name!r} does not exist (pretrained_model)")
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _OFFLINE and not _in_hub_cache(name, revision):
+        raise FileNotFoundError(f"model folder {name!r} does not exist, and no hub model {name!r} is in the "
+                                "local cache (HF_HUB_OFFLINE is set) (pretrained_model)")
+
+
+def _in_hub_cache(repo_id: str, revision: str | None) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return True  # cannot tell: let the loader decide
+    for filename in ("model_index.json", "unet/config.json", "transformer/config.json"):
+        try:
+            if isinstance(try_to_load_from_cache(repo_id, filename, revision=revision), str):
+                return True
+        except Exception:  # an id the hub library refuses is not in the cache either
+            return False
+    return False
+
+
+def _check_output_dir(output_dir: str) -> None:
+    probe = None
+    try:
+        fs, path = fsspec.core.url_to_fs(output_dir)
+        fs.makedirs(path, exist_ok=True)
+        probe = path.rstrip("/") + f"/.synpref-write-probe-{os.getpid()}"
+        with fs.open(probe, "wb") as f:
+            f.write(b"ok")
+        fs.rm(probe)
+    except Exception as exn:  # remote filesystems raise their own types (auth, HTTP): all mean "cannot write"
+        raise ValueError(f"output_dir {output_dir!r} cannot be created or written: "
+                         f"{type(exn).__name__}: {_line(exn)}") from None
