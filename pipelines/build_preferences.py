@@ -101,7 +101,8 @@ class BuildPreferences(beam.PTransform):
         scored = generated["units"] | "ScoreCandidates" >> ScoreCandidates(
             cfg.rewards, expected_images=None if n is None else n * per_prompt, torch_threads=cfg.torch_threads)
         ranked = (prompts["prompts"], scored["scored"]) | "RankCandidates" >> RankGroups(
-            [r.name for r in cfg.rewards], cfg.ranking.aggregator, cfg.filter.min_candidates)
+            [r.name for r in cfg.rewards], cfg.ranking.aggregator, cfg.filter.min_candidates,
+            reward_weights=cfg.ranking.reward_weights, zscore_scope=cfg.ranking.zscore_scope)
         filtered = ranked["groups"] | "FilterNoisyPairs" >> FilterPairs(cfg.filter)
         reward_info = {r["name"]: {"version": r["version"], "fingerprint": r["fingerprint"]}
                        for r in describe_rewards(cfg)}
@@ -114,7 +115,7 @@ class BuildPreferences(beam.PTransform):
             prompts["prompts"] | "CountKept" >> CountAs("prompts_kept"),
             ranked["groups"] | "CountPairs" >> CountAs("pairs_considered", lambda g: len(g.pairs)),
         ] | "AllCounts" >> beam.Flatten()
-        return (counts, drops, shards, dead_letter_files) | "WriteManifest" >> WriteManifest(
+        return (counts, drops, shards, dead_letter_files, ranked["stats"]) | "WriteManifest" >> WriteManifest(
             f"{out.rstrip('/')}/manifest.json", manifest_header(cfg), per_prompt)
 
 

@@ -87,19 +87,32 @@ class RewardConfig:
 
 @dataclass(frozen=True)
 class RankingConfig:
-    aggregator: Literal["syn_pic"] = "syn_pic"
+    """How candidates are labelled (``synpref.transforms.aggregators``; PAPER_NOTES s.1 and s.5).
+
+    ``aggregator``: a registered name: ``syn_pic`` (default, the paper's win rate), ``mean_bt``,
+    ``mean_zscore``, ``weighted_sum``, ``reliability_weighted``. ``reward_weights``: {reward name:
+    weight >= 0}, missing names weigh 1; used by every aggregator except ``reliability_weighted``
+    (which estimates its own) and by the pair agreement. ``zscore_scope``: statistics of
+    ``mean_zscore`` over the whole dataset or per prompt.
+    """
+
+    aggregator: str = "syn_pic"
+    reward_weights: dict[str, float] = field(default_factory=dict)
+    zscore_scope: Literal["dataset", "prompt"] = "dataset"
 
 
 @dataclass(frozen=True)
 class FilterConfig:
-    """Noisy-pair filter: keep a pair when agreement - 0.5 > ``min_agreement_margin``.
+    """Noisy-pair filter: keep a pair when agreement - 0.5 > ``min_agreement_margin``, all rewards
+    agree (``require_unanimous``) and phi_winner - phi_loser >= ``min_aggregate_gap`` (0: off).
 
-    Agreement is the fraction of rewards preferring the winner (PAPER_NOTES s.1).
+    Agreement is the (weighted) fraction of rewards preferring the winner (PAPER_NOTES s.1, s.5).
     """
 
     min_agreement_margin: float = 0.0
     require_unanimous: bool = False
     min_candidates: int = 2
+    min_aggregate_gap: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -168,6 +181,28 @@ class BuildConfig:
             raise ValueError("output.samples_per_shard must be >= 1")
         if not 0.0 <= self.filter.min_agreement_margin < 0.5:
             raise ValueError("filter.min_agreement_margin must be in [0, 0.5)")
+        if not 0.0 <= self.filter.min_aggregate_gap <= 1.0:
+            raise ValueError(f"filter.min_aggregate_gap must be in [0, 1] (labels are in [0, 1]), "
+                             f"got {self.filter.min_aggregate_gap}")
+        from synpref.transforms.aggregators import available_aggregators, get_aggregator
+
+        if self.ranking.aggregator not in available_aggregators():
+            raise ValueError(f"unknown ranking.aggregator {self.ranking.aggregator!r}; "
+                             f"available: {available_aggregators()}")
+        if not isinstance(self.ranking.reward_weights, dict):
+            raise ValueError("ranking.reward_weights must be a mapping {reward name: weight}")
+        unknown_w = sorted(set(self.ranking.reward_weights) - set(names))
+        if unknown_w:
+            raise ValueError(f"ranking.reward_weights names unknown reward(s) {unknown_w}; rewards: {names}")
+        for r, w in self.ranking.reward_weights.items():
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0 or w == float("inf"):
+                raise ValueError(f"ranking.reward_weights.{r} must be a finite number >= 0, got {w!r}")
+        if self.ranking.reward_weights and not any(
+                float(self.ranking.reward_weights.get(r, 1)) > 0 for r in names):
+            raise ValueError("ranking.reward_weights: at least one reward needs a positive weight")
+        if self.ranking.reward_weights and not get_aggregator(self.ranking.aggregator).uses_config_weights:
+            raise ValueError(f"ranking.aggregator {self.ranking.aggregator!r} estimates its own reward weights: "
+                             "leave ranking.reward_weights empty")
         if self.filter.min_candidates < 2:
             raise ValueError(f"filter.min_candidates must be >= 2 (a ranking needs two images), "
                              f"got {self.filter.min_candidates}")

@@ -86,7 +86,8 @@ class _WriteManifest(beam.DoFn):
     def __init__(self, path: str, header: dict[str, Any], per_prompt: int):
         self.path, self.header, self.per_prompt = path, header, per_prompt
 
-    def process(self, _, counts: dict, drops: dict, errors: dict, shards: list, dead_letter_files: list):
+    def process(self, _, counts: dict, drops: dict, errors: dict, shards: list, dead_letter_files: list,
+                ranking: list):
         counts = dict(counts)
         counts["groups_written"] = sum(s["groups"] for s in shards)
         counts["images_written"] = sum(s["images"] for s in shards)
@@ -96,7 +97,9 @@ class _WriteManifest(beam.DoFn):
                     "errors_by_stage": {stage: {"count": n, "first": first}
                                         for stage, (n, first) in sorted(errors.items())},
                     "shards": sorted(shards, key=lambda s: s["shard"]),
-                    "dead_letter_files": sorted(dead_letter_files)}
+                    "dead_letter_files": sorted(dead_letter_files),
+                    # the aggregator's dataset statistics or estimated reward weights, when it has any
+                    "ranking": ranking[0] if ranking else {}}
         with AtomicFile(self.path.rsplit("/", 1)[0] + "/README.md") as f:
             f.write(dataset_card(manifest).encode())
         with AtomicFile(self.path) as f:  # last: a manifest on disk means the build finished
@@ -114,7 +117,7 @@ def _count_and_first(values) -> tuple[int, str]:
 
 
 class WriteManifest(beam.PTransform):
-    """(counts, drops, shard stats, dead-letter files) -> manifest.json, written last.
+    """(counts, drops, shard stats, dead-letter files, ranking stats) -> manifest.json, written last.
 
     Taking the shard stats and the dead-letter file names as side inputs makes the
     manifest wait for both writes: a manifest on disk means the build finished.
@@ -125,7 +128,7 @@ class WriteManifest(beam.PTransform):
         self.path, self.header, self.per_prompt = path, header, per_prompt
 
     def expand(self, inputs):
-        counts, drops, shards, dead_letter_files = inputs
+        counts, drops, shards, dead_letter_files, ranking = inputs
         drop_counts = (drops
                        | "DropKey" >> beam.Map(lambda d: (f"{d.level}:{d.reason}", 1))
                        | "CountDrops" >> beam.CombinePerKey(sum))
@@ -138,7 +141,7 @@ class WriteManifest(beam.PTransform):
                 | "Write" >> beam.ParDo(_WriteManifest(self.path, self.header, self.per_prompt),
                                         beam.pvalue.AsDict(counts), beam.pvalue.AsDict(drop_counts),
                                         beam.pvalue.AsDict(errors), beam.pvalue.AsList(shards),
-                                        beam.pvalue.AsList(dead_letter_files)))
+                                        beam.pvalue.AsList(dead_letter_files), beam.pvalue.AsList(ranking)))
 
 
 class WriteDeadLetters(beam.PTransform):

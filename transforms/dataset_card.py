@@ -11,6 +11,10 @@ from typing import Any
 import yaml
 
 
+SYN_PIC = (" (Syn-Pic win rate: each image's share of strict wins over all rewards and all other candidates"
+           " of its prompt)")
+
+
 def dataset_card(manifest: dict[str, Any]) -> str:
     import datasets
 
@@ -32,8 +36,7 @@ def dataset_card(manifest: dict[str, Any]) -> str:
     body = f"""# Synthetic ranked preferences (synpref {manifest['synpref_version']})
 
 Built with synpref: candidates from {generators}, scored by {rewards},
-labelled with the `{manifest['aggregator']}` aggregator (Syn-Pic win rate: each image's share of strict wins
-over all rewards and all other candidates of its prompt).
+labelled with the `{manifest['aggregator']}` aggregator{SYN_PIC if manifest['aggregator'] == 'syn_pic' else ''}.
 
 | | in | written | dropped |
 |---|---|---|---|

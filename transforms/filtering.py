@@ -14,13 +14,24 @@ DROPPED = "dropped"
 
 
 def keep_pair(pair: PreferencePair, cfg: FilterConfig) -> Union[bool, tuple[bool, str]]:
-    """True, or (False, reason). Reasons: tied_phi, low_agreement, not_unanimous.
+    """True, or (False, reason). Rules, in this order (the first that fails names the reason):
 
-    The margin rule ``wins / n - 1/2 > margin`` is evaluated in exact fractions of integer win
-    counts: in floats 0.8 - 0.5 is 0.30000000000000004, which would keep a 4-of-5 pair at margin 0.3.
+    * ``tied_phi``: equal labels, no preference;
+    * ``small_gap``: phi_winner - phi_loser < ``min_aggregate_gap`` (off at 0);
+    * ``low_agreement``: agreement - 1/2 <= ``min_agreement_margin``;
+    * ``not_unanimous`` (with ``require_unanimous``): agreement < 1, i.e. some reward with a
+      positive weight does not score the winner strictly higher.
+
+    Agreement is the (weighted) fraction of rewards preferring the winner, compared as the exact
+    fraction ``wins / n_rewards`` (integer votes, or the exact weighted fraction: see
+    ``ranking.rank_candidates``): in floats 0.8 - 0.5 is 0.30000000000000004, which would keep a
+    4-of-5 pair at margin 0.3. The gap compares labels that are floats already; its threshold is
+    read as the float it is.
     """
     if pair.phi_winner == pair.phi_loser:
         return False, "tied_phi"
+    if cfg.min_aggregate_gap and abs(pair.phi_winner - pair.phi_loser) < cfg.min_aggregate_gap:
+        return False, "small_gap"
     if pair.n_rewards:
         agreement = Fraction(pair.wins, pair.n_rewards)
         unanimous = pair.wins == pair.n_rewards
@@ -45,7 +56,8 @@ class _FilterPairs(beam.DoFn):
                 kept.append(pair)
             else:
                 yield beam.pvalue.TaggedOutput(DROPPED, Drop(
-                    "pair", verdict[1], pair.key, "filter", f"agreement={pair.agreement:.3f}"))
+                    "pair", verdict[1], pair.key, "filter",
+                    f"agreement={pair.agreement:.3f} gap={abs(pair.phi_winner - pair.phi_loser):.4f}"))
         yield dataclasses.replace(group, pairs=tuple(kept))
 
 
