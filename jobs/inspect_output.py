@@ -1,13 +1,35 @@
-"""``synpref inspect``: what a build wrote, re-read from disk and checked against its manifest."""
+"""``synpref inspect``: what a build wrote, re-read from disk and checked against its manifest.
+
+Everything is read from the folder given (``shard_paths(output_dir, shard)``), never from the absolute
+paths the manifest recorded at build time, so a copied or moved build is checked as it is now. A shard
+that is missing, truncated or not a tar is a *finding* naming the file, never a traceback.
+
+``collect_report`` gathers the figures once (polars tables: counts, drops by reason, per-reward score
+distribution, reward agreement); ``format_text`` prints them and ``synpref.jobs.html_report`` renders
+them as one self-contained HTML file. Nothing is unpickled: tar members are read as bytes, JSON is
+parsed and images go through ``decode_image``.
+"""
 from __future__ import annotations
 
+import io
 import json
 import tarfile
+from dataclasses import dataclass, field
+from typing import Iterator
 
 import fsspec
-import webdataset as wds
+import numpy as np
+import polars as pl
 
 from synpref.transforms.imageio import check_member_name
+from synpref.transforms.writing import shard_paths
+
+_READ_ERRORS = (OSError, EOFError, tarfile.TarError, ValueError)
+
+
+def _error_text(exn: BaseException) -> str:
+    msg = " ".join(str(exn).split())
+    return f"{type(exn).__name__}: {msg}" if msg else type(exn).__name__
 
 
 def scan_shard(tar_uri: str) -> tuple[int, list[str]]:
@@ -33,50 +55,286 @@ def scan_shard(tar_uri: str) -> tuple[int, list[str]]:
     return samples, unsafe
 
 
-def verify(manifest: dict) -> list[str]:
-    """Problems found re-reading every shard (empty list = all good)."""
-    problems = []
+def iter_tar_samples(tar_uri: str) -> Iterator[dict[str, bytes]]:
+    """Raw samples ``{"__key__": key, ext: bytes}`` of one shard; unsafe or non-regular members are skipped.
+
+    Raises whatever reading the tar raises (``OSError``, ``tarfile.TarError``...): callers turn it into a finding.
+    """
+    current: dict[str, bytes] | None = None
+    with fsspec.open(tar_uri, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        for member in tar:
+            try:
+                check_member_name(member.name)
+            except ValueError:
+                continue
+            if not member.isreg():
+                continue
+            key, ext = member.name.split(".", 1)
+            data = tar.extractfile(member).read()
+            if len(data) != member.size:
+                raise tarfile.ReadError(f"unexpected end of data in member {member.name!r}")
+            if current is not None and current["__key__"] != key:
+                yield current
+                current = None
+            if current is None:
+                current = {"__key__": key}
+            current[ext] = data
+    if current is not None:
+        yield current
+
+
+def local_shards(output_dir: str, manifest: dict) -> list[dict]:
+    """The manifest's shards with their files resolved under ``output_dir`` (where the build is now)."""
+    out = []
     for s in manifest["shards"]:
-        for tar, expected in ((s["ranked_tar"], s["groups"]), (s["pairs_tar"], s["pairs"])):
+        paths = shard_paths(output_dir, int(s["shard"])) if "shard" in s else {}
+        out.append({**s, **{k: v for k, v in paths.items() if k not in ("name", "stats")}})
+    return out
+
+
+def _file_size(uri: str) -> int | None:
+    try:
+        fs, path = fsspec.core.url_to_fs(uri)
+        return fs.size(path)
+    except (OSError, ValueError):
+        return None
+
+
+def verify(manifest: dict, output_dir: str | None = None) -> list[str]:
+    """Problems found re-reading every shard (empty list = all good).
+
+    With ``output_dir``, shard files are looked up there (``shard_paths``), not at the paths the manifest
+    recorded when it was written.
+    """
+    problems = []
+    shards = local_shards(output_dir, manifest) if output_dir else manifest["shards"]
+    for s in shards:
+        sizes = s.get("sizes") or {}
+        for key, expected in (("ranked_tar", s["groups"]), ("pairs_tar", s["pairs"])):
+            tar = s[key]
             try:
                 got, unsafe = scan_shard(tar)
-            except (OSError, tarfile.TarError) as exn:
-                problems.append(f"{tar}: unreadable: {exn}")
+            except FileNotFoundError:
+                problems.append(f"{tar}: missing")
+                continue
+            except _READ_ERRORS as exn:
+                size = _file_size(tar)
+                problems.append(f"{tar}: unreadable ({_error_text(exn)})"
+                                + (f"; {size} bytes, manifest says {sizes[key]}" if key in sizes and size is not None
+                                   and size != sizes[key] else ""))
                 continue
             problems += [f"{tar}: {u}" for u in unsafe]
             if got != expected:
                 problems.append(f"{tar}: {got} samples, manifest says {expected}")
+            size = _file_size(tar)
+            if key in sizes and size is not None and size != sizes[key]:
+                problems.append(f"{tar}: {size} bytes, manifest says {sizes[key]} (truncated or changed)")
     for level, c in manifest["counts"].items():
         if not c["balanced"]:
             problems.append(f"{level}: in={c['in']} != written={c['written']} + dropped={c['dropped_total']}")
     return problems
 
 
-def inspect_output(output_dir: str, samples: int = 2, verify_shards: bool = True) -> str:
+def kendall_tau_b(x: np.ndarray, y: np.ndarray) -> float:
+    """Kendall's tau-b of two score vectors (ties counted as in scipy); NaN when either is constant."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    iu = np.triu_indices(len(x), k=1)
+    dx = np.sign(x[:, None] - x[None, :])[iu]
+    dy = np.sign(y[:, None] - y[None, :])[iu]
+    denom = np.sqrt(np.count_nonzero(dx) * np.count_nonzero(dy))
+    return float(np.sum(dx * dy) / denom) if denom > 0 else float("nan")
+
+
+def reward_agreement(scores: pl.DataFrame, rewards: list[str]) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Kendall tau-b between every pair of rewards, within each prompt group, averaged over groups.
+
+    ``scores``: one row per candidate, columns ``prompt_id`` and one per reward. Returns the matrix
+    (column ``reward`` plus one column per reward) and the number of groups each mean is over (groups
+    where either reward is constant have no tau and are left out).
+    """
+    k = len(rewards)
+    sums, counts = np.zeros((k, k)), np.zeros((k, k), dtype=int)
+    for (_pid,), g in scores.group_by(["prompt_id"], maintain_order=True):
+        if g.height < 2:
+            continue
+        cols = [g[r].to_numpy().astype(float) for r in rewards]
+        for a in range(k):
+            for b in range(a, k):
+                tau = kendall_tau_b(cols[a], cols[b])
+                if np.isfinite(tau):
+                    for i, j in ((a, b), (b, a)) if a != b else ((a, a),):
+                        sums[i, j] += tau
+                        counts[i, j] += 1
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+    matrix = pl.DataFrame({"reward": rewards, **{r: mean[:, j] for j, r in enumerate(rewards)}})
+    groups = pl.DataFrame({"reward": rewards, **{r: counts[:, j] for j, r in enumerate(rewards)}})
+    return matrix, groups
+
+
+@dataclass
+class InspectReport:
+    output_dir: str
+    manifest: dict
+    counts: pl.DataFrame
+    drops: pl.DataFrame            # level, reason, stage, count (from dead_letter/*.jsonl)
+    scores: pl.DataFrame           # one row per candidate: prompt_id, prompt, rank, phi, generator_id, <reward>...
+    score_stats: pl.DataFrame      # reward, n, min, median, max
+    agreement: pl.DataFrame        # reward x reward mean Kendall tau-b
+    agreement_groups: pl.DataFrame
+    samples: list[dict] = field(default_factory=list)  # first ranked samples: {"json": meta, "images": {name: bytes}}
+    findings: list[str] = field(default_factory=list)
+    verified: bool = False
+
+    @property
+    def rewards(self) -> list[str]:
+        return [r["name"] for r in self.manifest["rewards"]]
+
+
+def _counts_table(manifest: dict) -> pl.DataFrame:
+    rows = []
+    for level in ("prompts", "candidates", "pairs"):
+        c = manifest["counts"].get(level)
+        if c:
+            rows.append({"level": level, "in": c["in"], "written": c["written"], "dropped": c["dropped_total"],
+                         "balanced": c["balanced"]})
+    return pl.DataFrame(rows, schema={"level": pl.Utf8, "in": pl.Int64, "written": pl.Int64, "dropped": pl.Int64,
+                                      "balanced": pl.Boolean})
+
+
+_DROP_SCHEMA = {"level": pl.Utf8, "reason": pl.Utf8, "stage": pl.Utf8, "count": pl.UInt32}
+
+
+def _drops_table(out: str, findings: list[str]) -> pl.DataFrame:
+    fs, root = fsspec.core.url_to_fs(f"{out}/dead_letter")
+    frames = []
+    for path in sorted(fs.glob(f"{root}/*.jsonl")):
+        try:
+            text = fs.cat(path)
+            if text.strip():
+                frames.append(pl.read_ndjson(io.BytesIO(text)).select(
+                    [pl.col(c).cast(pl.Utf8) if c in ("level", "reason", "stage") else pl.lit(None, pl.Utf8).alias(c)
+                     for c in ("level", "reason", "stage")]))
+        except Exception as exn:  # noqa: BLE001 - any unreadable file is a finding, not a crash
+            findings.append(f"{path}: unreadable dead-letter file ({_error_text(exn)})")
+    if not frames:
+        return pl.DataFrame(schema=_DROP_SCHEMA)
+    return (pl.concat(frames).group_by(["level", "reason", "stage"]).agg(pl.len().alias("count"))
+            .sort(["level", "count", "reason"], descending=[False, True, False]))
+
+
+def _scores_table(shards: list[dict], rewards: list[str], findings: list[str]) -> pl.DataFrame:
+    rows = []
+    for s in shards:
+        try:
+            index = pl.read_parquet(s["ranked_index"])
+        except Exception as exn:  # noqa: BLE001
+            findings.append(f"{s['ranked_index']}: unreadable index ({_error_text(exn)})")
+            continue
+        for r in index.iter_rows(named=True):
+            for rank, (cid, gen, phi, sc) in enumerate(zip(r["candidate_ids"], r["generator_ids"], r["phi"],
+                                                           json.loads(r["scores_json"])), start=1):
+                rows.append({"prompt_id": r["prompt_id"], "prompt": r["prompt"], "category": r["category"],
+                             "candidate_id": cid, "generator_id": gen, "position": rank, "phi": phi,
+                             **{name: sc.get(name) for name in rewards}})
+    schema = {"prompt_id": pl.Utf8, "prompt": pl.Utf8, "category": pl.Utf8, "candidate_id": pl.Utf8,
+              "generator_id": pl.Utf8, "position": pl.Int64, "phi": pl.Float64, **{n: pl.Float64 for n in rewards}}
+    return pl.DataFrame(rows, schema=schema)
+
+
+def _score_stats(scores: pl.DataFrame, rewards: list[str]) -> pl.DataFrame:
+    rows = []
+    for r in rewards:
+        col = scores[r].drop_nulls()
+        rows.append({"reward": r, "n": col.len(), "min": col.min(), "median": col.median(), "max": col.max()})
+    return pl.DataFrame(rows, schema={"reward": pl.Utf8, "n": pl.Int64, "min": pl.Float64, "median": pl.Float64,
+                                      "max": pl.Float64})
+
+
+def _read_samples(shards: list[dict], samples: int, findings: list[str]) -> list[dict]:
+    got: list[dict] = []
+    for s in shards:
+        if len(got) >= samples:
+            break
+        try:
+            for raw in iter_tar_samples(s["ranked_tar"]):
+                if len(got) >= samples:
+                    break
+                if "json" not in raw:
+                    continue
+                images = {k: v for k, v in raw.items() if k != "json" and k != "__key__"}
+                got.append({"key": raw["__key__"], "json": json.loads(raw["json"]), "images": images})
+        except FileNotFoundError:
+            continue  # verify() reports it
+        except _READ_ERRORS as exn:
+            if not any(f.startswith(f"{s['ranked_tar']}:") for f in findings):
+                findings.append(f"{s['ranked_tar']}: unreadable ({_error_text(exn)})")
+    return got
+
+
+def collect_report(output_dir: str, samples: int = 2, verify_shards: bool = True) -> InspectReport:
+    """Read ``output_dir`` (a finished build) once: tables, the first ``samples`` ranked samples, findings."""
     out = output_dir.rstrip("/")
     with fsspec.open(f"{out}/manifest.json", "r") as f:
         manifest = json.load(f)
-    lines = [f"build output {out}  (synpref {manifest['synpref_version']}, aggregator {manifest['aggregator']})",
-             "rewards: " + ", ".join(f"{r['name']} v{r['version']}" for r in manifest["rewards"]),
-             "generators: " + ", ".join(f"{g['id']} ({g['model']})" for g in manifest["generators"])]
+    shards = local_shards(out, manifest)
+    rewards = [r["name"] for r in manifest["rewards"]]
+    findings = verify(manifest, out) if verify_shards else []
+    scores = _scores_table(shards, rewards, findings)
+    agreement, agreement_groups = reward_agreement(scores, rewards)
+    return InspectReport(
+        output_dir=out, manifest=manifest, counts=_counts_table(manifest), drops=_drops_table(out, findings),
+        scores=scores, score_stats=_score_stats(scores, rewards), agreement=agreement,
+        agreement_groups=agreement_groups, samples=_read_samples(shards, samples, findings) if samples else [],
+        findings=findings, verified=verify_shards)
+
+
+def _num(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return "nan" if v != v else f"{v:.4g}"
+    return str(v)
+
+
+def format_table(df: pl.DataFrame, indent: str = "  ") -> list[str]:
+    """A polars frame as fixed-width text lines (header + rows)."""
+    cells = [list(df.columns)] + [[_num(v) for v in row] for row in df.iter_rows()]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(df.columns))]
+    return [indent + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+            for r in cells]
+
+
+def format_text(rep: InspectReport) -> str:
+    m = rep.manifest
+    lines = [f"build output {rep.output_dir}  (synpref {m['synpref_version']}, aggregator {m['aggregator']})",
+             "rewards: " + ", ".join(f"{r['name']} v{r['version']}" for r in m["rewards"]),
+             "generators: " + ", ".join(f"{g['id']} ({g['model']})" for g in m["generators"])]
     for level in ("prompts", "candidates", "pairs"):
-        c = manifest["counts"][level]
+        c = m["counts"][level]
         dropped = ", ".join(f"{k}={v}" for k, v in sorted(c["dropped"].items())) or "none"
         lines.append(f"{level:<11} in {c['in']:>6}  written {c['written']:>6}  dropped: {dropped}")
-    lines.append(f"shards: {len(manifest['shards'])} ranked + {len(manifest['shards'])} pairwise")
-    if manifest["shards"] and samples:
-        ds = wds.WebDataset(manifest["shards"][0]["ranked_tar"], shardshuffle=False, empty_check=False)
-        for i, sample in enumerate(ds):
-            if i >= samples:
-                break
-            meta = json.loads(sample["json"])
-            lines.append(f"  {meta['prompt']!r} [{meta['category']}]")
-            for c in meta["candidates"]:
-                scores = ", ".join(f"{k}={v:.4g}" for k, v in c["scores"].items())
-                lines.append(f"    rank {c['rank']} phi={c['phi']:.3f} {c['lineage']['generator_id']} "
-                             f"seed={c['lineage']['seed']}: {scores}")
-    if verify_shards:
-        problems = verify(manifest)
-        lines.append("verify: OK, every shard re-read matches the manifest" if not problems
-                     else "verify: PROBLEMS\n  " + "\n  ".join(problems))
+    lines.append(f"shards: {len(m['shards'])} ranked + {len(m['shards'])} pairwise")
+    for s in rep.samples:
+        meta = s["json"]
+        lines.append(f"  {meta['prompt']!r} [{meta['category']}]")
+        for c in sorted(meta["candidates"], key=lambda c: c["rank"]):
+            scores = ", ".join(f"{k}={v:.4g}" for k, v in c["scores"].items())
+            lines.append(f"    rank {c['rank']} phi={c['phi']:.3f} {c['lineage']['generator_id']} "
+                         f"seed={c['lineage']['seed']}: {scores}")
+    lines.append("drops by reason (dead_letter/):")
+    lines += format_table(rep.drops) if rep.drops.height else ["  none"]
+    lines.append("scores per reward:")
+    lines += format_table(rep.score_stats)
+    lines.append("reward agreement (Kendall tau-b within each prompt, mean over prompts):")
+    lines += format_table(rep.agreement)
+    if rep.verified:
+        lines.append("verify: OK, every shard re-read matches the manifest" if not rep.findings
+                     else "verify: PROBLEMS\n  " + "\n  ".join(rep.findings))
+    elif rep.findings:
+        lines.append("PROBLEMS\n  " + "\n  ".join(rep.findings))
     return "\n".join(lines)
+
+
+def inspect_output(output_dir: str, samples: int = 2, verify_shards: bool = True) -> str:
+    return format_text(collect_report(output_dir, samples, verify_shards))
