@@ -8,6 +8,11 @@ denoiser with its LoRA adapter disabled (PAPER_NOTES s.3), so there is no second
 The math is in ``losses.py``.
 
     python -m synpref.training.train --config jobs/demo_train.yaml --set max_steps=20
+
+Several processes: ``accelerate launch --num_processes N -m synpref.training.train --config ...`` on
+GPUs; on CPU ``ACCELERATE_USE_CPU=true torchrun --standalone --nproc_per_node N -m synpref.training.train
+--config ...`` (gloo; ``accelerate launch --cpu`` starts a single process with accelerate 1.x).
+Each process reads and decodes only its share of the data; DDP all-reduces the LoRA gradients.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -25,6 +31,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from synpref.training.caching import EncoderCache
 from synpref.training.config import TrainConfig
 from synpref.training.data import RankedBatch, iter_batches, open_dataset
 from synpref.training.families import ModelFamily, family_for
@@ -75,8 +82,11 @@ LOG_COLUMNS = ["step", "loss", "implicit_acc", "model_err", "ref_err", "lr"]
 # Fields that do not change what a step computes: a checkpoint may resume under other values.
 RESUME_FREE_FIELDS = {
     "output_dir", "max_steps", "log_every", "torch_threads", "checkpointing_steps", "checkpoints_total_limit",
-    "resume_from_checkpoint",
+    "resume_from_checkpoint", "gradient_checkpointing", "cache_latents", "cache_text_embeddings", "report_to",
 }
+# Fields added later: left out of the config key at their default, so older checkpoints still resume.
+NEW_FIELD_DEFAULTS = {"use_8bit_adam": False}
+TRACKER_PROJECT = "synpref_train"
 
 
 def load_models(
@@ -113,20 +123,28 @@ class StepOutput:
     metrics: dict[str, float] = field(default_factory=dict)  # implicit_acc, model_err, ref_err
 
 
-def compute_step(models: ModelFamily, batch: RankedBatch, config: TrainConfig, generator: torch.Generator) -> StepOutput:
+def compute_step(
+    models: ModelFamily,
+    batch: RankedBatch,
+    config: TrainConfig,
+    generator: torch.Generator,
+    cache: EncoderCache | None = None,
+) -> StepOutput:
     """One preference loss on a ranked batch: encode, noise, denoise with model and reference, compare.
 
     ``generator`` (CPU) drives VAE sampling, timesteps and noise, in that order, so a fixed seed
     gives a fixed loss. One timestep (sigma for flow matching) per prompt; noise per prompt
-    (``noise: shared``) or per image.
+    (``noise: shared``) or per image. ``cache`` (``training/caching.py``) reuses VAE latent
+    distributions and prompt embeddings of samples seen before; the loss is the same.
     """
     device = models.device
     group = batch.group.to(device)  # [N]
     n_prompts = len(batch.prompts)
 
     # ---- conditioning and clean latents (frozen, no gradient)
-    cond = {k: v[group] for k, v in models.encode_prompts(batch.prompts).items()}  # [B, ...] -> [N, ...]
-    latents = models.encode_images(batch.images, generator)  # [N, C, h, w]
+    cache = cache or EncoderCache(models)  # no caching: calls the family directly
+    cond = {k: v[group] for k, v in cache.encode_prompts(batch.prompts).items()}  # [B, ...] -> [N, ...]
+    latents = cache.encode_images(batch, generator)  # [N, C, h, w]
 
     # ---- noising: the family's forward process and regression target
     timesteps = models.sample_timesteps(n_prompts, generator)[group]  # [B] -> [N]
@@ -177,7 +195,8 @@ def compute_loss(models: ModelFamily, batch: RankedBatch, config: TrainConfig, g
 # ---- checkpoints (diffusers' names: checkpoint-<step> folders under output_dir)
 def config_key(config: TrainConfig) -> str:
     """Hash of every field that changes what a step computes (STYLE lesson 13)."""
-    values = {k: v for k, v in config.to_dict().items() if k not in RESUME_FREE_FIELDS}
+    values = {k: v for k, v in config.to_dict().items()
+              if k not in RESUME_FREE_FIELDS and not (k in NEW_FIELD_DEFAULTS and v == NEW_FIELD_DEFAULTS[k])}
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -215,13 +234,44 @@ def _rewrite_log(path: Path, up_to_step: int) -> None:
         writer.writerows(rows)
 
 
+def _log_with(config: TrainConfig):
+    """Accelerate trackers for ``report_to`` (``None`` for none)."""
+    return "tensorboard" if config.report_to == "tensorboard" else None
+
+
+def _tracker_config(config: TrainConfig) -> dict:
+    """The config as tracker hyperparameters (scalars and strings only: TensorBoard's hparams refuse lists/None)."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.to_dict().items()}
+
+
+def _make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """AdamW, or bitsandbytes' 8-bit AdamW with ``use_8bit_adam``."""
+    optimizer_cls = torch.optim.AdamW
+    if config.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ValueError("use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
+        optimizer_cls = bnb.optim.AdamW8bit
+    return optimizer_cls(
+        params,
+        lr=config.learning_rate,
+        betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.adam_weight_decay,
+        eps=config.adam_epsilon,
+    )
+
+
 def train(config: TrainConfig) -> dict:
     """Train a LoRA adapter with ``config``; save it and ``train_summary.json`` to ``config.output_dir``.
 
     Returns:
         The summary: steps, first_loss, last_loss, losses, metrics (per step), seconds, skipped
         (bad samples per reason), config, family, lora_path (the safetensors file), log_path
-        (per-step CSV), resumed_from and output_dir.
+        (per-step CSV), resumed_from and output_dir; with several processes also data_shares (per
+        process: samples decoded, prompts trained on, its first 20 distinct prompt ids) and lora_checksums (per
+        process: sum of the LoRA weights, equal when gradients were synchronised), and cache (the
+        encoder caches' memory and encoder call counts of this process).
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -231,29 +281,31 @@ def train(config: TrainConfig) -> dict:
     # ---- setup
     if config.torch_threads > 0:
         torch.set_num_threads(config.torch_threads)
+    config.check_environment()  # fp16 without a GPU, missing bitsandbytes / tensorboard: one line each
     mixed_precision = config.mixed_precision
-    if mixed_precision == "fp16" and not torch.cuda.is_available():
-        logger.warning("mixed_precision=fp16 needs a GPU; training in fp32 on CPU instead")
-        mixed_precision = "no"
+    out = Path(config.output_dir)
     accelerator = Accelerator(
-        mixed_precision=mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        log_with=_log_with(config),
+        project_dir=str(out / "logs"),
     )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and accelerator.num_processes != launched:  # each process would train alone on all the data
+        raise ValueError(f"launched as {launched} processes (WORLD_SIZE) but accelerate sees "
+                         f"{accelerator.num_processes}; on CPU set ACCELERATE_USE_CPU=true (torchrun + gloo)")
     logger.info("train config: %s", json.dumps(config.to_dict()))
     set_seed(config.seed)
-    out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
     # ---- models: frozen base + LoRA adapter on the family's denoiser
     models = load_models(config, accelerator.device, WEIGHT_DTYPES[mixed_precision])
     logger.info("model family: %s (%s)", type(models).__name__, models.pipeline_class)
     params = add_lora(models.denoiser, config, models.lora_target_modules)
-    optimizer = torch.optim.AdamW(
-        params,
-        lr=config.learning_rate,
-        betas=(config.adam_beta1, config.adam_beta2),
-        weight_decay=config.adam_weight_decay,
-        eps=config.adam_epsilon,
-    )
+    if config.gradient_checkpointing:
+        models.denoiser.enable_gradient_checkpointing()  # recompute activations in backward: less memory
+    optimizer = _make_optimizer(config, params)
+    # accelerate wraps the denoiser (DDP with several processes: gradients are all-reduced in backward)
     # accelerate steps a prepared scheduler once per process, hence the scaling (as diffusers' scripts)
     lr_scheduler = get_scheduler(
         config.lr_scheduler,
@@ -280,8 +332,28 @@ def train(config: TrainConfig) -> dict:
 
     # ---- data
     # data_format picks the reader (ranked / pairs / pickapic); each process reads its own share
-    dataset = open_dataset(config, accelerator.process_index, accelerator.num_processes)
+    dataset = open_dataset(config, rank=accelerator.process_index, world_size=accelerator.num_processes)
+    decoded = [0]  # samples this process decoded (its share only), counted at the reader
+    reader_decode = dataset.decode
+
+    def counting_decode(sample):
+        decoded[0] += 1
+        return reader_decode(sample)
+
+    dataset.decode = counting_decode
+    prompts_read = [0]  # prompts this process trained on (repeats across epochs counted)
+    first_prompt_ids: list[str] = []  # its first 20 distinct prompt ids (bounded: no per-sample memory)
+
+    def note_batch(batch: RankedBatch) -> RankedBatch:
+        prompts_read[0] += len(batch.prompt_ids)
+        for pid in batch.prompt_ids:
+            if len(first_prompt_ids) < 20 and pid not in first_prompt_ids:
+                first_prompt_ids.append(pid)
+        return batch
     batches = iter_batches(dataset, config.batch_size)
+    cache = EncoderCache(models, latents=config.cache_latents, text=config.cache_text_embeddings)
+    if config.report_to != "none":
+        accelerator.init_trackers(TRACKER_PROJECT, config=_tracker_config(config))
     generator = torch.Generator().manual_seed(config.seed + accelerator.process_index)
 
     # ---- resume: weights, optimiser, LR scheduler and RNG states from accelerate; ours from JSON
@@ -299,7 +371,7 @@ def train(config: TrainConfig) -> dict:
         generator.set_state(torch.load(checkpoint / f"generator_{accelerator.process_index}.pt"))
         losses, step_metrics, micro_batches = state["losses"], state["metrics"], state["micro_batches"]
         for _ in range(micro_batches):  # replay the data order up to the checkpoint (decodes, no training)
-            next(batches)
+            note_batch(next(batches))
         if accelerator.is_main_process:
             _rewrite_log(log_path, len(losses))
         logger.info("resumed from %s at step %d", checkpoint, len(losses))
@@ -326,7 +398,7 @@ def train(config: TrainConfig) -> dict:
     start, start_step = time.perf_counter(), len(losses)
     while len(losses) < config.max_steps:
         with accelerator.accumulate(models.denoiser):
-            out_step = compute_step(models, next(batches), config, generator)
+            out_step = compute_step(models, note_batch(next(batches)), config, generator, cache)
             micro_batches += 1
             accelerator.backward(out_step.loss)
             if accelerator.sync_gradients:
@@ -352,6 +424,8 @@ def train(config: TrainConfig) -> dict:
                 if new_file:
                     writer.writeheader()
                 writer.writerow(row)
+        if config.report_to != "none":
+            accelerator.log({k: row[k] for k in LOG_COLUMNS[1:]}, step=step)
         if step % config.log_every == 0 or step == config.max_steps:
             rate = (step - start_step) / (time.perf_counter() - start)
             eta = (config.max_steps - step) / rate
@@ -363,6 +437,14 @@ def train(config: TrainConfig) -> dict:
 
     # ---- save the LoRA (diffusers format, loadable with pipe.load_lora_weights) and a summary
     accelerator.wait_for_everyone()
+    from accelerate.utils import gather_object
+
+    share = {"process": accelerator.process_index, "decoded": decoded[0], "prompts": prompts_read[0],
+             "first_prompt_ids": first_prompt_ids}
+    checksum = float(sum(p.detach().double().sum().item() for p in params))
+    logger.info("process %d/%d decoded %d samples (%d prompts trained on); encoder cache %.1f MiB",
+                accelerator.process_index, accelerator.num_processes, decoded[0], prompts_read[0],
+                cache.nbytes / 2**20)
     summary = {
         "steps": len(losses),
         "first_loss": losses[0] if losses else math.nan,
@@ -377,12 +459,17 @@ def train(config: TrainConfig) -> dict:
         "log_path": str(log_path),
         "resumed_from": str(checkpoint) if checkpoint else None,
         "output_dir": str(out),
+        "data_shares": gather_object([share]),
+        "lora_checksums": gather_object([checksum]),
+        "cache": {"bytes": cache.nbytes, "vae_images_encoded": cache.vae_images_encoded,
+                  "prompts_encoded": cache.prompts_encoded},
     }
     if accelerator.is_main_process:
         models.save_lora(out, accelerator.unwrap_model(models.denoiser))
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
         logger.info("saved LoRA to %s (%d steps, %.1fs, loss %.5f -> %.5f)",
                     summary["lora_path"], len(losses), seconds, summary["first_loss"], summary["last_loss"])
+    accelerator.wait_for_everyone()  # no process tears the process group down while another still uses it
     accelerator.end_training()
     return summary
 
