@@ -142,14 +142,38 @@ def cmd_train(args, rest) -> int:
 def cmd_inspect(args, rest) -> int:
     import fsspec
 
-    from synpref.jobs.inspect_output import inspect_output
+    from synpref.jobs.inspect_output import collect_report, format_text
 
     fs, path = fsspec.core.url_to_fs(args.output_dir.rstrip("/") + "/manifest.json")
     if not fs.exists(path):
         raise UserError(f"synpref inspect: no manifest.json in {args.output_dir}: the build has not finished. "
                         "Shards with a _stats/ file are complete; rerun the same build command to resume.")
-    print(inspect_output(args.output_dir, samples=args.samples, verify_shards=not args.no_verify))
-    return 0
+    report = collect_report(args.output_dir, samples=args.samples, verify_shards=not args.no_verify)
+    print(format_text(report))
+    if args.html:
+        from synpref.jobs.html_report import write_html
+
+        print(f"html report: {write_html(report, args.html)}")
+    return 1 if report.findings else 0  # a missing, truncated or corrupt shard is a finding: exit 1
+
+
+def cmd_export(args, rest) -> int:
+    from synpref.jobs.export import ExportError, export
+
+    try:
+        summary = export(args.format, args.build_dir, args.out_dir, pairs=args.pairs,
+                         jpeg_quality=args.jpeg_quality, rows_per_file=args.rows_per_file)
+    except ExportError as e:
+        raise UserError(f"synpref export: {' '.join(str(e).split())}") from None
+    expected = summary["manifest_pairs_written"]
+    skipped = ", ".join(f"{k}={v}" for k, v in summary["skipped"].items())
+    print(f"== synpref export ({summary['format']}, pairs={summary['pairs']}): done ==\n"
+          f"rows        {summary['rows']}" + (f" (manifest: {expected} pairs written)" if expected is not None else "")
+          + (f"  skipped {skipped}" if skipped else "") + "\n"
+          f"label_0=1   {summary['label_0_is_winner']} rows\n"
+          f"files       {len(summary['files'])} under {summary['out_dir']}/data/\n"
+          f"card        {summary['out_dir']}/README.md")
+    return 0 if expected is None or expected == summary["rows"] else 1
 
 
 def cmd_demo(args, rest) -> int:
@@ -197,7 +221,20 @@ def main(argv=None) -> int:
     i.add_argument("output_dir")
     i.add_argument("--samples", type=int, default=2, help="ranked samples to print")
     i.add_argument("--no-verify", action="store_true", help="skip re-reading every shard")
+    i.add_argument("--html", default="", metavar="PATH", help="also write a self-contained HTML report here "
+                                                              "(thumbnails, histograms, reward agreement, drops)")
     i.set_defaults(fn=cmd_inspect)
+
+    x = sub.add_parser("export", help="write a finished build in another format (pickapic: Pick-a-Pic v2 parquet "
+                                      "for Diffusion-DPO trainers)")
+    x.add_argument("--format", required=True, help="output format: pickapic")
+    x.add_argument("build_dir", help="a finished build folder (with manifest.json)")
+    x.add_argument("out_dir", help="where to write (empty, new, or an earlier export, which is replaced)")
+    x.add_argument("--pairs", choices=("all", "best_worst"), default="all",
+                   help="all: every kept pair; best_worst: rank 1 against rank k per prompt")
+    x.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality of jpg_0/jpg_1")
+    x.add_argument("--rows-per-file", type=int, default=1000, help="rows per parquet file")
+    x.set_defaults(fn=cmd_export)
 
     d = sub.add_parser("demo", help="tiny offline models -> build -> train, end to end")
     d.add_argument("--workdir", default="out/demo")
