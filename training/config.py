@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from synpref.schemas.config import coerce, from_dict, load_yaml
+from synpref.schemas.config import RewardConfig, coerce, from_dict, load_yaml
 from synpref.transforms.imageio import DEFAULT_MAX_PIXELS
 
 Loss = Literal["rankdpo", "dpo"]
@@ -24,6 +24,7 @@ WeightingScheme = Literal["logit_normal", "mode", "cosmap", "sigma_sqrt", "none"
 LrScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine"]
 DataFormat = Literal["ranked", "pairs", "pickapic"]
 ReportTo = Literal["none", "tensorboard"]
+Finetune = Literal["lora", "full"]
 
 # Diffusion-DPO's beta = 5000 multiplies 0.5 * (model_diff - ref_diff); RankDPO's
 # loss has no 0.5, so beta = 2500 puts the same coefficient on each pair (PAPER_NOTES s.3).
@@ -97,6 +98,24 @@ class TrainConfig:
             host memory (keyed by prompt text); SD1.x ~230 KiB, SDXL ~620 KiB, SD3 several MiB per prompt.
         report_to: ``none`` or ``tensorboard``: log the ``train_log.csv`` metrics per step through
             accelerate's trackers to ``output_dir/logs`` (needs ``pip install tensorboard``).
+        finetune: ``lora`` (default: a LoRA adapter; the reference is the denoiser with the adapter
+            disabled) or ``full`` (every denoiser weight trains, in fp32; the reference is a frozen copy of
+            the denoiser made before training, in the frozen weights' dtype). ``full`` saves the denoiser with
+            diffusers' ``save_pretrained`` to ``output_dir/unet`` (``transformer`` for SD3), loadable with
+            ``UNet2DConditionModel.from_pretrained``; its checkpoints hold the full denoiser (accelerate's
+            ``model.safetensors``). ``lora_*`` fields are ignored with ``full``.
+        eval_every: every this many optimiser steps (and after the last one) generate one image per
+            ``eval_prompts`` entry with the current model, score it with ``eval_rewards`` and append the mean
+            per reward to ``output_dir/eval_log.csv`` (step, reward, mean); 0 (default) is off. Evaluation
+            uses its own seeded generators and no gradients: training is the same with it on or off.
+        eval_prompts: the prompts, or one path to a text file (one prompt a line) or a ``.jsonl`` file
+            (``prompt`` field per line).
+        eval_rewards: ``[{name, params}]`` as the build's ``rewards`` (``synpref.transforms.rewards``);
+            scored together with the build's ``score_ensemble``.
+        eval_seed: prompt i is generated with a generator seeded ``eval_seed + i`` (same noise at every eval).
+        eval_steps: inference steps per eval image.
+        eval_resolution: eval image size in pixels; ``None`` uses ``resolution``.
+        eval_guidance_scale: classifier-free guidance for eval images; ``None`` keeps the pipeline's default.
     """
 
     pretrained_model: str
@@ -143,6 +162,14 @@ class TrainConfig:
     cache_latents: bool = False
     cache_text_embeddings: bool = False
     report_to: ReportTo = "none"
+    finetune: Finetune = "lora"
+    eval_every: int = 0
+    eval_prompts: list[str] = dataclasses.field(default_factory=list)
+    eval_rewards: list[RewardConfig] = dataclasses.field(default_factory=list)
+    eval_seed: int = 0
+    eval_steps: int = 20
+    eval_resolution: int | None = None
+    eval_guidance_scale: float | None = None
 
     def __post_init__(self):
         hints = typing.get_type_hints(type(self))
@@ -165,7 +192,29 @@ class TrainConfig:
                 raise ValueError(f"{name} must be > 0 or null, got {getattr(self, name)!r}")
         if not self.shards:
             raise ValueError("shards is empty: give shard paths, globs, directories or URLs")
+        self._check_eval()
         self.check_environment()
+
+    def _check_eval(self) -> None:
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0 (0 is off), got {self.eval_every!r}")
+        for name in ("eval_steps",) + (("eval_resolution",) if self.eval_resolution is not None else ()):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if not self.eval_every:
+            return
+        if not self.eval_prompts:
+            raise ValueError("eval_every > 0 needs eval_prompts (a list of prompts or a prompt file)")
+        if not self.eval_rewards:
+            raise ValueError("eval_every > 0 needs eval_rewards ([{name, params}] as the build's rewards)")
+        from synpref.transforms.rewards import available_rewards
+
+        unknown = [r.name for r in self.eval_rewards if r.name not in available_rewards()]
+        if unknown:
+            raise ValueError(f"eval_rewards: unknown reward(s) {unknown}; available: {available_rewards()}")
+        names = [r.name for r in self.eval_rewards]
+        if len(set(names)) != len(names):
+            raise ValueError(f"eval_rewards: a reward is named twice in {names}")
 
     def check_environment(self) -> None:
         """Refuse settings this machine cannot run, with one line each (checked at config time and by ``train``).
@@ -204,4 +253,11 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready view (for logs and ``train_summary.json``)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+def _plain(value: Any) -> Any:
+    """Dataclass values (``eval_rewards``' ``RewardConfig``) as plain dicts, for JSON."""
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value

@@ -4,7 +4,9 @@ Flat, in the diffusers training-script style: ``parse_args`` -> ``main``, which 
 ``train(config)``. One loop for every model family; what differs (SD1.x/2.x, SDXL, SD3:
 prompt encoding, noising and target, conditioning extras, LoRA saving) is a plug-in in
 ``training/families/``, chosen from ``model_index.json``. The reference model is the same
-denoiser with its LoRA adapter disabled (PAPER_NOTES s.3), so there is no second copy.
+denoiser with its LoRA adapter disabled (PAPER_NOTES s.3), so there is no second copy; with
+``finetune: full`` every denoiser weight trains and the reference is a frozen copy made before training.
+``eval_every`` generates and scores fixed prompts during training (``evaluation.py``).
 The math is in ``losses.py``.
 
     python -m synpref.training.train --config jobs/demo_train.yaml --set max_steps=20
@@ -83,9 +85,10 @@ LOG_COLUMNS = ["step", "loss", "implicit_acc", "model_err", "ref_err", "lr"]
 RESUME_FREE_FIELDS = {
     "output_dir", "max_steps", "log_every", "torch_threads", "checkpointing_steps", "checkpoints_total_limit",
     "resume_from_checkpoint", "gradient_checkpointing", "cache_latents", "cache_text_embeddings", "report_to",
+    "eval_every", "eval_prompts", "eval_rewards", "eval_seed", "eval_steps", "eval_resolution", "eval_guidance_scale",
 }
 # Fields added later: left out of the config key at their default, so older checkpoints still resume.
-NEW_FIELD_DEFAULTS = {"use_8bit_adam": False}
+NEW_FIELD_DEFAULTS = {"use_8bit_adam": False, "finetune": "lora"}
 TRACKER_PROJECT = "synpref_train"
 
 
@@ -113,6 +116,44 @@ def add_lora(
     )
     cast_training_params(denoiser, dtype=torch.float32)  # LoRA trains in fp32 even over an fp16/bf16 base
     return [p for p in denoiser.parameters() if p.requires_grad]
+
+
+def make_full_finetune(models: ModelFamily) -> list[torch.nn.Parameter]:
+    """Full fine-tuning: a frozen copy of the denoiser becomes ``models.reference``; every denoiser weight trains.
+
+    The reference keeps the frozen weights' dtype (``weight_dtype``); the trained denoiser is fp32
+    (accelerate autocasts its forward pass under mixed precision). Returns the trained parameters.
+    """
+    import copy
+
+    reference = copy.deepcopy(models.denoiser)
+    reference.requires_grad_(False)
+    reference.eval()
+    models.reference = reference
+    models.denoiser.to(dtype=torch.float32)
+    models.denoiser.requires_grad_(True)
+    return list(models.denoiser.parameters())
+
+
+def reference_predict(models: ModelFamily, noisy: torch.Tensor, timesteps: torch.Tensor,
+                      cond: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The reference's prediction (no gradient): the frozen copy with ``finetune: full``, else the
+    denoiser with its LoRA adapter disabled."""
+    with torch.no_grad():
+        reference = getattr(models, "reference", None)
+        if reference is not None:
+            trained = models.denoiser
+            models.denoiser = reference  # the family's predict runs whatever its denoiser attribute holds
+            try:
+                return models.predict(noisy, timesteps, cond)
+            finally:
+                models.denoiser = trained
+        base = getattr(models.denoiser, "module", models.denoiser)  # DDP wraps the denoiser; adapters live inside
+        base.disable_adapters()
+        try:
+            return models.predict(noisy, timesteps, cond)
+        finally:
+            base.enable_adapters()
 
 
 @dataclass
@@ -159,15 +200,9 @@ def compute_step(
             err = weight.reshape(-1, *([1] * (err.ndim - 1))) * err
         return err.mean(dim=tuple(range(1, err.ndim)))  # [N]
 
-    # ---- trained model, then the reference: the same denoiser with the adapter switched off
+    # ---- trained model, then the reference: the denoiser with the adapter switched off (LoRA) or its frozen copy
     model_err = per_image_mse(models.predict(noisy, timesteps, cond))
-    base = getattr(models.denoiser, "module", models.denoiser)  # DDP wraps the denoiser; adapters live inside
-    with torch.no_grad():
-        base.disable_adapters()
-        try:
-            ref_err = per_image_mse(models.predict(noisy, timesteps, cond))
-        finally:
-            base.enable_adapters()
+    ref_err = per_image_mse(reference_predict(models, noisy, timesteps, cond))
 
     # ---- preference loss
     phi, rank = batch.phi.to(device), batch.rank.to(device)
@@ -267,11 +302,13 @@ def train(config: TrainConfig) -> dict:
 
     Returns:
         The summary: steps, first_loss, last_loss, losses, metrics (per step), seconds, skipped
-        (bad samples per reason), config, family, lora_path (the safetensors file), log_path
+        (bad samples per reason), config, family, finetune, lora_path (the safetensors file; ``None`` with
+        ``finetune: full``), denoiser_path (``output_dir/<unet|transformer>`` with ``full``, else ``None``), log_path
         (per-step CSV), resumed_from and output_dir; with several processes also data_shares (per
         process: samples decoded, prompts trained on, its first 20 distinct prompt ids) and lora_checksums (per
         process: sum of the LoRA weights, equal when gradients were synchronised), and cache (the
-        encoder caches' memory and encoder call counts of this process).
+        encoder caches' memory and encoder call counts of this process); with ``eval_every``, eval (log_path,
+        prompts, the evaluated steps, means per reward over those steps, last: the final means).
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -301,7 +338,8 @@ def train(config: TrainConfig) -> dict:
     # ---- models: frozen base + LoRA adapter on the family's denoiser
     models = load_models(config, accelerator.device, WEIGHT_DTYPES[mixed_precision])
     logger.info("model family: %s (%s)", type(models).__name__, models.pipeline_class)
-    params = add_lora(models.denoiser, config, models.lora_target_modules)
+    full = config.finetune == "full"
+    params = make_full_finetune(models) if full else add_lora(models.denoiser, config, models.lora_target_modules)
     if config.gradient_checkpointing:
         models.denoiser.enable_gradient_checkpointing()  # recompute activations in backward: less memory
     optimizer = _make_optimizer(config, params)
@@ -316,7 +354,9 @@ def train(config: TrainConfig) -> dict:
     models.denoiser, optimizer, lr_scheduler = accelerator.prepare(models.denoiser, optimizer, lr_scheduler)
     models.denoiser.train()
 
-    # Checkpoints hold the LoRA only (diffusers' format), not the frozen base weights.
+    # LoRA checkpoints hold the LoRA only (diffusers' format), not the frozen base weights; full fine-tuning
+    # checkpoints hold the whole denoiser through accelerate's own model saving (the reference is rebuilt
+    # from pretrained_model on resume).
     def save_model_hook(prepared, weights, output_dir):
         for model in prepared:
             if accelerator.is_main_process:
@@ -327,8 +367,9 @@ def train(config: TrainConfig) -> dict:
         while prepared:
             models.load_lora(input_dir, accelerator.unwrap_model(prepared.pop()))
 
-    accelerator.register_save_state_pre_hook(save_model_hook)
-    accelerator.register_load_state_pre_hook(load_model_hook)
+    if not full:
+        accelerator.register_save_state_pre_hook(save_model_hook)
+        accelerator.register_load_state_pre_hook(load_model_hook)
 
     # ---- data
     # data_format picks the reader (ranked / pairs / pickapic); each process reads its own share
@@ -361,6 +402,12 @@ def train(config: TrainConfig) -> dict:
     step_metrics: list[dict[str, float]] = []
     micro_batches = 0  # data position: micro-batches consumed
     log_path = out / "train_log.csv"
+    eval_path = out / "eval_log.csv"
+    evaluator = None
+    if config.eval_every:
+        from synpref.training.evaluation import Evaluator
+
+        evaluator = Evaluator(config, models, eval_path)
     checkpoint = resolve_checkpoint(config)
     if checkpoint is not None:
         state = json.loads((checkpoint / "training_state.json").read_text())
@@ -374,9 +421,19 @@ def train(config: TrainConfig) -> dict:
             note_batch(next(batches))
         if accelerator.is_main_process:
             _rewrite_log(log_path, len(losses))
+            from synpref.training.evaluation import rewrite_eval_log
+
+            rewrite_eval_log(eval_path, len(losses))
         logger.info("resumed from %s at step %d", checkpoint, len(losses))
     elif accelerator.is_main_process:
         log_path.unlink(missing_ok=True)
+        eval_path.unlink(missing_ok=True)
+
+    def evaluate(step: int) -> None:
+        """Generate and score the eval prompts on the main process; the others wait."""
+        if accelerator.is_main_process:
+            evaluator.run(step, accelerator.unwrap_model(models.denoiser), accelerator.autocast)
+        accelerator.wait_for_everyone()
 
     def save_checkpoint(step: int) -> None:
         path = out / f"checkpoint-{step}"
@@ -431,6 +488,8 @@ def train(config: TrainConfig) -> dict:
             eta = (config.max_steps - step) / rate
             logger.info("step %d/%d loss %.5f acc %.2f err %.5f ref %.5f %.2f steps/s eta %.0fs", step,
                         config.max_steps, losses[-1], row["implicit_acc"], row["model_err"], row["ref_err"], rate, eta)
+        if evaluator is not None and evaluator.due(step):
+            evaluate(step)
         if config.checkpointing_steps and step % config.checkpointing_steps == 0:
             save_checkpoint(step)
     seconds = time.perf_counter() - start
@@ -455,7 +514,9 @@ def train(config: TrainConfig) -> dict:
         "skipped": dict(dataset.skipped),
         "config": config.to_dict(),
         "family": models.pipeline_class,
-        "lora_path": str(out / LORA_WEIGHT_NAME_SAFE),
+        "finetune": config.finetune,
+        "lora_path": None if full else str(out / LORA_WEIGHT_NAME_SAFE),
+        "denoiser_path": str(out / models.denoiser_name) if full else None,
         "log_path": str(log_path),
         "resumed_from": str(checkpoint) if checkpoint else None,
         "output_dir": str(out),
@@ -464,11 +525,23 @@ def train(config: TrainConfig) -> dict:
         "cache": {"bytes": cache.nbytes, "vae_images_encoded": cache.vae_images_encoded,
                   "prompts_encoded": cache.prompts_encoded},
     }
+    if evaluator is not None:
+        from synpref.training.evaluation import read_eval_log
+
+        rows = read_eval_log(eval_path) if accelerator.is_main_process else []
+        summary["eval"] = {"log_path": str(eval_path), "prompts": len(evaluator.prompts),
+                           "steps": sorted({r["step"] for r in rows}),
+                           "means": {r["reward"]: [x["mean"] for x in rows if x["reward"] == r["reward"]]
+                                     for r in rows},
+                           "last": {r["reward"]: r["mean"] for r in rows if r["step"] == rows[-1]["step"]} if rows else {}}
     if accelerator.is_main_process:
-        models.save_lora(out, accelerator.unwrap_model(models.denoiser))
+        if full:  # diffusers' format: <Denoiser>.from_pretrained(output_dir / "unet") loads it
+            accelerator.unwrap_model(models.denoiser).save_pretrained(out / models.denoiser_name, safe_serialization=True)
+        else:
+            models.save_lora(out, accelerator.unwrap_model(models.denoiser))
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
-        logger.info("saved LoRA to %s (%d steps, %.1fs, loss %.5f -> %.5f)",
-                    summary["lora_path"], len(losses), seconds, summary["first_loss"], summary["last_loss"])
+        logger.info("saved %s to %s (%d steps, %.1fs, loss %.5f -> %.5f)", "denoiser" if full else "LoRA",
+                    summary["denoiser_path"] or summary["lora_path"], len(losses), seconds, summary["first_loss"], summary["last_loss"])
     accelerator.wait_for_everyone()  # no process tears the process group down while another still uses it
     accelerator.end_training()
     return summary
