@@ -55,6 +55,7 @@ def train_summary(summary: dict[str, Any]) -> str:
         "== synpref train: done ==",
         f"loss        {summary.get('config', {}).get('loss', '')} first {first:.6g} -> last {last:.6g} over {summary.get('steps')} steps "
         f"in {summary.get('seconds', 0):.1f}s",
-        f"LoRA        {summary.get('lora_path')}",
+        (f"LoRA        {summary.get('lora_path')}" if summary.get("lora_path")
+         else f"model       {summary.get('denoiser_path')} (full fine-tune)"),
         f"summary     {summary.get('output_dir', '').rstrip('/')}/train_summary.json",
     ])
