@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from synpref.schemas.config import BuildConfig
 from synpref.transforms.aggregators import get_aggregator
+from synpref.transforms.ranking import label_table
 from synpref.transforms.imageio import ImageDecodeError, decode_image
 from synpref.transforms.rewards import create_reward
 from synpref.transforms.scoring import score_ensemble
@@ -56,7 +57,10 @@ def evaluate(cfg: BuildConfig, pairs_path: str, batch_rows: int = 64) -> dict[st
     rewards = [create_reward(r.name, r.params) for r in cfg.rewards]
     for r in rewards:
         r.load()
-    aggregate = get_aggregator(cfg.ranking.aggregator)
+    agg, names = cfg.ranking.aggregator, [r.name for r in rewards]
+    if get_aggregator(agg).needs_stats({"zscore_scope": cfg.ranking.zscore_scope}):
+        raise ValueError(f"eval-rewards scores pairs one at a time, so it supports aggregators without dataset "
+                         f"statistics (syn_pic, weighted_sum, mean_zscore with zscore_scope: prompt); got {agg!r}")
     credit: dict[str, list[float]] = {r.name: [] for r in rewards}
     credit["aggregate"] = []
     skipped = {"tie": 0, "bad_label": 0, "bad_image": 0}
@@ -92,7 +96,7 @@ def evaluate(cfg: BuildConfig, pairs_path: str, batch_rows: int = 64) -> dict[st
                     credit[r.name].append(c)
             pair = table[2 * i:2 * i + 2]
             if np.isfinite(pair).all():
-                phi = aggregate(pair)
+                phi, _ = label_table(pair, names, agg, cfg.ranking.reward_weights, None, cfg.ranking.zscore_scope)
                 credit["aggregate"].append(_credit(float(phi[0]), float(phi[1]), label))
     rows = [{"name": name, "accuracy": (sum(v) / len(v)) if v else float("nan"), "pairs": len(v)}
             for name, v in credit.items()]
