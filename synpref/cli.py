@@ -176,6 +176,27 @@ def cmd_export(args, rest) -> int:
     return 0 if expected is None or expected == summary["rows"] else 1
 
 
+def cmd_filter(args, rest) -> int:
+    """Score and filter a web image-text corpus (img2dataset WebDataset shards) with the build's rewards."""
+    from synpref.pipelines.filter_corpus import filter_corpus, format_summary, preflight_filter
+    from synpref.schemas.filter_config import load_filter_config
+
+    try:
+        cfg = load_filter_config(args.config, args.set)
+        preflight_filter(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        raise UserError(f"synpref filter: {' '.join(str(e).split())}") from None
+    try:
+        result = filter_corpus(cfg, rest)
+    except Exception as e:  # the job itself failed
+        if args.verbose:
+            raise
+        print(f"synpref filter: {pipeline_failure(e)}\n(-v shows the traceback)", file=sys.stderr)
+        return 1
+    print(format_summary(result))
+    return 1 if result["summary"]["problems"] else 0
+
+
 def cmd_demo(args, rest) -> int:
     from synpref.jobs.demo import run_demo
     from synpref.report import build_summary, train_summary
@@ -236,6 +257,12 @@ def main(argv=None) -> int:
     x.add_argument("--rows-per-file", type=int, default=1000, help="rows per parquet file")
     x.set_defaults(fn=cmd_export)
 
+    f = sub.add_parser("filter", help="score and filter a web image-text corpus (img2dataset WebDataset shards) "
+                                      "with the rewards; unknown flags go to Beam")
+    f.add_argument("--config", required=True, help="YAML filter job, e.g. jobs/demo_filter.yaml")
+    f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    f.set_defaults(fn=cmd_filter)
+
     d = sub.add_parser("demo", help="tiny offline models -> build -> train, end to end")
     d.add_argument("--workdir", default="out/demo")
     d.add_argument("--num-prompts", type=int, default=64)
@@ -243,7 +270,7 @@ def main(argv=None) -> int:
     d.set_defaults(fn=cmd_demo)
 
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command not in ("build", "demo", "train"):
+    if rest and args.command not in ("build", "demo", "train", "filter"):
         parser.error(f"unrecognized arguments: {rest}")
     setup_logging(args.verbose, model_libraries=args.command not in ("inspect", "check-models"))
     try:

@@ -1,0 +1,130 @@
+"""Config of ``synpref filter``: score an existing web image-text corpus with the build's rewards and filter it.
+
+YAML -> frozen dataclasses with the same loader as the build (``from_dict``: unknown keys rejected,
+``--set`` overrides), validated once before anything runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from synpref.schemas.config import RewardConfig, apply_overrides, from_dict, load_yaml
+from synpref.transforms.imageio import DEFAULT_MAX_PIXELS
+
+
+@dataclass(frozen=True)
+class CorpusInputConfig:
+    """WebDataset shards in img2dataset's layout: ``<key>.jpg`` (or png/jpeg/webp), ``<key>.txt``, ``<key>.json``.
+
+    ``source``: one or more folders (every ``*.tar`` in them), globs or ``.tar`` files; local or any fsspec URL.
+    Only uncompressed ``.tar`` shards are read (the writer copies image bytes by their offset in the tar).
+    """
+
+    source: tuple[str, ...] = ()
+    max_pixels: int = DEFAULT_MAX_PIXELS  # images declaring more pixels are dropped as too_many_pixels
+    batch_size: int = 16  # images per scoring call inside one shard
+    max_caption_chars: int = 0  # 0: no limit; longer captions are dropped as caption_too_long
+
+
+@dataclass(frozen=True)
+class ScoreThreshold:
+    """Keep a sample when ``min <= score`` and ``score <= max`` (either bound may be left out)."""
+
+    reward: str
+    min: Optional[float] = None
+    max: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class TopFraction:
+    """Keep the samples whose ``reward`` score is at or above the global (1 - ``fraction``) quantile."""
+
+    reward: str
+    fraction: float
+    num_quantiles: int = 1001  # resolution of Beam's ApproximateQuantiles (exact on small corpora)
+
+
+@dataclass(frozen=True)
+class CorpusFilterConfig:
+    """``mode: and`` keeps a sample that passes every criterion; ``or`` one that passes any.
+
+    Exact duplicates (sha256 of the image bytes) are always removed first: the smallest key is kept.
+    """
+
+    thresholds: tuple[ScoreThreshold, ...] = ()
+    top_fraction: Optional[TopFraction] = None
+    mode: Literal["and", "or"] = "and"
+    dedup: Literal["exact", "none"] = "exact"
+    # Near duplicates: samples whose 64-bit perceptual hash (dHash) is within this many bits of a sample
+    # with a smaller key are dropped (near_duplicate). -1: off. Runs after exact dedup, before the filters.
+    near_duplicate_distance: int = -1
+
+
+@dataclass(frozen=True)
+class FilterOutputConfig:
+    output_dir: str = "out/filter"
+    samples_per_shard: int = 1000
+
+
+@dataclass(frozen=True)
+class FilterJobConfig:
+    input: CorpusInputConfig
+    rewards: tuple[RewardConfig, ...]
+    filter: CorpusFilterConfig = CorpusFilterConfig()
+    output: FilterOutputConfig = FilterOutputConfig()
+    torch_threads: int = 1
+    beam_options: tuple[str, ...] = ()
+
+    def validate(self) -> "FilterJobConfig":
+        from synpref.transforms.rewards import available_rewards, create_reward
+
+        if not self.input.source:
+            raise ValueError("input.source: give a folder, glob or list of .tar shards")
+        if self.input.max_pixels < 1 or self.input.batch_size < 1 or self.input.max_caption_chars < 0:
+            raise ValueError("input.max_pixels and input.batch_size must be >= 1, input.max_caption_chars >= 0")
+        if not self.rewards:
+            raise ValueError("config needs at least one reward under 'rewards'")
+        names = [r.name for r in self.rewards]
+        if len(set(names)) != len(names):
+            raise ValueError(f"reward names must be unique, got {names}")
+        for r in self.rewards:
+            if r.name not in available_rewards():
+                raise ValueError(f"unknown reward {r.name!r}; available: {available_rewards()}")
+            create_reward(r.name, r.params)  # bad params fail here, not on workers
+        for t in self.filter.thresholds:
+            if t.reward not in names:
+                raise ValueError(f"filter.thresholds: reward {t.reward!r} is not in rewards {names}")
+            if t.min is None and t.max is None:
+                raise ValueError(f"filter.thresholds: {t.reward}: give min, max or both")
+            if t.min is not None and t.max is not None and t.min > t.max:
+                raise ValueError(f"filter.thresholds: {t.reward}: min {t.min} > max {t.max}")
+        top = self.filter.top_fraction
+        if top is not None:
+            if top.reward not in names:
+                raise ValueError(f"filter.top_fraction: reward {top.reward!r} is not in rewards {names}")
+            if not 0.0 < top.fraction <= 1.0:
+                raise ValueError(f"filter.top_fraction.fraction must be in (0, 1], got {top.fraction}")
+            if top.num_quantiles < 2:
+                raise ValueError("filter.top_fraction.num_quantiles must be >= 2")
+        if not -1 <= self.filter.near_duplicate_distance <= 15:
+            raise ValueError("filter.near_duplicate_distance must be -1 (off) or 0..15 bits, "
+                             f"got {self.filter.near_duplicate_distance}")
+        if self.output.samples_per_shard < 1:
+            raise ValueError("output.samples_per_shard must be >= 1")
+        return self
+
+
+def filter_config_from_dict(data: dict) -> FilterJobConfig:
+    data = dict(data)
+    if isinstance((data.get("input") or {}).get("source"), str):  # one source given as a plain string
+        data["input"] = {**data["input"], "source": [data["input"]["source"]]}
+    return from_dict(FilterJobConfig, data, "filter").validate()
+
+
+def load_filter_config(path: str, overrides: list[str] | dict | None = None) -> FilterJobConfig:
+    return filter_config_from_dict(apply_overrides(load_yaml(path), overrides))
+
+
+def filter_config_to_dict(cfg: FilterJobConfig) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,546 @@
+"""Filter a web image-text corpus (WebDataset shards in img2dataset's layout) with synpref's rewards.
+
+Steps (``pipelines/filter_corpus.py`` wires them):
+
+1. ``ScoreShards``: one DoFn per input shard reads raw tar members (never unpickles), groups them into
+   samples by key, checks member names, caption (UTF-8, not empty) and metadata (a JSON object),
+   decodes the image with ``decode_image`` (pixel limit from the header), scores batches with the
+   reward ensemble, and drops the pixels before yielding: records carry key, caption, metadata,
+   scores, the image's sha256 and its location (shard, member, byte offset, size), never pixels.
+2. ``DedupKeys`` (a key seen again in a later shard: ``duplicate_key``), then ``DedupExact``: samples
+   with equal image sha256 keep the smallest key (``exact_duplicate``);
+   optionally ``DedupNear``: a perceptual hash (dHash) within N bits of a smaller key (``near_duplicate``).
+3. ``ApplyFilters``: per-reward ``min``/``max`` thresholds and "top fraction by a score" (a global
+   quantile from ``ApproximateQuantiles`` as a side input), combined with ``and``/``or``.
+4. ``WriteFiltered``: output shard = position of the key in the sorted kept keys / samples_per_shard;
+   the writer copies the original bytes by offset (checking the sha256), sorted by key, fixed mtime.
+5. ``WriteOutcomes``: per input shard, a Parquet index of every sample (kept or not, with reason) and
+   a dead-letter JSONL of the dropped ones; both sorted by key, so bytes do not depend on the runner.
+
+Every input sample ends in exactly one outcome, so ``in == kept + sum(dropped by reason)``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import re
+import sys
+import tarfile
+from typing import Any, Optional, Sequence
+
+import apache_beam as beam
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import webdataset as wds
+from apache_beam.metrics import Metrics
+
+from synpref.schemas.config import RewardConfig
+from synpref.transforms.fileio import AtomicFile
+from synpref.transforms.generation import error_line
+from synpref.transforms.imageio import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageDecodeError, check_member_name, \
+    decode_image
+from synpref.transforms.rewards import create_reward
+from synpref.transforms.scoring import score_ensemble
+from synpref.transforms.writing import TAR_MTIME
+
+DROPPED = "dropped"
+READ = "read"
+SHARD_KEY = "__shard__"  # record id of an unreadable remainder of a shard (one outcome for the rest)
+
+
+@dataclasses.dataclass(frozen=True)
+class CorpusRecord:
+    """One input sample after scoring, without pixels. ``reason`` is empty while the sample is kept."""
+
+    key: str
+    shard_index: int
+    source_shard: str
+    image_member: str = ""
+    offset: int = -1
+    size: int = -1
+    sha256: str = ""
+    caption: str = ""
+    caption_bytes: bytes = b""
+    metadata: str = ""  # the original JSON text ("" when the sample had none)
+    width: int = 0
+    height: int = 0
+    dhash: str = ""  # 64-bit difference hash of the image, 16 hex digits
+    scores: dict = dataclasses.field(default_factory=dict)
+    reason: str = ""
+    stage: str = ""
+    detail: str = ""
+
+    @property
+    def kept(self) -> bool:
+        return not self.reason
+
+    def drop(self, reason: str, stage: str, detail: str = "") -> "CorpusRecord":
+        detail = re.sub(r" at 0x[0-9a-fA-F]+", "", " ".join(str(detail).split()))  # object addresses vary per run
+        return dataclasses.replace(self, reason=reason, stage=stage, detail=detail[:400])
+
+
+def list_shards(sources: Sequence[str]) -> list[str]:
+    """Every ``.tar`` shard named by ``sources`` (folders, globs, files; fsspec URLs), sorted, as URLs.
+
+    Raises:
+        FileNotFoundError: a source that matches no shard.
+    """
+    found: set[str] = set()
+    for src in sources:
+        fs, path = fsspec.core.url_to_fs(src)
+        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        prefix = "" if protocol in ("file", "local") else f"{protocol}://"
+        if any(ch in path for ch in "*?["):
+            paths = fs.glob(path)
+        elif fs.isdir(path):
+            paths = fs.glob(path.rstrip("/") + "/*.tar")
+        elif fs.exists(path):
+            paths = [path]
+        else:
+            raise FileNotFoundError(f"input.source {src!r} does not exist")
+        paths = [p for p in paths if p.endswith(".tar")]
+        if not paths:
+            raise FileNotFoundError(f"input.source {src!r} holds no .tar shard")
+        found.update(prefix + p for p in paths)
+    return sorted(found)
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """WebDataset's split of a member name: key = up to the first dot of the base name, then the suffix."""
+    base = name.rsplit("/", 1)[-1]
+    if "." not in base:
+        return name, ""
+    head, _, suffix = base.partition(".")
+    return name[: len(name) - len(base)] + head, suffix
+
+
+def iter_raw_samples(url: str):
+    """Yield ``(key, {suffix: (bytes, offset, size)}, problem)`` per sample of one tar, streaming.
+
+    Consecutive members with the same key form a sample (WebDataset's rule). ``problem`` is a
+    ``(reason, detail)`` for a sample that cannot be used as read (an unsafe member name); the last
+    item is ``(SHARD_KEY, {}, ("unreadable_shard", detail))`` when the tar breaks off.
+    """
+    key, members, problem = None, {}, None
+    try:
+        with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+            for info in tar:
+                if info.isdir():
+                    continue
+                k, suffix = _split_name(info.name)
+                if k != key:
+                    if key is not None:
+                        yield key, members, problem
+                    key, members, problem = k, {}, None
+                if not info.isfile():
+                    problem = problem or ("unsafe_member_name", f"{info.name!r} is not a regular file")
+                    continue
+                try:
+                    check_member_name(info.name)
+                except ValueError as e:
+                    problem = problem or ("unsafe_member_name", str(e))
+                    continue
+                data = tar.extractfile(info).read()
+                members[suffix] = (data, info.offset_data, info.size)
+    except (tarfile.TarError, EOFError, OSError) as e:
+        if key is not None:
+            yield key, members, problem or ("unreadable_shard", f"tar breaks off in this sample: {error_line(e)}")
+            key = None
+        yield SHARD_KEY, {}, ("unreadable_shard", f"the rest of the shard is unreadable: {error_line(e)}")
+    if key is not None:
+        yield key, members, problem
+
+
+class LoadedRewards:
+    def __init__(self, rewards):
+        self.rewards = rewards
+
+
+class ScoreShards(beam.DoFn):
+    """(shard index, shard URL) -> CorpusRecord per sample (kept so far), dropped ones tagged ``dropped``.
+
+    Pixels exist only inside ``process``: decoded per batch, scored, released.
+    """
+
+    def __init__(self, rewards: Sequence[RewardConfig], max_pixels: int = DEFAULT_MAX_PIXELS, batch_size: int = 16,
+                 max_caption_chars: int = 0, torch_threads: int = 1):
+        self.configs, self.max_pixels, self.batch_size = list(rewards), max_pixels, batch_size
+        self.max_caption_chars, self.torch_threads = max_caption_chars, torch_threads
+        self.model: Optional[LoadedRewards] = None
+
+    def setup(self):
+        rewards = [create_reward(c.name, c.params) for c in self.configs]
+        for r in rewards:
+            r.load()
+        if self.torch_threads and "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(self.torch_threads)
+        self.model = LoadedRewards(rewards)
+
+    def _check(self, rec: CorpusRecord, members: dict, problem):
+        """A record with its image decoded, or the record dropped with a reason."""
+        if problem:
+            return rec.drop(problem[0], "read", problem[1]), None
+        image_suffix = next((s for s in sorted(members, key=lambda s: (s.lower() not in IMAGE_EXTENSIONS, s))
+                             if s.lower() in IMAGE_EXTENSIONS), None)
+        if image_suffix is None:
+            return rec.drop("missing_image", "read", f"members: {sorted(members)}"), None
+        data, offset, size = members[image_suffix]
+        rec = dataclasses.replace(rec, image_member=f"{rec.key}.{image_suffix}", offset=offset, size=size,
+                                  sha256=hashlib.sha256(data).hexdigest())
+        if "txt" not in members:
+            return rec.drop("missing_caption", "read", "no .txt member"), None
+        raw = members["txt"][0]
+        try:
+            caption = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return rec.drop("non_utf8_caption", "read", str(e)), None
+        rec = dataclasses.replace(rec, caption=caption, caption_bytes=raw)
+        if not caption.strip():
+            return rec.drop("empty_caption", "read", f"{len(raw)} bytes of whitespace"), None
+        if self.max_caption_chars and len(caption) > self.max_caption_chars:
+            return rec.drop("caption_too_long", "read", f"{len(caption)} > {self.max_caption_chars} chars"), None
+        if "json" in members:
+            try:
+                text = members["json"][0].decode("utf-8")
+                meta = json.loads(text)
+            except (UnicodeDecodeError, ValueError) as e:
+                return rec.drop("invalid_metadata", "read", error_line(e)), None
+            if not isinstance(meta, dict):
+                return rec.drop("invalid_metadata", "read", f"json is a {type(meta).__name__}, not an object"), None
+            rec = dataclasses.replace(rec, metadata=text)
+        try:
+            image = decode_image(data, self.max_pixels)
+        except ImageDecodeError as e:
+            return rec.drop(e.reason, "decode", e.detail), None
+        return dataclasses.replace(rec, width=image.width, height=image.height, dhash=dhash(image)), image
+
+    def _score(self, batch: list):
+        records, images = [r for r, _ in batch], [im for _, im in batch]
+        scores = score_ensemble(self.model.rewards, images, [r.caption for r in records])
+        del images  # the pixels end here
+        failed = [(name, s) for name, s in scores.items() if isinstance(s, str)]
+        for i, rec in enumerate(records):
+            if failed:
+                yield beam.pvalue.TaggedOutput(DROPPED, rec.drop("scoring_error", f"score:{failed[0][0]}",
+                                                                 failed[0][1]))
+                continue
+            rec = dataclasses.replace(rec, scores={name: s[i] for name, s in scores.items()})
+            bad = sorted(n for n, s in rec.scores.items() if not math.isfinite(s))
+            if bad:
+                yield beam.pvalue.TaggedOutput(DROPPED, rec.drop("nan_score", f"score:{bad[0]}",
+                                                                 "non-finite score from " + ", ".join(bad)))
+            else:
+                yield rec
+
+    def process(self, element):
+        index, url = element
+        n, batch = 0, []
+        for key, members, problem in iter_raw_samples(url):
+            n += 1
+            rec, image = self._check(CorpusRecord(key=key, shard_index=index, source_shard=url), members, problem)
+            members = None
+            if image is None:
+                Metrics.counter("synpref", f"filter_drop_{rec.reason}").inc()
+                yield beam.pvalue.TaggedOutput(DROPPED, rec)
+                continue
+            batch.append((rec, image))
+            if len(batch) >= self.batch_size:
+                yield from self._score(batch)
+                batch = []
+        if batch:
+            yield from self._score(batch)
+        yield beam.pvalue.TaggedOutput(READ, n)
+
+
+def _keep_smallest_key(element):
+    sha, records = element
+    records = sorted(records, key=lambda r: (r.key, r.source_shard))
+    yield records[0]
+    for r in records[1:]:
+        yield beam.pvalue.TaggedOutput(DROPPED, r.drop("exact_duplicate", "dedup",
+                                                       f"same image bytes (sha256 {sha[:16]}) as kept key "
+                                                       f"{records[0].key} in {records[0].source_shard}"))
+
+
+def _keep_first_of_key(element):
+    _, records = element
+    records = sorted(records, key=lambda r: (r.shard_index, r.offset))
+    yield records[0]
+    for r in records[1:]:
+        yield beam.pvalue.TaggedOutput(DROPPED, r.drop("duplicate_key", "dedup",
+                                                       f"key already read from {records[0].source_shard}"))
+
+
+class DedupKeys(beam.PTransform):
+    """Keys name output members, so they must be unique: the first occurrence (shard order) is kept."""
+
+    def expand(self, records):
+        return (records
+                | "ByKey" >> beam.Map(lambda r: (r.key, r))
+                | "GroupSameKey" >> beam.GroupByKey()
+                | "KeepFirst" >> beam.FlatMap(_keep_first_of_key).with_outputs(DROPPED, main="kept"))
+
+
+class DedupExact(beam.PTransform):
+    """Keep one sample per image sha256 (the smallest key); the others are ``exact_duplicate``."""
+
+    def expand(self, records):
+        return (records
+                | "BySha256" >> beam.Map(lambda r: (r.sha256, r))
+                | "GroupSame" >> beam.GroupByKey()
+                | "KeepSmallestKey" >> beam.FlatMap(_keep_smallest_key).with_outputs(DROPPED, main="kept"))
+
+
+def dhash(image) -> str:
+    """64-bit difference hash (grey 9x8, is each pixel brighter than its left neighbour), 16 hex digits."""
+    from PIL import Image
+
+    g = np.asarray(image.convert("L").resize((9, 8), Image.Resampling.BILINEAR), dtype=np.int16)
+    bits = (g[:, 1:] > g[:, :-1]).flatten()
+    return f"{int(''.join('1' if b else '0' for b in bits), 2):016x}"
+
+
+def _bands(rec: CorpusRecord, n: int):
+    """Split the hash into ``n`` bands: two hashes within n - 1 bits share at least one band (pigeonhole)."""
+    h = int(rec.dhash, 16)
+    bounds = [round(64 * i / n) for i in range(n + 1)]
+    for i in range(n):
+        yield f"{i}:{(h >> bounds[i]) & ((1 << (bounds[i + 1] - bounds[i])) - 1):x}", (rec.key, rec.dhash)
+
+
+def _near_pairs(element, max_distance: int):
+    _, members = element
+    members = sorted(set(members))
+    for i, (k1, h1) in enumerate(members):
+        for k2, h2 in members[i + 1:]:
+            d = bin(int(h1, 16) ^ int(h2, 16)).count("1")
+            if k2 != k1 and d <= max_distance:
+                yield k2, (k1, d)  # k2 > k1: the larger key is the one that goes
+
+
+def _drop_near(element):
+    _, grouped = element
+    near = min(grouped["near"]) if grouped["near"] else None
+    for rec in grouped["records"]:
+        if near is None:
+            yield rec
+        else:
+            yield beam.pvalue.TaggedOutput(DROPPED, rec.drop(
+                "near_duplicate", "dedup", f"perceptual hash within {near[1]} bits of kept-or-earlier key {near[0]}"))
+
+
+class DedupNear(beam.PTransform):
+    """Drop a sample whose dHash is within ``max_distance`` bits of a sample with a smaller key.
+
+    Candidates are found by LSH banding (max_distance + 1 bands), so no all-pairs comparison; a chain
+    A ~ B ~ C drops both B and C even if A and C are far apart (every drop names its nearest smaller key).
+    """
+
+    def __init__(self, max_distance: int):
+        super().__init__()
+        self.max_distance = max_distance
+
+    def expand(self, records):
+        d = self.max_distance
+        near = (records
+                | "Bands" >> beam.FlatMap(_bands, d + 1)
+                | "SameBand" >> beam.GroupByKey()
+                | "NearPairs" >> beam.FlatMap(_near_pairs, d)
+                | "SmallestNearKey" >> beam.CombinePerKey(min))
+        keyed = records | "ByKey" >> beam.Map(lambda r: (r.key, r))
+        return ({"records": keyed, "near": near}
+                | "Join" >> beam.CoGroupByKey()
+                | "DropNear" >> beam.FlatMap(_drop_near).with_outputs(DROPPED, main="kept"))
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.6g}"
+
+
+def judge(rec: CorpusRecord, thresholds, top, cutoff: Optional[float], mode: str):
+    """(passes, reason, detail) of one record under the thresholds and the top-fraction cutoff."""
+    failures = []
+    for t in thresholds:
+        s = rec.scores[t.reward]
+        if t.min is not None and s < t.min:
+            failures.append(("below_threshold", f"{t.reward} {_fmt(s)} < min {t.min}"))
+        elif t.max is not None and s > t.max:
+            failures.append(("above_threshold", f"{t.reward} {_fmt(s)} > max {t.max}"))
+        else:
+            failures.append(None)
+    if top is not None:
+        s = rec.scores[top.reward]
+        if cutoff is None or s < cutoff:
+            failures.append(("not_top_fraction", f"{top.reward} {_fmt(s)} < {1 - top.fraction:.4g} quantile "
+                                                 f"{_fmt(cutoff) if cutoff is not None else 'n/a'}"))
+        else:
+            failures.append(None)
+    if not failures:
+        return True, "", ""
+    passes = all(f is None for f in failures) if mode == "and" else any(f is None for f in failures)
+    if passes:
+        return True, "", ""
+    first = next(f for f in failures if f is not None)
+    return False, first[0], first[1]
+
+
+def quantile_cutoff(quantiles: list, fraction: float) -> Optional[float]:
+    """The (1 - fraction) quantile from ApproximateQuantiles' evenly spaced list (None if empty)."""
+    if not quantiles:
+        return None
+    i = int(round((1.0 - fraction) * (len(quantiles) - 1)))
+    return float(quantiles[min(max(i, 0), len(quantiles) - 1)])
+
+
+class ApplyFilters(beam.PTransform):
+    """CorpusRecord -> kept records (main ``kept``) and dropped ones (``dropped``); plus the cutoff used."""
+
+    def __init__(self, thresholds, top_fraction, mode: str):
+        super().__init__()
+        self.thresholds, self.top, self.mode = tuple(thresholds), top_fraction, mode
+
+    def expand(self, records):
+        thresholds, top, mode = self.thresholds, self.top, self.mode
+        if top is not None:
+            quantiles = (records
+                         | "TopScore" >> beam.Map(lambda r: r.scores[top.reward])
+                         | "Quantiles" >> beam.transforms.stats.ApproximateQuantiles.Globally(top.num_quantiles))
+            cutoff = quantiles | "Cutoff" >> beam.Map(quantile_cutoff, top.fraction)
+        else:
+            cutoff = records.pipeline | "NoCutoff" >> beam.Create([None])
+
+        def apply(rec, cut):
+            ok, reason, detail = judge(rec, thresholds, top, cut, mode)
+            if ok:
+                yield rec
+            else:
+                yield beam.pvalue.TaggedOutput(DROPPED, rec.drop(reason, "filter", detail))
+
+        out = records | "Judge" >> beam.FlatMap(apply, beam.pvalue.AsSingleton(cutoff, default_value=None)) \
+            .with_outputs(DROPPED, main="kept")
+        return {"kept": out.kept, "dropped": out[DROPPED], "cutoff": cutoff}
+
+
+def _canonical_json(obj) -> bytes:
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def shard_name(prefix: str, index: int) -> str:
+    return f"{prefix}-{index:05d}"
+
+
+def output_sample(rec: CorpusRecord, image: bytes) -> dict[str, bytes]:
+    """The kept sample as written: original key, image bytes and caption bytes; the original JSON with
+    ``synpref_scores`` and ``synpref_source`` added."""
+    meta = json.loads(rec.metadata) if rec.metadata else {}
+    meta["synpref_scores"] = dict(sorted(rec.scores.items()))
+    meta["synpref_source"] = {"shard": rec.source_shard, "member": rec.image_member, "sha256": rec.sha256}
+    suffix = rec.image_member[len(rec.key) + 1:]
+    sample = {"__key__": rec.key, suffix: image, "txt": rec.caption_bytes, "json": _canonical_json(meta)}
+    for ext in sample:
+        if ext != "__key__":
+            check_member_name(f"{rec.key}.{ext}")
+    return sample
+
+
+def read_range(url: str, offset: int, size: int) -> bytes:
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs.cat_file(path, start=offset, end=offset + size)
+
+
+class _WriteShard(beam.DoFn):
+    def __init__(self, output_dir: str):
+        self.output_dir = output_dir.rstrip("/")
+
+    def process(self, element):
+        index, records = element
+        records = sorted(records, key=lambda r: r.key)
+        name = shard_name("filtered", index)
+        tar_path = f"{self.output_dir}/shards/{name}.tar"
+        with AtomicFile(tar_path) as f, wds.TarWriter(f, encoder=False, mtime=TAR_MTIME) as tar:
+            for rec in records:
+                data = read_range(rec.source_shard, rec.offset, rec.size)
+                if hashlib.sha256(data).hexdigest() != rec.sha256:
+                    raise IOError(f"{rec.source_shard} changed while filtering: {rec.image_member} no longer "
+                                  "has the bytes that were scored; rerun")
+                tar.write(output_sample(rec, data))
+        fs, path = fsspec.core.url_to_fs(tar_path)
+        yield {"shard": name, "tar": f"shards/{name}.tar", "samples": len(records), "size": fs.size(path),
+               "first_key": records[0].key, "last_key": records[-1].key}
+
+
+class WriteFiltered(beam.PTransform):
+    """Kept CorpusRecords -> ``shards/filtered-NNNNN.tar`` (keys sorted; shard = sorted position / per_shard)."""
+
+    def __init__(self, output_dir: str, samples_per_shard: int):
+        super().__init__()
+        self.output_dir, self.per_shard = output_dir, samples_per_shard
+
+    def expand(self, kept):
+        per_shard = self.per_shard
+        index = (kept
+                 | "Keys" >> beam.Map(lambda r: r.key)
+                 | "AllKeys" >> beam.combiners.ToList()
+                 | "ShardIndex" >> beam.Map(lambda keys: {k: i // per_shard for i, k in enumerate(sorted(keys))}))
+        return (kept
+                | "AssignShard" >> beam.Map(lambda r, idx: (idx[r.key], r), beam.pvalue.AsSingleton(index))
+                | "GroupByShard" >> beam.GroupByKey()
+                | "WriteShard" >> beam.ParDo(_WriteShard(self.output_dir)))
+
+
+def index_schema(reward_names: Sequence[str]) -> pa.Schema:
+    return pa.schema([
+        ("key", pa.string()), ("source_shard", pa.string()), ("image_member", pa.string()),
+        ("sha256", pa.string()), ("dhash", pa.string()), ("caption", pa.string()), ("width", pa.int64()),
+        ("height", pa.int64()),
+        *[(f"score_{n}", pa.float64()) for n in reward_names],
+        ("kept", pa.bool_()), ("reason", pa.string()), ("stage", pa.string()), ("detail", pa.string()),
+    ])
+
+
+class _WriteOutcomes(beam.DoFn):
+    def __init__(self, output_dir: str, reward_names: Sequence[str]):
+        self.output_dir, self.names = output_dir.rstrip("/"), list(reward_names)
+
+    def process(self, element):
+        index, records = element
+        records = sorted(records, key=lambda r: (r.key == SHARD_KEY, r.key, r.reason))
+        rows = [{"key": r.key, "source_shard": r.source_shard, "image_member": r.image_member,
+                 "sha256": r.sha256, "dhash": r.dhash, "caption": r.caption, "width": r.width, "height": r.height,
+                 **{f"score_{n}": r.scores.get(n) for n in self.names},
+                 "kept": r.kept, "reason": r.reason, "stage": r.stage, "detail": r.detail} for r in records]
+        index_path = f"{self.output_dir}/index/{shard_name('samples', index)}.parquet"
+        with AtomicFile(index_path) as f:
+            pq.write_table(pa.Table.from_pylist(rows, schema=index_schema(self.names)), f)
+        drops_path = f"{self.output_dir}/dead_letter/{shard_name('drops', index)}.jsonl"
+        lines = [json.dumps({"level": "sample", "reason": r.reason, "record_id": r.key, "stage": r.stage,
+                             "detail": r.detail, "source_shard": r.source_shard}, sort_keys=True)
+                 for r in records if not r.kept]
+        with AtomicFile(drops_path) as f:
+            f.write("".join(line + "\n" for line in lines).encode("utf-8"))
+        yield {"index": index_path[len(self.output_dir) + 1:], "dead_letter": drops_path[len(self.output_dir) + 1:]}
+
+
+class WriteOutcomes(beam.PTransform):
+    """Every record (kept or dropped) -> per input shard an index Parquet and a dead-letter JSONL."""
+
+    def __init__(self, output_dir: str, reward_names: Sequence[str]):
+        super().__init__()
+        self.output_dir, self.names = output_dir, list(reward_names)
+
+    def expand(self, records):
+        return (records
+                | "ByInputShard" >> beam.Map(lambda r: (r.shard_index, r))
+                | "GroupByInputShard" >> beam.GroupByKey()
+                | "Write" >> beam.ParDo(_WriteOutcomes(self.output_dir, self.names)))
+
+
+def ledger(read: int, kept_records: int, written: int, drops: dict[str, int]) -> dict[str, Any]:
+    dropped = dict(sorted(drops.items()))
+    total = sum(dropped.values())
+    return {"in": read, "kept": written, "dropped": dropped, "dropped_total": total,
+            "balanced": read == written + total and kept_records == written}
