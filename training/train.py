@@ -544,6 +544,10 @@ def train(config: TrainConfig) -> dict:
                     summary["denoiser_path"] or summary["lora_path"], len(losses), seconds, summary["first_loss"], summary["last_loss"])
     accelerator.wait_for_everyone()  # no process tears the process group down while another still uses it
     accelerator.end_training()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Tear the group down here, not in the interpreter's exit: otherwise gloo's threads are destroyed
+        # while joinable and a process can abort ("terminate called without an active exception").
+        torch.distributed.destroy_process_group()
     return summary
 
 
