@@ -197,7 +197,7 @@ class PickAPicExporter:
                     w, l = meta["winner"], meta["loser"]
                     yield PairRow(meta["prompt_id"], meta["prompt"], w["candidate_id"], l["candidate_id"],
                                   w["lineage"]["generator_id"], l["lineage"]["generator_id"],
-                                  s["win.png"], s["lose.png"])
+                                  s[w.get("image", "win.png")], s[l.get("image", "lose.png")])
         else:
             for uri in self._shard_uris("ranked_tar"):
                 for raw in iter_tar_samples(uri):

@@ -97,7 +97,8 @@ class BuildPreferences(beam.PTransform):
         prompts = pbegin | "ReadPrompts" >> ReadPrompts(cfg.prompts, cfg.seed)
         generated = prompts["prompts"] | "GenerateCandidates" >> GenerateCandidates(
             cfg.generators, cfg.candidates_per_generator, cfg.seed, cfg.staging_dir, expected_prompts=n,
-            torch_threads=cfg.torch_threads)
+            torch_threads=cfg.torch_threads, image_format=cfg.output.image_format,
+            jpeg_quality=cfg.output.jpeg_quality)
         scored = generated["units"] | "ScoreCandidates" >> ScoreCandidates(
             cfg.rewards, expected_images=None if n is None else n * per_prompt, torch_threads=cfg.torch_threads)
         ranked = (prompts["prompts"], scored["scored"]) | "RankCandidates" >> RankGroups(

@@ -113,6 +113,14 @@ class FilterConfig:
     require_unanimous: bool = False
     min_candidates: int = 2
     min_aggregate_gap: float = 0.0
+    # Which of the pairs that pass the filter the pairwise layout keeps (the rest are dropped as
+    # ``not_selected``): ``all``; ``best_worst``: only (rank 1, last rank); ``top_bottom``: winner
+    # among the ``top_bottom_k`` best ranks and loser among the ``top_bottom_k`` worst.
+    pair_selection: Literal["all", "best_worst", "top_bottom"] = "all"
+    top_bottom_k: int = 1
+    # Drop a pair whose two images are near-duplicates (``near_duplicate_pair``): Hamming distance of
+    # their 64-bit difference hashes <= this. null: off. 0 catches only hash-identical images.
+    near_duplicate_distance: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -124,6 +132,11 @@ class OutputConfig:
     # folder once a run has finished cleanly (manifest written, ledger balanced); keep leaves it for
     # reruns that change only ranking/filter settings. A custom staging_dir is a shared cache: kept.
     staging: Literal["delete_when_done", "keep"] = "delete_when_done"
+    # How images are encoded. Generation stages each image in this encoding and the shards copy those
+    # bytes (nothing is encoded twice); members are img{i}.png / .jpg / .webp, win.<ext>, lose.<ext>.
+    # jpeg uses ``jpeg_quality`` (4:2:0 subsampling, no optimisation passes); webp is lossless.
+    image_format: Literal["png", "jpeg", "webp"] = "png"
+    jpeg_quality: int = 95
 
 
 @dataclass(frozen=True)
@@ -179,6 +192,8 @@ class BuildConfig:
             raise ValueError("max_error_share must be in [0, 1]")
         if self.output.samples_per_shard < 1:
             raise ValueError("output.samples_per_shard must be >= 1")
+        if not 1 <= self.output.jpeg_quality <= 100:
+            raise ValueError(f"output.jpeg_quality must be in [1, 100], got {self.output.jpeg_quality}")
         if not 0.0 <= self.filter.min_agreement_margin < 0.5:
             raise ValueError("filter.min_agreement_margin must be in [0, 0.5)")
         if not 0.0 <= self.filter.min_aggregate_gap <= 1.0:
@@ -203,6 +218,11 @@ class BuildConfig:
         if self.ranking.reward_weights and not get_aggregator(self.ranking.aggregator).uses_config_weights:
             raise ValueError(f"ranking.aggregator {self.ranking.aggregator!r} estimates its own reward weights: "
                              "leave ranking.reward_weights empty")
+        if self.filter.near_duplicate_distance is not None and not 0 <= self.filter.near_duplicate_distance <= 64:
+            raise ValueError(f"filter.near_duplicate_distance must be in [0, 64] or null, "
+                             f"got {self.filter.near_duplicate_distance}")
+        if self.filter.top_bottom_k < 1:
+            raise ValueError(f"filter.top_bottom_k must be >= 1, got {self.filter.top_bottom_k}")
         if self.filter.min_candidates < 2:
             raise ValueError(f"filter.min_candidates must be >= 2 (a ranking needs two images), "
                              f"got {self.filter.min_candidates}")

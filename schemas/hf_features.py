@@ -45,22 +45,25 @@ def _common(rewards: list[str]) -> dict:
 _KEYS = {"__key__": datasets.Value("string"), "__url__": datasets.Value("string")}
 
 
-def ranked_features(rewards: list[str], max_candidates: int) -> datasets.Features:
+def ranked_features(rewards: list[str], max_candidates: int, ext: str = "png") -> datasets.Features:
     meta = {**_common(rewards), "candidates": datasets.List(_candidate_struct(rewards))}
-    images = {f"img{i}.png": datasets.Image() for i in range(max_candidates)}
+    images = {f"img{i}.{ext}": datasets.Image() for i in range(max_candidates)}
     return datasets.Features({**images, "json": meta, **_KEYS})
 
 
-def pair_features(rewards: list[str]) -> datasets.Features:
+def pair_features(rewards: list[str], ext: str = "png") -> datasets.Features:
     meta = {**_common(rewards), "agreement": datasets.Value("float64"),
             "winner": _candidate_struct(rewards), "loser": _candidate_struct(rewards)}
-    return datasets.Features({"win.png": datasets.Image(), "lose.png": datasets.Image(), "json": meta, **_KEYS})
+    return datasets.Features({f"win.{ext}": datasets.Image(), f"lose.{ext}": datasets.Image(), "json": meta, **_KEYS})
 
 
 def features_from_manifest(manifest: dict, layout: str = "ranked") -> datasets.Features:
     rewards = [r["name"] for r in manifest["rewards"]]
+    # output.image_format (png when absent: older manifests) names the image members: jpeg -> .jpg
+    fmt = ((manifest.get("config") or {}).get("output") or {}).get("image_format", "png")
+    ext = {"jpeg": "jpg"}.get(fmt, fmt)
     if layout == "ranked":
-        return ranked_features(rewards, manifest["max_candidates"])
+        return ranked_features(rewards, manifest["max_candidates"], ext)
     if layout == "pairs":
-        return pair_features(rewards)
+        return pair_features(rewards, ext)
     raise ValueError(f"layout must be 'ranked' or 'pairs', got {layout!r}")

@@ -112,8 +112,9 @@ def _first_sample_members(url: str, limit: int = 64) -> list[str]:
 def _check_tar_layout(url: str, data_format: str) -> None:
     """Catch ranked/pairs mix-ups from the first sample, instead of skipping every sample as missing_image."""
     names = _first_sample_members(url)
-    is_pairs = any(n.endswith(".win.png") or n.endswith(".lose.png") for n in names)
-    is_ranked = any(n.endswith(".img0.png") for n in names)
+    exts = ("png", "jpg", "webp")
+    is_pairs = any(n.endswith((f".win.{e}", f".lose.{e}")) for n in names for e in exts)
+    is_ranked = any(n.endswith(f".img0.{e}") for n in names for e in exts)
     if data_format == "ranked" and is_pairs and not is_ranked:
         raise ValueError(f"shards: {url} holds pairs samples (win.png/lose.png) but data_format is 'ranked': "
                          "set data_format: pairs or point shards at the ranked/ folder")

@@ -6,6 +6,8 @@ from fractions import Fraction
 from typing import Union
 
 import apache_beam as beam
+import numpy as np
+from PIL import Image
 
 from synpref.schemas.config import FilterConfig
 from synpref.schemas.records import Drop, PreferencePair, RankedGroup
@@ -44,25 +46,78 @@ def keep_pair(pair: PreferencePair, cfg: FilterConfig) -> Union[bool, tuple[bool
     return True
 
 
+def select_pair(pair: PreferencePair, ranks: dict[str, int], n: int, cfg: FilterConfig) -> bool:
+    """Whether a pair that passed ``keep_pair`` is kept by ``cfg.pair_selection``.
+
+    ``ranks`` maps candidate id -> rank (1 = best) and ``n`` is the group's candidate count, so the
+    worst rank is ``n``. ``best_worst``: the pair (rank 1, rank n) only. ``top_bottom``: winner rank
+    <= k and loser rank > n - k (k = ``top_bottom_k``; with 2k > n the two sets overlap, and a pair
+    is still winner-first, so it is kept when both conditions hold).
+    """
+    mode = getattr(cfg, "pair_selection", "all")
+    if mode == "all":
+        return True
+    w, l = ranks[pair.winner_id], ranks[pair.loser_id]
+    if mode == "best_worst":
+        return w == 1 and l == n
+    if mode == "top_bottom":
+        k = cfg.top_bottom_k
+        return w <= k and l > n - k
+    raise ValueError(f"unknown filter.pair_selection {mode!r}")
+
+
+def dhash(image: Image.Image) -> int:
+    """64-bit difference hash: grey, resized to 9x8 (Lanczos), bit = pixel brighter than its left neighbour."""
+    px = np.asarray(image.convert("L").resize((9, 8), Image.Resampling.LANCZOS), dtype=np.int16)
+    bits = (px[:, 1:] > px[:, :-1]).ravel()
+    return int(sum(1 << i for i, b in enumerate(bits) if b))
+
+
+def hamming(a: int, b: int) -> int:
+    return bin(a ^ b).count("1")
+
+
+def _group_hashes(group: RankedGroup) -> dict[str, int]:
+    from synpref.transforms.staging import load_staged_image
+
+    return {c.candidate_id: dhash(load_staged_image(c.image_uri)) for c in group.candidates}
+
+
 class _FilterPairs(beam.DoFn):
     def __init__(self, cfg: FilterConfig):
         self.cfg = cfg
 
     def process(self, group: RankedGroup):
         kept = []
+        ranks = {c.candidate_id: c.rank for c in group.candidates}
+        n = len(group.candidates)
+        near = getattr(self.cfg, "near_duplicate_distance", None)
+        hashes = _group_hashes(group) if near is not None and group.pairs else {}
         for pair in group.pairs:
             verdict = keep_pair(pair, self.cfg)
-            if verdict is True:
-                kept.append(pair)
-            else:
+            detail = f"agreement={pair.agreement:.3f} gap={abs(pair.phi_winner - pair.phi_loser):.4f}"
+            if verdict is not True:
+                yield beam.pvalue.TaggedOutput(DROPPED, Drop("pair", verdict[1], pair.key, "filter", detail))
+            elif hashes and hamming(hashes[pair.winner_id], hashes[pair.loser_id]) <= near:
                 yield beam.pvalue.TaggedOutput(DROPPED, Drop(
-                    "pair", verdict[1], pair.key, "filter",
-                    f"agreement={pair.agreement:.3f} gap={abs(pair.phi_winner - pair.phi_loser):.4f}"))
+                    "pair", "near_duplicate_pair", pair.key, "filter",
+                    f"dhash distance {hamming(hashes[pair.winner_id], hashes[pair.loser_id])} <= {near}"))
+            elif not select_pair(pair, ranks, n, self.cfg):
+                yield beam.pvalue.TaggedOutput(DROPPED, Drop(
+                    "pair", "not_selected", pair.key, "filter",
+                    f"{self.cfg.pair_selection}: ranks {ranks[pair.winner_id]}>{ranks[pair.loser_id]} of {n}"))
+            else:
+                kept.append(pair)
         yield dataclasses.replace(group, pairs=tuple(kept))
 
 
 class FilterPairs(beam.PTransform):
-    """RankedGroup -> RankedGroup with only the kept pairs; removed pairs go to drops with their reason."""
+    """RankedGroup -> RankedGroup with only the kept pairs; removed pairs go to drops with their reason.
+
+    Per pair, in order: ``keep_pair`` (noise), then near-duplicate images (``near_duplicate_pair``,
+    with ``near_duplicate_distance``: reads each staged image of the group once), then
+    ``pair_selection`` (``not_selected``). The ranked layout is unchanged: it keeps every candidate.
+    """
 
     def __init__(self, cfg: FilterConfig):
         super().__init__()

@@ -19,8 +19,8 @@ from synpref.schemas.config import GeneratorConfig
 from synpref.schemas.records import Candidate, Drop, GenerationRequest, PromptRecord
 from synpref.transforms.generators import Generator, create_generator
 from synpref.transforms.inference import PluginModelHandler, Work
-from synpref.transforms.staging import (encode_png, find_staged, generation_key, generator_fingerprint,
-                                        stage_image, to_uint8)
+from synpref.transforms.staging import (IMAGE_EXT, encode_image, encoding_tag, find_staged, generation_key,
+                                        generator_fingerprint, stage_image, to_uint8)
 
 DROPPED = "dropped"
 
@@ -57,8 +57,9 @@ class GenerateAndStage(Work):
 
     stage, unit = "generate", "images"
 
-    def __init__(self, config: GeneratorConfig, staging_dir: str):
+    def __init__(self, config: GeneratorConfig, staging_dir: str, image_format: str = "png", jpeg_quality: int = 95):
         self.config, self.staging_dir = config, staging_dir
+        self.image_format, self.jpeg_quality = image_format, jpeg_quality
 
     def load(self) -> Generator:
         generator = create_generator(self.config)
@@ -84,15 +85,16 @@ class GenerateAndStage(Work):
             return Drop("candidate", "nan_image", cid, f"generate:{req.generator_id}",
                         f"generator {req.generator_id} produced NaN pixels (fp16 overflow?)")
         lineage = model.lineage(req.seeds[i])
-        uri, sha = stage_image(self.staging_dir, req.image_keys[i], encode_png(to_uint8(image)), lineage)
+        data = encode_image(to_uint8(image), self.image_format, self.jpeg_quality)
+        uri, sha = stage_image(self.staging_dir, req.image_keys[i], data, lineage, IMAGE_EXT[self.image_format])
         return Candidate(candidate_id=cid, prompt_id=req.prompt.prompt_id, prompt=req.prompt.prompt,
                          lineage=lineage, image_uri=uri, image_sha256=sha)
 
 
 def generator_handler(config: GeneratorConfig, staging_dir: str, *, total_images: Optional[int] = None,
-                      torch_threads: int = 1) -> PluginModelHandler:
+                      torch_threads: int = 1, image_format: str = "png", jpeg_quality: int = 95) -> PluginModelHandler:
     """The RunInference handler for one generator (batch size and model copies from its config)."""
-    return PluginModelHandler(GenerateAndStage(config, staging_dir), f"generate_{config.id}",
+    return PluginModelHandler(GenerateAndStage(config, staging_dir, image_format, jpeg_quality), f"generate_{config.id}",
                               batch_size=config.batch_size, model_copies=config.model_copies,
                               torch_threads=torch_threads, total=total_images)
 
@@ -100,13 +102,13 @@ def generator_handler(config: GeneratorConfig, staging_dir: str, *, total_images
 class _ReuseStaged(beam.DoFn):
     """Resume: a request whose images are all staged under their content keys skips generation."""
 
-    def __init__(self, staging_dir: str):
-        self.staging_dir = staging_dir
+    def __init__(self, staging_dir: str, ext: str = "png"):
+        self.staging_dir, self.ext = staging_dir, ext
 
     def process(self, req: GenerationRequest):
         staged = []
         for key in req.image_keys:
-            hit = find_staged(self.staging_dir, key)
+            hit = find_staged(self.staging_dir, key, self.ext)
             if hit is None:
                 yield beam.pvalue.TaggedOutput("generate", req)
                 return
@@ -142,21 +144,26 @@ class GenerateCandidates(beam.PTransform):
     """
 
     def __init__(self, generators: Sequence[GeneratorConfig], k: int, seed: int, staging_dir: str,
-                 expected_prompts: Optional[int] = None, torch_threads: int = 1):
+                 expected_prompts: Optional[int] = None, torch_threads: int = 1, image_format: str = "png",
+                 jpeg_quality: int = 95):
         super().__init__()
         self.generators, self.k, self.seed, self.staging_dir = list(generators), k, seed, staging_dir
+        self.image_format, self.jpeg_quality = image_format, jpeg_quality
         self.threads = torch_threads
         self.total = None if expected_prompts is None else expected_prompts * k * len(self.generators)
 
     def expand(self, prompts):
         units, dropped = [], []
         for g in self.generators:
-            fp = generator_fingerprint(g)  # on the launcher, once: model files are listed here, not per image
+            # on the launcher, once: model files are listed here, not per image. The encoding is part of the
+            # key: a JPEG build never reuses a PNG staged for the same pixels, nor the reverse.
+            fp = generator_fingerprint(g, encoding_tag(self.image_format, self.jpeg_quality))
             requests = prompts | f"Requests[{g.id}]" >> beam.Map(make_request, g.id, self.k, self.seed, fp)
-            reuse = requests | f"ReuseStaged[{g.id}]" >> beam.ParDo(_ReuseStaged(self.staging_dir)).with_outputs(
-                "generate", main="reused")
+            reuse = requests | f"ReuseStaged[{g.id}]" >> beam.ParDo(
+                _ReuseStaged(self.staging_dir, IMAGE_EXT[self.image_format])).with_outputs("generate", main="reused")
             generate = RunInference(generator_handler(g, self.staging_dir, total_images=self.total,
-                                                      torch_threads=self.threads))
+                                                      torch_threads=self.threads, image_format=self.image_format,
+                                                      jpeg_quality=self.jpeg_quality))
             if g.accelerator:
                 generate = generate.with_resource_hints(accelerator=g.accelerator)
             inference, failures = reuse.generate | f"Generate[{g.id}]" >> generate.with_exception_handling()

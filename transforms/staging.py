@@ -30,6 +30,10 @@ GENERATION_SCHEME = "1"
 _NOT_PIXEL_FIELDS = {"id", "cache_dir", "device", "model_copies", "accelerator"}
 
 
+# output.image_format -> file extension of staged files and shard members.
+IMAGE_EXT = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+
+
 def encode_png(pixels: np.ndarray) -> bytes:
     """Deterministic PNG bytes (no metadata, no timestamps)."""
     buf = io.BytesIO()
@@ -37,15 +41,41 @@ def encode_png(pixels: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def encode_image(pixels: np.ndarray, image_format: str = "png", jpeg_quality: int = 95) -> bytes:
+    """Deterministic bytes in ``image_format`` (png, jpeg or webp): fixed settings, no metadata.
+
+    jpeg: baseline, ``jpeg_quality``, 4:2:0 subsampling, no optimize/progressive passes. webp: lossless.
+    """
+    if image_format == "png":
+        return encode_png(pixels)
+    buf = io.BytesIO()
+    img = Image.fromarray(pixels, mode="RGB")
+    if image_format == "jpeg":
+        img.save(buf, format="JPEG", quality=int(jpeg_quality), subsampling=2, optimize=False, progressive=False)
+    elif image_format == "webp":
+        img.save(buf, format="WEBP", lossless=True, quality=100, method=4, exact=True)
+    else:
+        raise ValueError(f"unknown image format {image_format!r}; one of {sorted(IMAGE_EXT)}")
+    return buf.getvalue()
+
+
+def encoding_tag(image_format: str = "png", jpeg_quality: int = 95) -> str:
+    """What of the output encoding decides staged bytes: ``png``, ``webp`` or ``jpeg-q<quality>``."""
+    return f"jpeg-q{int(jpeg_quality)}" if image_format == "jpeg" else image_format
+
+
 def to_uint8(image: np.ndarray) -> np.ndarray:
     return (np.clip(image, 0.0, 1.0) * 255.0).round().astype(np.uint8)
 
 
-def generator_fingerprint(config: GeneratorConfig) -> str:
-    """Everything about a generator that decides pixels, except the prompt and the seed."""
+def generator_fingerprint(config: GeneratorConfig, encoding: str = "png") -> str:
+    """Everything about a generator that decides the staged bytes, except the prompt and the seed:
+    its pixels and the ``encoding`` (``encoding_tag``). PNG keeps the fingerprint it always had."""
     fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in _NOT_PIXEL_FIELDS}
-    return json_digest({"scheme": GENERATION_SCHEME, "config": fields,
-                    "model": model_fingerprint(config.model, config.revision)})
+    doc = {"scheme": GENERATION_SCHEME, "config": fields, "model": model_fingerprint(config.model, config.revision)}
+    if encoding != "png":
+        doc["encoding"] = encoding
+    return json_digest(doc)
 
 
 def generation_key(generator_fp: str, prompt: str, seed: int) -> str:
@@ -53,27 +83,31 @@ def generation_key(generator_fp: str, prompt: str, seed: int) -> str:
     return hashlib.sha256(f"{generator_fp}\n{seed}\n{prompt}".encode()).hexdigest()
 
 
-def staged_uri(staging_dir: str, key: str) -> str:
-    return f"{staging_dir.rstrip('/')}/{key[:2]}/{key}.png"
+def staged_uri(staging_dir: str, key: str, ext: str = "png") -> str:
+    return f"{staging_dir.rstrip('/')}/{key[:2]}/{key}.{ext}"
 
 
-def stage_image(staging_dir: str, key: str, data: bytes, lineage: Lineage) -> tuple[str, str]:
+def _sidecar(uri: str) -> str:
+    return uri.rsplit(".", 1)[0] + ".json"
+
+
+def stage_image(staging_dir: str, key: str, data: bytes, lineage: Lineage, ext: str = "png") -> tuple[str, str]:
     """Write encoded image bytes, then the sidecar that vouches for them. Returns (uri, sha256)."""
-    uri = staged_uri(staging_dir, key)
+    uri = staged_uri(staging_dir, key, ext)
     sha = hashlib.sha256(data).hexdigest()
     write_atomic(uri, data)
-    write_atomic(uri[:-4] + ".json", json.dumps({"key": key, "sha256": sha, "lineage": lineage.to_dict()},
+    write_atomic(_sidecar(uri), json.dumps({"key": key, "sha256": sha, "lineage": lineage.to_dict()},
                                                 sort_keys=True).encode())
     return uri, sha
 
 
-def find_staged(staging_dir: str, key: str) -> Optional[tuple[str, str, Lineage]]:
+def find_staged(staging_dir: str, key: str, ext: str = "png") -> Optional[tuple[str, str, Lineage]]:
     """(uri, sha256, lineage) of a complete, intact staged image with this key, else None.
 
     The image bytes are re-hashed: a truncated or damaged file is regenerated, never trusted.
     """
-    uri = staged_uri(staging_dir, key)
-    fs, path = fsspec.core.url_to_fs(uri[:-4] + ".json")
+    uri = staged_uri(staging_dir, key, ext)
+    fs, path = fsspec.core.url_to_fs(_sidecar(uri))
     if not fs.exists(path):
         return None
     try:

@@ -48,17 +48,27 @@ def _canonical_json(obj) -> bytes:
     return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
+_MEMBER_EXT = {"png": "png", "jpg": "jpg", "jpeg": "jpg", "webp": "webp"}
+
+
+def image_ext(c) -> str:
+    """The member extension of a candidate's image: that of its staged file (``output.image_format``
+    decides it at generation; the shard copies the staged bytes, so the name follows them)."""
+    return _MEMBER_EXT.get(c.image_uri.rsplit("/", 1)[-1].rsplit(".", 1)[-1].lower(), "png")
+
+
 def ranked_sample(group: RankedGroup, images: dict[str, bytes], reward_info: dict | None = None) -> dict[str, bytes]:
-    """One sample per prompt: ``img{r}.png`` in rank order (img0 = best) plus the labels as ``json``."""
+    """One sample per prompt: ``img{r}.<ext>`` in rank order (img0 = best) plus the labels as ``json``."""
     p = group.prompt
+    names = [f"img{r}.{image_ext(c)}" for r, c in enumerate(group.candidates)]
     meta = {
         "prompt_id": p.prompt_id, "prompt": p.prompt, "category": p.category,
         "aggregator": group.aggregator, "rewards": list(group.rewards), "reward_info": reward_info or {},
-        "candidates": [c.to_json(f"img{r}.png") for r, c in enumerate(group.candidates)],
+        "candidates": [c.to_json(name) for name, c in zip(names, group.candidates)],
     }
     sample = {"__key__": p.prompt_id, "json": _canonical_json(meta)}
-    for r, c in enumerate(group.candidates):
-        sample[f"img{r}.png"] = images[c.candidate_id]
+    for name, c in zip(names, group.candidates):
+        sample[name] = images[c.candidate_id]
     return sample
 
 
@@ -103,18 +113,19 @@ def _read_staged(c) -> bytes:
 
 def pair_samples(group: RankedGroup, images: dict[str, bytes],
                  reward_info: dict | None = None) -> Iterable[dict[str, bytes]]:
-    """One sample per kept pair: ``win.png``, ``lose.png`` and a ``json`` with both candidates' labels."""
+    """One sample per kept pair: ``win.<ext>``, ``lose.<ext>`` and a ``json`` with both candidates' labels."""
     by_id = {c.candidate_id: c for c in group.candidates}
     for pair in group.pairs:
         w, l = by_id[pair.winner_id], by_id[pair.loser_id]
+        win, lose = f"win.{image_ext(w)}", f"lose.{image_ext(l)}"
         meta = {
             "prompt_id": group.prompt.prompt_id, "prompt": group.prompt.prompt, "category": group.prompt.category,
             "agreement": pair.agreement, "rewards": list(group.rewards), "aggregator": group.aggregator,
             "reward_info": reward_info or {},
-            "winner": w.to_json("win.png"), "loser": l.to_json("lose.png"),
+            "winner": w.to_json(win), "loser": l.to_json(lose),
         }
-        yield {"__key__": pair.key, "json": _canonical_json(meta), "win.png": images[w.candidate_id],
-               "lose.png": images[l.candidate_id]}
+        yield {"__key__": pair.key, "json": _canonical_json(meta), win: images[w.candidate_id],
+               lose: images[l.candidate_id]}
 
 
 class _WriteShard(beam.DoFn):
