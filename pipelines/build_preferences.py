@@ -30,7 +30,7 @@ from synpref.transforms.prompts import ReadPrompts
 from synpref.transforms.ranking import RankGroups
 from synpref.transforms.rewards import create_reward
 from synpref.transforms.scoring import ScoreCandidates
-from synpref.transforms.staging import generator_fingerprint, model_fingerprint
+from synpref.transforms.staging import IMAGE_EXT, generator_fingerprint, model_fingerprint
 from synpref.transforms.writing import SHARD_FORMAT, WriteShards, shard_paths
 
 log = logging.getLogger("synpref.build")
@@ -63,13 +63,15 @@ def run_fingerprint(cfg: BuildConfig) -> str:
 
 
 def manifest_header(cfg: BuildConfig) -> dict[str, Any]:
+    ext = IMAGE_EXT[cfg.output.image_format]
     return {
         "synpref_version": synpref.__version__,
         "run_fingerprint": run_fingerprint(cfg),
         "output_dir": cfg.output.output_dir,
         "layout": {
-            "ranked": "ranked/ranked-{shard}.tar: key=prompt_id; img0.png..img{k-1}.png in rank order; json labels",
-            "pairs": "pairs/pairs-{shard}.tar: key=<winner>__<loser>; win.png, lose.png, json",
+            "ranked": f"ranked/ranked-{{shard}}.tar: key=prompt_id; img0.{ext}..img{{k-1}}.{ext} in rank order; "
+                      "json labels",
+            "pairs": f"pairs/pairs-{{shard}}.tar: key=<winner>__<loser>; win.{ext}, lose.{ext}, json",
             "index": "<tar name>.parquet beside each tar",
             "dead_letter": "dead_letter/drops-*.jsonl",
         },
