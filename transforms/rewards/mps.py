@@ -53,6 +53,7 @@ from typing import Hashable, Sequence
 
 from .base import Reward, register_reward
 from .clip_score import check_dtype, resolve_dtype
+from .pickscore import HFClipProcessor
 from ..model_io import local_copy, pick_device
 
 if __name__ == "__main__":  # ``python -m ...rewards.mps convert``: the package import already registered this
@@ -242,7 +243,7 @@ def load_mps_modules(checkpoint: str, config: str, cache_dir: str = ""):
 
 
 @register_reward("mps")
-class MPS(Reward):
+class MPS(HFClipProcessor, Reward):
     """Args:
     checkpoint: the MPS weights (required): a safetensors (or weights-only pickle) state dict with the
         release's keys: the ModelScope re-pack, or the output of this module's ``convert`` command.
@@ -287,19 +288,6 @@ class MPS(Reward):
             files["config"] = self.config
         return files
 
-    def _load_processor(self) -> None:
-        import transformers
-        from transformers import AutoImageProcessor, AutoTokenizer
-
-        where = local_copy(self.processor, self.cache_dir)
-        kw = {"cache_dir": self.cache_dir or None}
-        if int(transformers.__version__.split(".")[0]) >= 5:
-            backend = {"backend": self.image_backend}
-        else:
-            backend = {"use_fast": self.image_backend == "torchvision"}
-        self._image_processor = AutoImageProcessor.from_pretrained(where, **backend, **kw)
-        self._tokenizer = AutoTokenizer.from_pretrained(where, **kw)
-
     def load(self) -> None:
         import torch
 
@@ -334,15 +322,6 @@ class MPS(Reward):
         sim = torch.einsum("bld,cd->blc", text_tokens.float(), self._condition_tokens.float()).amax(dim=-1)
         sim = sim / sim.amax(dim=-1, keepdim=True)  # per prompt: the authors score one prompt per call
         return torch.where(sim > self.mask_threshold, 0.0, float("-inf"))
-
-    def preprocess_key(self) -> Hashable:
-        """Same key as pickscore's: the same HF image processor output, so an ensemble computes it once."""
-        return ("hf_clip_image_processor", self.processor, self.image_backend)
-
-    def preprocess(self, images):
-        if self._image_processor is None:
-            self._load_processor()
-        return self._image_processor(images=[im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
 
     def score_preprocessed(self, pixels, prompts: Sequence[str]) -> list[float]:
         import torch

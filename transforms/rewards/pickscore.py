@@ -25,8 +25,35 @@ def _projected(out):
     return out if hasattr(out, "ndim") else out.pooler_output
 
 
+class HFClipProcessor:
+    """The Hugging Face CLIP image processor + tokenizer at ``self.processor``, as a shared preprocessing
+    step: rewards that use it (pickscore, mps) report one key, so an ensemble runs it once."""
+
+    def _load_processor(self) -> None:
+        import transformers
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        where = local_copy(self.processor, self.cache_dir)
+        kw = {"cache_dir": self.cache_dir or None}
+        if int(transformers.__version__.split(".")[0]) >= 5:
+            backend = {"backend": self.image_backend}
+        else:  # transformers 4: the slow processor is PIL's, the fast one torchvision's
+            backend = {"use_fast": self.image_backend == "torchvision"}
+        self._image_processor = AutoImageProcessor.from_pretrained(where, **backend, **kw)
+        self._tokenizer = AutoTokenizer.from_pretrained(where, **kw)
+
+    def preprocess_key(self) -> Hashable:
+        """Not ``clip_center_crop``'s key: the processor's crop offsets round differently (see PickScore)."""
+        return ("hf_clip_image_processor", self.processor, self.image_backend)
+
+    def preprocess(self, images):
+        if self._image_processor is None:
+            self._load_processor()
+        return self._image_processor(images=[im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
+
+
 @register_reward("pickscore")
-class PickScore(Reward):
+class PickScore(HFClipProcessor, Reward):
     """Args:
     model: ``CLIPModel`` folder or hub id (default ``yuvalkirstain/PickScore_v1``); gs:// / s3:// copied first.
     processor: processor folder or hub id (default ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``).
@@ -60,19 +87,6 @@ class PickScore(Reward):
     def files(self) -> dict[str, str]:
         return {"model": self.model, "processor": self.processor}
 
-    def _load_processor(self) -> None:
-        import transformers
-        from transformers import AutoImageProcessor, AutoTokenizer
-
-        where = local_copy(self.processor, self.cache_dir)
-        kw = {"cache_dir": self.cache_dir or None}
-        if int(transformers.__version__.split(".")[0]) >= 5:
-            backend = {"backend": self.image_backend}
-        else:  # transformers 4: the slow processor is PIL's, the fast one torchvision's
-            backend = {"use_fast": self.image_backend == "torchvision"}
-        self._image_processor = AutoImageProcessor.from_pretrained(where, **backend, **kw)
-        self._tokenizer = AutoTokenizer.from_pretrained(where, **kw)
-
     def load(self) -> None:
         from transformers import CLIPModel
 
@@ -84,15 +98,6 @@ class PickScore(Reward):
         self._device, self._dtype = device, torch_dtype
         self._scale = float(model.logit_scale.detach().float().exp())  # before any cast to half precision
         self._model = model.to(device=device, dtype=torch_dtype).eval()
-
-    def preprocess_key(self) -> Hashable:
-        """Its own key: the processor's output is not ``clip_center_crop``'s (see the class docstring)."""
-        return ("hf_clip_image_processor", self.processor, self.image_backend)
-
-    def preprocess(self, images):
-        if self._image_processor is None:
-            self._load_processor()
-        return self._image_processor(images=[im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
 
     def score_preprocessed(self, pixels, prompts: Sequence[str]) -> list[float]:
         import torch
