@@ -15,19 +15,8 @@ from PIL import Image
 
 from synpref.transforms.rewards import create_reward
 from synpref.transforms.rewards.hpsv3 import INSTRUCTION, hpsv3_text, smart_resize
+from tiny_qwen2_vl import tiny_qwen2_vl
 
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-           "<|image_pad|>", "<|video_pad|>"]
-CHAT_TEMPLATE = (  # Qwen2-VL-Instruct's template, images only
-    "{% set image_count = namespace(value=0) %}{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
-    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
-    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}"
-    "{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 BUDGET = 56 * 56
 # Worked out by hand with Qwen's smart_resize at min = max = BUDGET, factor 28: (width, height) -> (height, width)
 SIZES = {(100, 100): (56, 56), (120, 60): (28, 56), (64, 90): (56, 28)}
@@ -48,35 +37,13 @@ def to_release_names(hf_state):
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
     from safetensors.torch import save_file
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import (PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
-                              Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor)
+    from transformers import Qwen2VLProcessor
 
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator([INSTRUCTION, "a red cube two cats on a sofa sky"] * 3, trainers.BpeTrainer(
-        vocab_size=700, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=112 * 112),
-                                 tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(),
-                                 chat_template=CHAT_TEMPLATE)
+    model, processor, tokenizer = tiny_qwen2_vl(
+        [INSTRUCTION, "a red cube two cats on a sofa sky"] * 3, vocab_size=700, num_layers=2, max_positions=4096,
+        extra_tokens=1, tie_word_embeddings=False)
     base_len = len(tokenizer)  # the base processor has no <|Reward|>: the reward adds it, id = base_len
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL}
-    config = Qwen2VLConfig(
-        text_config=dict(vocab_size=base_len + 1, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
-                         initializer_range=0.2, tie_word_embeddings=False,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 2, 4]},
-                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-                         pad_token_id=ids["<|endoftext|>"]),
-        vision_config=dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2, initializer_range=0.2),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
-    torch.manual_seed(0)
-    model = Qwen2VLForConditionalGeneration(config).eval()
+    config = model.config
     g = torch.Generator().manual_seed(1)
     head = {"rm_head.0.weight": torch.randn(1024, 32, generator=g) * 0.3, "rm_head.0.bias": torch.randn(1024, generator=g) * 0.1,
             "rm_head.3.weight": torch.randn(16, 1024, generator=g) * 0.05, "rm_head.3.bias": torch.randn(16, generator=g) * 0.1,

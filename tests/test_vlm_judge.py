@@ -12,20 +12,8 @@ from PIL import Image
 
 from synpref.transforms.rewards import create_reward
 from synpref.transforms.rewards.vlm_judge import parse_likert, single_token_id
+from tiny_qwen2_vl import tiny_qwen2_vl
 
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-           "<|image_pad|>", "<|video_pad|>"]
-# Qwen2-VL-Instruct's chat template (images only, no video branch needed here).
-CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
-    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
-    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}"
-    "{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 CORPUS = ("You are a helpful assistant. Does this image show: a red cube? Answer Yes or No. Yes No "
           "Which image better matches? Answer A or B. Image A: Image B: A B Rate it on a scale from 1 to 5. "
           "Score: 0 1 2 3 4 5 6 7 8 9")
@@ -35,36 +23,9 @@ BUDGET = 56 * 56  # max_pixels the rewards get: a 100x100 image becomes 56x56 = 
 @pytest.fixture(scope="module")
 def tiny_vlm(tmp_path_factory):
     """A Qwen2-VL with 1 vision block (embed 16) and 1 text layer (hidden 32), a 300-token byte-level BPE."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import (PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
-                              Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor)
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator([CORPUS] * 5, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    # The saved processor's own budget is larger than BUDGET, so the rewards' max_pixels is what applies.
-    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=112 * 112),
-                                 tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(),
-                                 chat_template=CHAT_TEMPLATE)
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL}
-    config = Qwen2VLConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
-                         initializer_range=0.2,  # larger than real init, so answer probabilities spread out
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 2, 4]},
-                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-                         pad_token_id=ids["<|endoftext|>"]),
-        vision_config=dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2, initializer_range=0.2),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
-    torch.manual_seed(0)
+    model, processor, _ = tiny_qwen2_vl([CORPUS] * 5, vocab_size=300, num_layers=1, max_positions=512)
     path = tmp_path_factory.mktemp("tiny_qwen2_vl")
-    Qwen2VLForConditionalGeneration(config).save_pretrained(path)
+    model.save_pretrained(path)
     processor.save_pretrained(path)
     return str(path)
 
