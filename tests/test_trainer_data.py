@@ -281,3 +281,50 @@ def test_old_process_arguments_still_work(tmp_path):
     assert (data.rank, data.world_size) == (1, 2) and [it.prompt_id for it in data] == ["s0k1", "s0k3"]
     with pytest.raises(ValueError, match="rank < world_size"):
         RankedShards(paths, resolution=8, rank=2, world_size=2)
+
+
+# ---- resume: jump to a saved data position without decoding what came before it
+
+
+def batches_with_decodes(reader, decoded, n: int) -> list[tuple[list[str], list[bytes]]]:
+    """The first n batches' prompt ids, each with the image bytes decoded while producing it."""
+    out, batches = [], iter_batches(reader, batch_size=2)
+    for _ in range(n):
+        before = len(decoded)
+        out.append((next(batches).prompt_ids, decoded[before:]))
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["ranked", "pickapic"])
+def test_resume_jumps_to_the_position_without_decoding_earlier_samples(tmp_path, decoded, fmt):
+    if fmt == "ranked":  # two shards read by one process, a sample with a missing image, shuffled
+        samples = [ranked_sample(f"k{i}", [{"r": 1}, {"r": 0}], [1.0, 0.0], ["r"]) for i in range(7)]
+        del samples[3]["img1.png"]
+        paths = [write_tar(tmp_path / "a.tar", samples[:4]), write_tar(tmp_path / "b.tar", samples[4:])]
+
+        def reader():
+            return RankedShards(paths, resolution=8, shuffle_seed=5, shuffle_buffer=3)
+    else:  # one parquet file, rows shared by two processes (rank 1 here), a tie row
+        rows = [(f"c{i}", png(), png(), 0.5 if i == 5 else 1.0) for i in range(13)]
+        pq.write_table(pickapic_table(rows), tmp_path / "p.parquet", row_group_size=3)
+
+        def reader():
+            return PickapicParquet([str(tmp_path)], resolution=8, shuffle_seed=5, shuffle_buffer=3, rank=1,
+                                   world_size=2)
+    # valid items per epoch: ranked 6 (batches 2, 2, 2), pickapic 5 (rows 1, 3, 7, 9, 11: batches 2, 2, 1);
+    # 9 batches cross epoch ends, positions 1..7 include an epoch's last batch and a resume at an epoch end
+    straight_reader = reader()
+    straight = batches_with_decodes(straight_reader, decoded, 9)
+    for position in range(1, 8):  # stop after `position` batches, resume in a fresh reader
+        decoded.clear()
+        first = reader()
+        batches_with_decodes(first, decoded, position)
+        state = json.loads(json.dumps(first.state_dict()))  # saved as JSON in the checkpoint
+        decoded.clear()
+        resumed = reader()
+        resumed.load_state_dict(state)
+        rest = batches_with_decodes(resumed, decoded, 9 - position)
+        assert [ids for ids, _ in rest] == [ids for ids, _ in straight[position:]], position
+        # exactly the straight run's later decodes: nothing before the position is decoded again
+        assert [d for _, d in rest] == [d for _, d in straight[position:]], position
+    assert resumed.skipped == straight_reader.skipped and sum(straight_reader.skipped.values()) >= 2

@@ -2,6 +2,7 @@
 import csv
 import io
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 from safetensors.torch import load_file
+from test_trainer_data import decoded  # noqa: F401 (fixture: counts decode_image calls)
 
 import synpref.training.train as train_mod
 from synpref.jobs.tiny_models import save_tiny_sd_pipeline
@@ -110,3 +112,39 @@ def test_checkpoint_refuses_a_changed_config_and_names_paths(model_dir, shard_di
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
         resolve_checkpoint(config(model_dir, shard_dir, tmp_path, resume_from_checkpoint=str(tmp_path / "nope")))
     assert resolve_checkpoint(config(model_dir, shard_dir, tmp_path / "empty", resume_from_checkpoint="latest")) is None
+
+
+def test_resume_jumps_to_its_data_position_without_decoding_earlier_samples(model_dir, shard_dir, tmp_path, decoded):
+    # a sample with a corrupt image; 5 valid prompts, batch 2: every epoch is batches 2, 2, 1, so the
+    # step-3 checkpoint sits exactly at the end of epoch 0
+    bad = tmp_path / "bad-shard"
+    bad.mkdir()
+    with wds.TarWriter(str(bad / "ranked-00001.tar"), mtime=0) as sink:
+        meta = {"prompt_id": "b1", "prompt": "broken", "candidates": [
+            {"candidate_id": f"b1-{i}", "image": f"img{i}.png", "rank": i + 1, "phi": 1.0 - i} for i in range(2)]}
+        sink.write({"__key__": "b1", "json": json.dumps(meta).encode(), "img0.png": b"not a png", "img1.png": b"x"})
+    decodes = decoded  # every image the reader decodes, in order
+    shards = [str(shard_dir / "ranked-00000.tar"), str(bad / "ranked-00001.tar")]
+    kw = dict(shards=shards, gradient_accumulation_steps=1, lr_scheduler="constant", lr_warmup_steps=0)
+    straight = train(config(model_dir, shard_dir, tmp_path / "straight", **kw))
+    straight_decodes = list(decodes)
+    ckpt = tmp_path / "straight" / "checkpoint-3"
+    at_checkpoint = json.loads((ckpt / "data_0.json").read_text())["decoded"]
+    assert 0 < at_checkpoint < straight["data_shares"][0]["decoded"]
+
+    # resume from the straight run's own step-3 checkpoint in a fresh output_dir
+    shutil.copytree(ckpt, tmp_path / "resumed" / "checkpoint-3")
+    decodes.clear()
+    resumed = train(config(model_dir, shard_dir, tmp_path / "resumed", resume_from_checkpoint="latest", **kw))
+    assert resumed["losses"] == straight["losses"]
+    a, b = load_file(straight["lora_path"]), load_file(resumed["lora_path"])
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    # only samples after the checkpoint were decoded: the tail of the straight run's decodes, nothing more
+    # (epoch 0: 12 images of the 5 prompts + the bad sample's first image, where decoding stops)
+    n_epoch = sum(len(phis) for _, _, phis in PROMPTS) + 1
+    assert n_epoch == 13 and decodes == straight_decodes[n_epoch:]
+    assert resumed["data_shares"][0]["decoded_this_launch"] == straight["data_shares"][0]["decoded"] - at_checkpoint
+    # the run's totals and bad-sample counts carry over from the checkpoint
+    assert resumed["skipped"] == straight["skipped"] == {"not_an_image": 2}
+    assert [{k: v for k, v in s.items() if k != "decoded_this_launch"} for s in resumed["data_shares"]] == \
+        [{k: v for k, v in s.items() if k != "decoded_this_launch"} for s in straight["data_shares"]]

@@ -6,6 +6,7 @@ import io
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -70,13 +71,10 @@ def read_log(path):
 
 
 # ---- 1. two processes (torchrun + gloo; accelerate picks MULTI_CPU from ACCELERATE_USE_CPU)
-def test_two_processes_train_on_their_own_shares(model_dir, shard_dir, tmp_path):
-    # `accelerate launch --cpu --num_processes 2` starts a single process with accelerate 1.x (multi-CPU
-    # goes through mpirun there); torchrun with ACCELERATE_USE_CPU=true gives accelerate MULTI_CPU on gloo.
-    out = tmp_path / "out"
-    cfg = tmp_path / "train.yaml"
+def launch_two(model_dir, shard_dir, out, cfg, extra: str = "") -> dict:
+    """Train with two processes on CPU; return the summary the main process wrote."""
     cfg.write_text(f"pretrained_model: {model_dir}\nshards: [{shard_dir}]\noutput_dir: {out}\nresolution: 32\n"
-                   "batch_size: 1\nmax_steps: 2\nlearning_rate: 1.0e-3\ntorch_threads: 1\n")
+                   "batch_size: 1\nmax_steps: 2\nlearning_rate: 1.0e-3\ntorch_threads: 1\n" + extra)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -85,7 +83,14 @@ def test_two_processes_train_on_their_own_shares(model_dir, shard_dir, tmp_path)
     )
     assert proc.returncode == 0, proc.stderr[-12000:]
     assert proc.stderr.count("saved LoRA to") == 1  # the main process alone saves
-    summary = json.loads((out / "train_summary.json").read_text())
+    return json.loads((out / "train_summary.json").read_text())
+
+
+def test_two_processes_train_on_their_own_shares(model_dir, shard_dir, tmp_path):
+    # `accelerate launch --cpu --num_processes 2` starts a single process with accelerate 1.x (multi-CPU
+    # goes through mpirun there); torchrun with ACCELERATE_USE_CPU=true gives accelerate MULTI_CPU on gloo.
+    out = tmp_path / "out"
+    summary = launch_two(model_dir, shard_dir, out, tmp_path / "train.yaml")
     assert summary["steps"] == 2 and all(math.isfinite(x) for x in summary["losses"])
     assert len(read_log(out / "train_log.csv")) == 2  # one row per step, not one per process
     assert (out / "pytorch_lora_weights.safetensors").is_file()
@@ -99,7 +104,31 @@ def test_two_processes_train_on_their_own_shares(model_dir, shard_dir, tmp_path)
     a, b = summary["lora_checksums"]
     assert a == b
     single = train(config(model_dir, [shard_dir], tmp_path / "single", batch_size=1, max_steps=2))
-    assert single["data_shares"] == [{"process": 0, "decoded": 2, "prompts": 2, "first_prompt_ids": ["s0p0", "s0p1"]}]
+    assert single["data_shares"] == [{"process": 0, "decoded": 2, "prompts": 2, "first_prompt_ids": ["s0p0", "s0p1"],
+                                      "decoded_this_launch": 2}]
+
+
+@pytest.mark.slow  # two 6-step two-process launches: ~35 s on 2 shared cores
+def test_two_processes_resume_to_the_weights_of_a_straight_run(model_dir, shard_dir, tmp_path):
+    # 6 steps (each process: 3 prompts of its shard, batch 1: two epochs, shuffled), checkpoint at step 3;
+    # then a fresh launch resumes from that checkpoint in another output_dir and must end on the same weights
+    from safetensors.torch import load_file
+
+    extra = "max_steps: 6\ncheckpointing_steps: 3\nshuffle: true\nlr_scheduler: cosine\nseed: 4\n"
+    straight = launch_two(model_dir, shard_dir, tmp_path / "straight", tmp_path / "a.yaml", extra)
+    ckpt = tmp_path / "straight" / "checkpoint-3"
+    shutil.copytree(ckpt, tmp_path / "resumed" / "checkpoint-3")
+    resumed = launch_two(model_dir, shard_dir, tmp_path / "resumed", tmp_path / "b.yaml",
+                         extra + "resume_from_checkpoint: latest\n")
+    assert resumed["resumed_from"].endswith("checkpoint-3") and resumed["losses"] == straight["losses"]
+    a, b = load_file(straight["lora_path"]), load_file(resumed["lora_path"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["lora_checksums"] == straight["lora_checksums"]
+    # each process jumped to its own position: it decoded only the 3 samples after its checkpoint
+    at_ckpt = [json.loads((ckpt / f"data_{r}.json").read_text())["decoded"] for r in range(2)]
+    assert at_ckpt == [3, 3] and [s["decoded"] for s in straight["data_shares"]] == [6, 6]
+    assert [s["decoded_this_launch"] for s in resumed["data_shares"]] == [3, 3]
+    assert [s["first_prompt_ids"] for s in resumed["data_shares"]] == [s["first_prompt_ids"] for s in straight["data_shares"]]
 
 
 def test_a_multi_process_launch_that_accelerate_does_not_see_is_refused(model_dir, shard_dir, tmp_path, monkeypatch):

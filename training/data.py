@@ -17,6 +17,10 @@ checked and images decode through ``decode_image`` with a pixel limit.
 Multi-process training: pass ``rank``/``world_size``; each process reads and decodes only its share
 (whole shards when there are at least ``world_size`` of them, else every ``world_size``-th raw sample,
 chosen before anything is decoded). Every process must use the same ``shuffle_seed``.
+
+Resume: ``_Reader.state_dict()`` is the data position (epoch, raw samples taken from this epoch's shuffled
+stream, skip counts); ``load_state_dict`` makes the next epoch start there. The samples before the position
+are read as raw bytes and dropped (the shuffle buffer needs them to reproduce the order), never decoded.
 """
 from __future__ import annotations
 
@@ -352,16 +356,40 @@ class _Reader:
         self.max_image_pixels = max_image_pixels
         self.min_pair_agreement = min_pair_agreement
         self.skipped: Counter[str] = Counter()
-        self._epoch = 0
+        self._epoch = 0  # the epoch the next iter() starts
+        self._skip = 0  # raw samples the next iter() drops undecoded (set by load_state_dict)
+        self._position = {"epoch": 0, "samples": 0}  # of the epoch being iterated
+        self._replaying = False  # while dropping: corrupt shards were counted before the checkpoint
 
     @property
     def splits_by_shard(self) -> bool:
         """True: each process reads whole shards; False: every process reads all, keeps its sample indices."""
         return len(self.urls) >= self.world_size
 
+    @property
+    def resume_skip(self) -> int:
+        """Raw samples the next ``iter()`` drops undecoded (0 unless ``load_state_dict`` set a position)."""
+        return self._skip
+
+    def state_dict(self) -> dict:
+        """The data position after the last item yielded: ``{"epoch", "samples", "skipped"}``, JSON-able.
+
+        ``samples`` counts this process's raw samples taken from the epoch's shuffled stream, bad ones included.
+        """
+        position = self._position if self._skip == 0 else {"epoch": self._epoch, "samples": self._skip}
+        return {**position, "skipped": dict(self.skipped)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state_dict()``'s position: the next ``iter()`` is that epoch, past its first samples."""
+        self._epoch, self._skip = int(state["epoch"]), int(state["samples"])
+        self._position = {"epoch": self._epoch, "samples": self._skip}
+        self.skipped = Counter(state.get("skipped", {}))
+
     def __iter__(self) -> Iterator[RankedItem]:
         urls = list(self.urls)
         epoch, self._epoch = self._epoch, self._epoch + 1
+        skip, self._skip = self._skip, 0
+        self._position = {"epoch": epoch, "samples": skip}
         if self.shuffle_seed is not None:
             random.Random(self.shuffle_seed + epoch).shuffle(urls)
         if self.splits_by_shard:
@@ -371,7 +399,19 @@ class _Reader:
             samples = itertools.islice(samples, self.rank, None, self.world_size)  # raw bytes, not decoded yet
         if self.shuffle_seed is not None:
             samples = wds.shuffle(self.shuffle_buffer, seed=self.shuffle_seed + epoch)(samples)
+        if skip:
+            samples = self._drop(samples, skip)
         return (item for item in map(self._decode, samples) if item is not None)
+
+    def _drop(self, samples: Iterator[dict], n: int) -> Iterator[dict]:
+        """``samples`` without its first ``n`` (read, not decoded): the resume position of this epoch."""
+        self._replaying = True
+        try:
+            for _ in itertools.islice(samples, n):
+                pass
+        finally:
+            self._replaying = False
+        yield from samples
 
     def _raw_samples(self, urls: list[str]) -> Iterator[dict]:
         """Raw samples (``__key__``, ``__url__``, member bytes) of ``urls`` in order; nothing decoded."""
@@ -384,6 +424,7 @@ class _Reader:
         raise NotImplementedError
 
     def _decode(self, sample: dict) -> RankedItem | None:
+        self._position["samples"] += 1
         try:
             return self.decode(sample)
         except BadSample as exn:
@@ -392,6 +433,8 @@ class _Reader:
             return None
 
     def _corrupt_shard(self, exn: Exception) -> bool:
+        if self._replaying:  # already counted (and restored from the checkpoint)
+            return True
         self.skipped["corrupt_shard"] += 1
         logger.warning("skipping the rest of a corrupt shard: %r", exn)
         return True
@@ -510,7 +553,7 @@ def iter_batches(dataset: _Reader, batch_size: int) -> Iterator[RankedBatch]:
         ValueError: an epoch yields no valid sample (otherwise this would spin forever).
     """
     while True:
-        n_items = 0
+        n_items = dataset.resume_skip  # > 0 when resuming mid-epoch: that epoch had valid items
         it = iter(dataset)
         while chunk := list(itertools.islice(it, batch_size)):
             n_items += len(chunk)

@@ -304,8 +304,9 @@ def train(config: TrainConfig) -> dict:
         The summary: steps, first_loss, last_loss, losses, metrics (per step), seconds, skipped
         (bad samples per reason), config, family, finetune, lora_path (the safetensors file; ``None`` with
         ``finetune: full``), denoiser_path (``output_dir/<unet|transformer>`` with ``full``, else ``None``), log_path
-        (per-step CSV), resumed_from and output_dir; with several processes also data_shares (per
-        process: samples decoded, prompts trained on, its first 20 distinct prompt ids) and lora_checksums (per
+        (per-step CSV), resumed_from and output_dir; data_shares (per process, over the whole run, resumed
+        or not: samples decoded, prompts trained on, its first 20 distinct prompt ids; and decoded_this_launch,
+        the samples this launch decoded: a resume does not decode what came before its checkpoint), lora_checksums (per
         process: sum of the LoRA weights, equal when gradients were synchronised), and cache (the
         encoder caches' memory and encoder call counts of this process); with ``eval_every``, eval (log_path,
         prompts, the evaluated steps, means per reward over those steps, last: the final means).
@@ -417,8 +418,15 @@ def train(config: TrainConfig) -> dict:
         accelerator.load_state(str(checkpoint))
         generator.set_state(torch.load(checkpoint / f"generator_{accelerator.process_index}.pt"))
         losses, step_metrics, micro_batches = state["losses"], state["metrics"], state["micro_batches"]
-        for _ in range(micro_batches):  # replay the data order up to the checkpoint (decodes, no training)
-            note_batch(next(batches))
+        data_state = checkpoint / f"data_{accelerator.process_index}.json"
+        if data_state.is_file():  # jump to this process's data position: skipped samples are not decoded
+            share = json.loads(data_state.read_text())
+            dataset.load_state_dict(share["reader"])
+            decoded[0], prompts_read[0] = share["decoded"], share["prompts"]
+            first_prompt_ids[:] = share["first_prompt_ids"]
+        else:  # a checkpoint from before data positions were saved: replay the batches (decodes them)
+            for _ in range(micro_batches):
+                note_batch(next(batches))
         if accelerator.is_main_process:
             _rewrite_log(log_path, len(losses))
             from synpref.training.evaluation import rewrite_eval_log
@@ -439,6 +447,9 @@ def train(config: TrainConfig) -> dict:
         path = out / f"checkpoint-{step}"
         accelerator.save_state(str(path))
         torch.save(generator.get_state(), path / f"generator_{accelerator.process_index}.pt")
+        share = {"reader": dataset.state_dict(), "decoded": decoded[0], "prompts": prompts_read[0],
+                 "first_prompt_ids": first_prompt_ids}
+        (path / f"data_{accelerator.process_index}.json").write_text(json.dumps(share))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             state = {"step": step, "micro_batches": micro_batches, "losses": losses, "metrics": step_metrics,
@@ -450,6 +461,7 @@ def train(config: TrainConfig) -> dict:
             logger.info("saved checkpoint %s", path)
 
     # ---- training loop
+    decoded_before = decoded[0]  # restored on resume: the run's total so far
     step_loss = 0.0
     acc_metrics = {k: 0.0 for k in LOG_COLUMNS[2:5]}
     start, start_step = time.perf_counter(), len(losses)
@@ -499,7 +511,7 @@ def train(config: TrainConfig) -> dict:
     from accelerate.utils import gather_object
 
     share = {"process": accelerator.process_index, "decoded": decoded[0], "prompts": prompts_read[0],
-             "first_prompt_ids": first_prompt_ids}
+             "first_prompt_ids": first_prompt_ids, "decoded_this_launch": decoded[0] - decoded_before}
     checksum = float(sum(p.detach().double().sum().item() for p in params))
     logger.info("process %d/%d decoded %d samples (%d prompts trained on); encoder cache %.1f MiB",
                 accelerator.process_index, accelerator.num_processes, decoded[0], prompts_read[0],
