@@ -105,7 +105,8 @@ class BuildPreferences(beam.PTransform):
             cfg.rewards, expected_images=None if n is None else n * per_prompt, torch_threads=cfg.torch_threads)
         ranked = (prompts["prompts"], scored["scored"]) | "RankCandidates" >> RankGroups(
             [r.name for r in cfg.rewards], cfg.ranking.aggregator, cfg.filter.min_candidates,
-            reward_weights=cfg.ranking.reward_weights, zscore_scope=cfg.ranking.zscore_scope)
+            reward_weights=cfg.ranking.reward_weights, zscore_scope=cfg.ranking.zscore_scope,
+            candidate_filter=cfg.filter)
         filtered = ranked["groups"] | "FilterNoisyPairs" >> FilterPairs(cfg.filter)
         reward_info = {r["name"]: {"version": r["version"], "fingerprint": r["fingerprint"]}
                        for r in describe_rewards(cfg)}

@@ -121,6 +121,17 @@ class FilterConfig:
     # Drop a pair whose two images are near-duplicates (``near_duplicate_pair``): Hamming distance of
     # their 64-bit difference hashes <= this. null: off. 0 catches only hash-identical images.
     near_duplicate_distance: Optional[int] = None
+    # Candidate filters, within a prompt's candidates before ranking (transforms/candidate_filters.py,
+    # docs/math.md). ``degenerate_image``: grey-level sd < ``min_grey_sd`` (0..255; 0: off; blank,
+    # black or one flat colour), or more than ``max_flat_share`` of the pixels within 8 levels of one
+    # colour (null: off). ``low_diversity_group``: every pair of the prompt's candidates within
+    # ``low_diversity_distance`` bits of each other's difference hash (null: off).
+    # ``near_duplicate_candidate``: a candidate within ``near_duplicate_candidate_distance`` bits of a
+    # candidate with a smaller id that is kept (null: off). Unrelated images differ in ~32 of 64 bits.
+    min_grey_sd: float = 2.0
+    max_flat_share: Optional[float] = 0.99
+    low_diversity_distance: Optional[int] = 8
+    near_duplicate_candidate_distance: Optional[int] = 4
 
 
 @dataclass(frozen=True)
@@ -221,6 +232,14 @@ class BuildConfig:
         if self.filter.near_duplicate_distance is not None and not 0 <= self.filter.near_duplicate_distance <= 64:
             raise ValueError(f"filter.near_duplicate_distance must be in [0, 64] or null, "
                              f"got {self.filter.near_duplicate_distance}")
+        for key in ("low_diversity_distance", "near_duplicate_candidate_distance"):
+            value = getattr(self.filter, key)
+            if value is not None and not 0 <= value <= 64:
+                raise ValueError(f"filter.{key} must be in [0, 64] or null, got {value}")
+        if not 0.0 <= self.filter.min_grey_sd <= 127.5:
+            raise ValueError(f"filter.min_grey_sd must be in [0, 127.5] (grey levels), got {self.filter.min_grey_sd}")
+        if self.filter.max_flat_share is not None and not 0.5 <= self.filter.max_flat_share <= 1.0:
+            raise ValueError(f"filter.max_flat_share must be in [0.5, 1] or null, got {self.filter.max_flat_share}")
         if self.filter.top_bottom_k < 1:
             raise ValueError(f"filter.top_bottom_k must be >= 1, got {self.filter.top_bottom_k}")
         if self.filter.min_candidates < 2:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 import pyarrow as pa
 
@@ -78,6 +78,12 @@ class Candidate:
     image_uri: str
     image_sha256: str
     scores: dict[str, float] = field(default_factory=dict)
+    # Facts the candidate filters need, computed in the scoring step where the pixels are
+    # (transforms/candidate_filters.py): 64-bit difference hash as 16 hex digits ("" = not computed),
+    # grey-level standard deviation (0..255 scale) and share of pixels near the dominant colour.
+    dhash: str = ""
+    grey_sd: Optional[float] = None
+    flat_share: Optional[float] = None
 
 
 @dataclass(frozen=True)

@@ -155,7 +155,7 @@ def test_dhash_is_stable_under_small_changes_and_tells_images_apart():
     import numpy as np
     from PIL import Image
 
-    from synpref.transforms.filtering import dhash, hamming
+    from synpref.transforms.perceptual_hash import dhash, hamming
 
     rng = np.random.default_rng(1)
     base = (np.linspace(0, 255, 64)[None, :, None] * np.ones((64, 1, 3))).astype(np.uint8)

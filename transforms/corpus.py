@@ -43,6 +43,7 @@ from synpref.transforms.fileio import AtomicFile
 from synpref.transforms.generation import error_line
 from synpref.transforms.imageio import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageDecodeError, check_member_name, \
     decode_image
+from synpref.transforms.perceptual_hash import dhash_hex as dhash  # 16 hex digits
 from synpref.transforms.rewards import create_reward
 from synpref.transforms.scoring import score_ensemble
 from synpref.transforms.writing import TAR_MTIME
@@ -293,15 +294,6 @@ class DedupExact(beam.PTransform):
                 | "BySha256" >> beam.Map(lambda r: (r.sha256, r))
                 | "GroupSame" >> beam.GroupByKey()
                 | "KeepSmallestKey" >> beam.FlatMap(_keep_smallest_key).with_outputs(DROPPED, main="kept"))
-
-
-def dhash(image) -> str:
-    """64-bit difference hash (grey 9x8, is each pixel brighter than its left neighbour), 16 hex digits."""
-    from PIL import Image
-
-    g = np.asarray(image.convert("L").resize((9, 8), Image.Resampling.BILINEAR), dtype=np.int16)
-    bits = (g[:, 1:] > g[:, :-1]).flatten()
-    return f"{int(''.join('1' if b else '0' for b in bits), 2):016x}"
 
 
 def _bands(rec: CorpusRecord, n: int):

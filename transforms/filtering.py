@@ -6,11 +6,10 @@ from fractions import Fraction
 from typing import Union
 
 import apache_beam as beam
-import numpy as np
-from PIL import Image
 
 from synpref.schemas.config import FilterConfig
 from synpref.schemas.records import Drop, PreferencePair, RankedGroup
+from synpref.transforms.perceptual_hash import dhash, hamming
 
 DROPPED = "dropped"
 
@@ -64,17 +63,6 @@ def select_pair(pair: PreferencePair, ranks: dict[str, int], n: int, cfg: Filter
         k = cfg.top_bottom_k
         return w <= k and l > n - k
     raise ValueError(f"unknown filter.pair_selection {mode!r}")
-
-
-def dhash(image: Image.Image) -> int:
-    """64-bit difference hash: grey, resized to 9x8 (Lanczos), bit = pixel brighter than its left neighbour."""
-    px = np.asarray(image.convert("L").resize((9, 8), Image.Resampling.LANCZOS), dtype=np.int16)
-    bits = (px[:, 1:] > px[:, :-1]).ravel()
-    return int(sum(1 << i for i, b in enumerate(bits) if b))
-
-
-def hamming(a: int, b: int) -> int:
-    return bin(a ^ b).count("1")
 
 
 def _group_hashes(group: RankedGroup) -> dict[str, int]:

@@ -13,6 +13,7 @@ import numpy as np
 from synpref.schemas.records import Candidate, Drop, PreferencePair, PromptRecord, RankedCandidate, RankedGroup
 from synpref.transforms import aggregators as agg
 from synpref.transforms.aggregators import get_aggregator, strict_prefers, strict_wins
+from synpref.transforms.candidate_filters import STAGE as CANDIDATE_FILTER_STAGE, filter_group
 
 DROPPED = "dropped"
 STATS = "stats"
@@ -149,6 +150,41 @@ class _ReliabilityFn(beam.CombineFn):
                                            dict(zip(self.rewards, acc[1].tolist())), self.rewards)
 
 
+class _FilterCandidates(beam.DoFn):
+    """One grouped prompt -> the same with ``candidate_filters.filter_group`` applied; drops on the side.
+
+    A group the filters drop as a whole (``low_diversity_group``) is dropped at prompt level with
+    its remaining candidates as ``group_dropped``, and goes no further.
+    """
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def process(self, element):
+        prompt_id, grouped = element
+        prompts, candidates = list(grouped["prompt"]), list(grouped["candidates"])
+        if not prompts:  # orphans: _RankGroup accounts for them
+            yield prompt_id, {"prompt": prompts, "candidates": candidates}
+            return
+        verdict = filter_group(candidates, self.cfg)
+        for c, reason, detail in verdict.dropped:
+            yield beam.pvalue.TaggedOutput(DROPPED, Drop("candidate", reason, c.candidate_id,
+                                                         CANDIDATE_FILTER_STAGE, detail))
+        if verdict.group_reason:
+            p = prompts[0]
+            yield beam.pvalue.TaggedOutput(DROPPED, Drop("prompt", verdict.group_reason, f"{p.source}#{p.source_index}",
+                                                         CANDIDATE_FILTER_STAGE,
+                                                         f"prompt_id {prompt_id}: {verdict.group_detail}"))
+            return
+        yield prompt_id, {"prompt": prompts, "candidates": list(verdict.kept)}
+
+
+def _candidates_of(element):
+    prompt_id, grouped = element
+    for c in grouped["candidates"]:
+        yield prompt_id, c
+
+
 class _RankGroup(beam.DoFn):
     def __init__(self, rewards: Sequence[str], aggregator: str, min_candidates: int,
                  reward_weights: Optional[Mapping[str, float]] = None, zscore_scope: str = "dataset"):
@@ -185,7 +221,9 @@ def _rankable_table(rewards: Sequence[str], min_candidates: int):
 
 
 class RankGroups(beam.PTransform):
-    """(prompt_id, PromptRecord) + (prompt_id, Candidate) -> RankedGroup per prompt; drops on the side;
+    """(prompt_id, PromptRecord) + (prompt_id, Candidate) -> RankedGroup per prompt; drops on the side.
+    With ``candidate_filter`` (a FilterConfig), the candidate filters run on each prompt's candidates
+    first (``candidate_filters.filter_group``) and the dataset statistics see only what they keep;
     ``stats``: one dict with the aggregator, its reward weights and any dataset-wide statistics
     (``moments``: count/mean/sd per reward; ``reliability``: agree/weight per reward), for the manifest.
 
@@ -193,16 +231,25 @@ class RankGroups(beam.PTransform):
     """
 
     def __init__(self, rewards: Sequence[str], aggregator: str = "syn_pic", min_candidates: int = 2,
-                 reward_weights: Optional[Mapping[str, float]] = None, zscore_scope: str = "dataset"):
+                 reward_weights: Optional[Mapping[str, float]] = None, zscore_scope: str = "dataset",
+                 candidate_filter=None):
         super().__init__()
         get_aggregator(aggregator)  # fail at construction on an unknown name
         self.rewards, self.aggregator, self.min_candidates = list(rewards), aggregator, min_candidates
         self.reward_weights, self.zscore_scope = dict(reward_weights or {}), zscore_scope
+        self.candidate_filter = candidate_filter  # a FilterConfig: the candidate filters run first; None: off
 
     def expand(self, inputs):
         prompts, scored = inputs
         keyed_prompts = prompts | "KeyPrompts" >> beam.Map(lambda p: (p.prompt_id, p))
         grouped = {"prompt": keyed_prompts, "candidates": scored} | "GroupByPrompt" >> beam.CoGroupByKey()
+        drops = []
+        if self.candidate_filter is not None:
+            checked = grouped | "FilterCandidates" >> beam.ParDo(
+                _FilterCandidates(self.candidate_filter)).with_outputs(DROPPED, main="groups")
+            grouped = checked.groups
+            drops.append(checked[DROPPED])
+            scored = grouped | "KeptCandidates" >> beam.FlatMap(_candidates_of)  # statistics see what is ranked
         spec = get_aggregator(self.aggregator)
         need = spec.needs_stats({"zscore_scope": self.zscore_scope})
         header = {"aggregator": self.aggregator, "zscore_scope": self.zscore_scope,
@@ -225,4 +272,5 @@ class RankGroups(beam.PTransform):
                 _RankGroup(self.rewards, self.aggregator, self.min_candidates, self.reward_weights,
                            self.zscore_scope), stats=beam.pvalue.AsSingleton(raw))
         out = grouped | "RankLabels" >> labels.with_outputs(DROPPED, main="groups")
-        return {"groups": out.groups, "dropped": out[DROPPED], STATS: stats}
+        dropped = out[DROPPED] if not drops else [*drops, out[DROPPED]] | "RankDrops" >> beam.Flatten()
+        return {"groups": out.groups, "dropped": dropped, STATS: stats}

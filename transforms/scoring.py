@@ -22,6 +22,7 @@ from apache_beam.ml.inference.base import PredictionResult, RunInference
 
 from synpref.schemas.config import RewardConfig
 from synpref.schemas.records import Drop
+from synpref.transforms.candidate_filters import image_facts
 from synpref.transforms.generation import error_line
 from synpref.transforms.inference import PluginModelHandler, Work
 from synpref.transforms.rewards import Reward, create_reward
@@ -87,26 +88,34 @@ class ScoreWithEnsemble(Work):
         start = time.perf_counter()
         images = [load_staged_image(c.image_uri) for c in flat]  # pixels live only for this call
         Metrics.counter("synpref", "decode_ms").inc(int(1000 * (time.perf_counter() - start)))
+        start = time.perf_counter()
+        # the candidate filters' facts, once per image (the first reward group computes them)
+        facts = [None if c.dhash else image_facts(im) for c, im in zip(flat, images)]
+        Metrics.counter("synpref", "image_facts_ms").inc(int(1000 * (time.perf_counter() - start)))
         scores = score_ensemble(model.rewards, images, [c.prompt for c in flat])
         results, offset = [], 0
         for unit in batch:
-            results.append({name: s if isinstance(s, str) else s[offset:offset + len(unit)]
-                            for name, s in scores.items()})
+            results.append({"scores": {name: s if isinstance(s, str) else s[offset:offset + len(unit)]
+                                       for name, s in scores.items()},
+                            "facts": facts[offset:offset + len(unit)]})
             offset += len(unit)
         return results
 
 
 def _attach_scores(result: PredictionResult):
-    """The unit with this group's scores added; if a reward failed on the call, its candidates are
-    dropped with that reward's error (the first failing reward, in config order)."""
-    failed = [(name, s) for name, s in result.inference.items() if isinstance(s, str)]
+    """The unit with this group's scores (and the image facts, if not there yet) added; if a reward
+    failed on the call, its candidates are dropped with that reward's error (the first failing
+    reward, in config order)."""
+    scores, facts = result.inference["scores"], result.inference["facts"]
+    failed = [(name, s) for name, s in scores.items() if isinstance(s, str)]
     if failed:
         name, err = failed[0]
         for c in result.example:
             yield beam.pvalue.TaggedOutput(DROPPED, Drop("candidate", "scoring_error", c.candidate_id,
                                                          f"score:{name}", err))
         return
-    yield [dataclasses.replace(c, scores={**c.scores, **{name: s[i] for name, s in result.inference.items()}})
+    yield [dataclasses.replace(c, scores={**c.scores, **{name: s[i] for name, s in scores.items()}},
+                               **(facts[i] or {}))
            for i, c in enumerate(result.example)]
 
 
