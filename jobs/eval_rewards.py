@@ -6,6 +6,12 @@ skipped; so are rows whose images do not decode (counted). A reward's accuracy c
 right when it scores the preferred image strictly higher, half when it scores both the same, and
 leaves the pair out when a score is not finite. The aggregate ranks each pair's two images with
 the job's aggregator (Syn-Pic by default) over all rewards, with the same rule.
+
+Aggregators that need dataset statistics (``mean_bt``, ``mean_zscore`` with ``zscore_scope:
+dataset``, ``reliability_weighted``) get them from a first pass: every pair is scored once and its
+2 x n score table kept (numbers only, no pixels); the statistics are computed over all pairs whose
+scores are finite, each pair being one group of two images, with the accumulators the build's Beam
+combines use (``aggregators.dataset_stats``); then every pair is labelled with them.
 """
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from synpref.schemas.config import BuildConfig
-from synpref.transforms.aggregators import get_aggregator
+from synpref.transforms.aggregators import dataset_stats, get_aggregator
 from synpref.transforms.ranking import label_table
 from synpref.transforms.imageio import ImageDecodeError, decode_image
 from synpref.transforms.rewards import create_reward
@@ -58,9 +64,8 @@ def evaluate(cfg: BuildConfig, pairs_path: str, batch_rows: int = 64) -> dict[st
     for r in rewards:
         r.load()
     agg, names = cfg.ranking.aggregator, [r.name for r in rewards]
-    if get_aggregator(agg).needs_stats({"zscore_scope": cfg.ranking.zscore_scope}):
-        raise ValueError(f"eval-rewards scores pairs one at a time, so it supports aggregators without dataset "
-                         f"statistics (syn_pic, weighted_sum, mean_zscore with zscore_scope: prompt); got {agg!r}")
+    need = get_aggregator(agg).needs_stats({"zscore_scope": cfg.ranking.zscore_scope})
+    tables: list[tuple[np.ndarray, float]] = []  # (2 x n finite scores, label_0) per usable pair
     credit: dict[str, list[float]] = {r.name: [] for r in rewards}
     credit["aggregate"] = []
     skipped = {"tie": 0, "bad_label": 0, "bad_image": 0}
@@ -96,11 +101,15 @@ def evaluate(cfg: BuildConfig, pairs_path: str, batch_rows: int = 64) -> dict[st
                     credit[r.name].append(c)
             pair = table[2 * i:2 * i + 2]
             if np.isfinite(pair).all():
-                phi, _ = label_table(pair, names, agg, cfg.ranking.reward_weights, None, cfg.ranking.zscore_scope)
-                credit["aggregate"].append(_credit(float(phi[0]), float(phi[1]), label))
+                tables.append((pair, label))
+    stats = dataset_stats([t for t, _ in tables], names, need) if need and tables else None
+    for pair, label in tables:
+        phi, _ = label_table(pair, names, agg, cfg.ranking.reward_weights, stats, cfg.ranking.zscore_scope)
+        credit["aggregate"].append(_credit(float(phi[0]), float(phi[1]), label))
     rows = [{"name": name, "accuracy": (sum(v) / len(v)) if v else float("nan"), "pairs": len(v)}
             for name, v in credit.items()]
-    return {"pairs_file": pairs_path, "aggregator": cfg.ranking.aggregator, "results": rows, "skipped": skipped}
+    return {"pairs_file": pairs_path, "aggregator": cfg.ranking.aggregator, "results": rows, "skipped": skipped,
+            "dataset_stats": {need: stats} if stats else {}}
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -110,6 +119,13 @@ def format_table(report: dict[str, Any]) -> str:
         name = f"{report['aggregator']} (all rewards)" if row["name"] == "aggregate" else row["name"]
         lines.append(f"{name:<28} {row['accuracy']:>8.4f} {row['pairs']:>7}")
     lines.append("skipped: " + ", ".join(f"{k}={v}" for k, v in report["skipped"].items()))
+    stats = report.get("dataset_stats", {})
+    if "reliability" in stats:
+        lines.append("estimated reward weights: " + ", ".join(
+            f"{r}={w:.3f}" for r, w in stats["reliability"]["weight"].items()))
+    if "moments" in stats:
+        lines.append("reward sd over the pairs' images: " + ", ".join(
+            f"{r}={v:.4g}" for r, v in stats["moments"]["sd"].items()))
     return "\n".join(lines)
 
 

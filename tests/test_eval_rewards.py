@@ -24,7 +24,7 @@ def channel_reward(index):
     return ChannelMean
 
 
-for i, name in enumerate(("eval_red", "eval_green", "eval_blue")):
+for i, name in ((0, "eval_red"), (1, "eval_green"), (2, "eval_blue"), (0, "eval_red_copy")):
     register_reward(name)(channel_reward(i))
 
 
@@ -93,3 +93,69 @@ def test_cli_prints_the_table_writes_json_and_rejects_a_wrong_schema(pairs, tmp_
                          text=True, timeout=300)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
     assert "missing column(s) ['caption', 'jpg_0', 'jpg_1', 'label_0']" in bad.stderr
+
+
+def _sd(values):
+    mean = sum(values) / len(values)
+    return (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
+
+
+@pytest.mark.parametrize("aggregator,scope", [("mean_bt", "dataset"), ("mean_zscore", "dataset")])
+def test_aggregators_with_dataset_moments_label_after_a_first_pass(pairs, tmp_path, aggregator, scope):
+    cfg = config(tmp_path)
+    cfg["ranking"] = {"aggregator": aggregator, "zscore_scope": scope}
+    report = evaluate(build_config_from_dict(cfg), str(pairs), batch_rows=2)
+    # statistics over the 6 images of the 3 usable pairs (population sd; the constant blue reward: 0)
+    usable = [r for r in ROWS if r[0] is not None and r[2] != 0.5]
+    red = [c[0] for a, b, _ in usable for c in (a, b)]
+    green = [c[1] for a, b, _ in usable for c in (a, b)]
+    moments = report["dataset_stats"]["moments"]
+    assert moments["sd"]["eval_red"] == pytest.approx(_sd(red))  # 65.17
+    assert moments["sd"]["eval_green"] == pytest.approx(_sd(green))  # 29.44
+    assert moments["sd"]["eval_blue"] == 0.0 and moments["count"]["eval_red"] == 6
+    # Hand count with s_red = 65.17, s_green = 29.44 (blue counts 0.5 / 0 either way):
+    # pair 1 (label 1): red +100/65.17 = +1.53, green -50/29.44 = -1.70 -> image 1 ahead: wrong;
+    # pair 2 (label 0): green -80/29.44 -> image 1 ahead: right;
+    # pair 3 (label 1): red -10/65.17 = -0.15, green +10/29.44 = +0.34 -> image 0 ahead: right.
+    # (mean_bt: sigmoid(1.53) + sigmoid(-1.70) = 0.822 + 0.154 < 1; same verdicts.) Syn-Pic tied pairs 1, 3.
+    acc = {r["name"]: (r["accuracy"], r["pairs"]) for r in report["results"]}
+    assert acc["aggregate"] == (pytest.approx(2 / 3), 3)
+    assert acc["eval_green"] == (pytest.approx(2 / 3), 3)  # the per-reward columns are unchanged
+
+
+RELIABILITY_ROWS = [  # (img0, img1, label_0) for rewards red, green, blue, red_copy
+    ((100, 100, 0), (50, 50, 100), 1.0),  # red, red_copy, green prefer 0; blue prefers 1
+    ((90, 10, 50), (10, 90, 40), 0.0),    # red, red_copy, blue prefer 0; green prefers 1
+    ((10, 50, 90), (20, 40, 10), 1.0),    # red, red_copy prefer 1; green, blue prefer 0: a Syn-Pic tie
+]
+
+
+def test_reliability_weighted_estimates_weights_from_the_pairs_first(tmp_path):
+    path = tmp_path / "rel.parquet"
+    pq.write_table(pa.table({"caption": ["x"] * 3, "jpg_0": [png(a) for a, _, _ in RELIABILITY_ROWS],
+                             "jpg_1": [png(b) for _, b, _ in RELIABILITY_ROWS],
+                             "label_0": [l for _, _, l in RELIABILITY_ROWS]}), path)
+    cfg = config(tmp_path)
+    cfg["rewards"].append({"name": "eval_red_copy"})
+    results = {}
+    for aggregator in ("syn_pic", "reliability_weighted"):
+        cfg["ranking"] = {"aggregator": aggregator}
+        results[aggregator] = evaluate(build_config_from_dict(cfg), str(path), batch_rows=2)
+    # Hand count of the leave-one-out rule, each pair a group of two:
+    #   red:   pair 1 others 2:1 for image 0, red agrees; pair 2 others 2:1 for 0, agrees; pair 3 others
+    #          2:1 for image 0, red prefers 1: disagrees -> 2/3 -> weight 2*2/3 - 1 = 1/3 (red_copy alike);
+    #   green: pair 1 agrees, pair 2 disagrees, pair 3 (others 2:1 for image 1) disagrees -> 1/3 -> 0;
+    #   blue:  pair 1 disagrees, pair 2 agrees, pair 3 disagrees -> 1/3 -> 0.
+    rel = results["reliability_weighted"]["dataset_stats"]["reliability"]
+    assert rel["agree"] == pytest.approx({"eval_red": 2 / 3, "eval_green": 1 / 3, "eval_blue": 1 / 3,
+                                          "eval_red_copy": 2 / 3})
+    assert rel["weight"] == pytest.approx({"eval_red": 1 / 3, "eval_green": 0.0, "eval_blue": 0.0,
+                                           "eval_red_copy": 1 / 3})
+    assert rel["pairs"] == {"eval_red": 3, "eval_green": 3, "eval_blue": 3, "eval_red_copy": 3}
+    # weighted: only red (twice) votes -> right, wrong, wrong; Syn-Pic: right, wrong, tie
+    acc = {a: next(r for r in rep["results"] if r["name"] == "aggregate")["accuracy"] for a, rep in results.items()}
+    assert acc == {"syn_pic": pytest.approx(0.5), "reliability_weighted": pytest.approx(1 / 3)}
+    from synpref.jobs.eval_rewards import format_table
+
+    assert "estimated reward weights: eval_red=0.333, eval_green=0.000, eval_blue=0.000, eval_red_copy=0.333" \
+        in format_table(results["reliability_weighted"])
