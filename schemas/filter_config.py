@@ -14,14 +14,30 @@ from synpref.transforms.imageio import DEFAULT_MAX_PIXELS
 
 
 @dataclass(frozen=True)
-class CorpusInputConfig:
-    """WebDataset shards in img2dataset's layout: ``<key>.jpg`` (or png/jpeg/webp), ``<key>.txt``, ``<key>.json``.
+class ParquetInputConfig:
+    """Column names of Parquet inputs (defaults: img2dataset's ``output_format: parquet``)."""
 
-    ``source``: one or more folders (every ``*.tar`` in them), globs or ``.tar`` files; local or any fsspec URL.
-    Only uncompressed ``.tar`` shards are read (the writer copies image bytes by their offset in the tar).
+    image_column: str = "jpg"  # image bytes, or a Hugging Face Image struct {bytes, path}
+    path_column: str = "path"  # image path (relative to the Parquet file) or URL, used where there are no bytes
+    caption_column: str = "caption"
+    key_column: str = "key"  # absent or null: <file stem>_<row number>
+    batch_rows: int = 256  # rows read from the table at a time
+
+
+@dataclass(frozen=True)
+class CorpusInputConfig:
+    """Where the corpus is and how to read it (``transforms/corpus_sources.py``).
+
+    ``source``: one or more folders, globs or files; local or any fsspec URL. ``format``: ``auto`` tells it
+    from the file names (``.tar``, ``.tar.gz``/``.tgz``: WebDataset shards in img2dataset's layout,
+    ``<key>.jpg|png|webp``, ``<key>.txt``, ``<key>.json``; ``.parquet``: tables of image bytes or paths),
+    and a folder holding tar shards is read as tars (img2dataset's per-shard Parquet beside them is
+    metadata, not input); ``tar`` or ``parquet`` forces one.
     """
 
     source: tuple[str, ...] = ()
+    format: str = "auto"
+    parquet: ParquetInputConfig = ParquetInputConfig()
     max_pixels: int = DEFAULT_MAX_PIXELS  # images declaring more pixels are dropped as too_many_pixels
     batch_size: int = 16  # images per scoring call inside one shard
     max_caption_chars: int = 0  # 0: no limit; longer captions are dropped as caption_too_long
@@ -80,7 +96,16 @@ class FilterJobConfig:
         from synpref.transforms.rewards import available_rewards, create_reward
 
         if not self.input.source:
-            raise ValueError("input.source: give a folder, glob or list of .tar shards")
+            raise ValueError("input.source: give a folder, glob or list of .tar / .tar.gz shards or .parquet tables")
+        from synpref.transforms.corpus_sources import available_sources
+
+        if self.input.format != "auto" and self.input.format not in available_sources():
+            raise ValueError(f"input.format must be auto or one of {available_sources()}, got {self.input.format!r}")
+        pq_cfg = self.input.parquet
+        if pq_cfg.batch_rows < 1:
+            raise ValueError(f"input.parquet.batch_rows must be >= 1, got {pq_cfg.batch_rows}")
+        if not (pq_cfg.image_column or pq_cfg.path_column) or not pq_cfg.caption_column:
+            raise ValueError("input.parquet: give image_column or path_column, and caption_column")
         if self.input.max_pixels < 1 or self.input.batch_size < 1 or self.input.max_caption_chars < 0:
             raise ValueError("input.max_pixels and input.batch_size must be >= 1, input.max_caption_chars >= 0")
         if not self.rewards:
