@@ -13,7 +13,7 @@ from PIL import Image
 import synpref.training.data as data_mod
 from synpref.training.config import TrainConfig
 from synpref.training.data import (PairShards, PickapicParquet, RankedShards, SchemaError, collate_ranked,
-                                   iter_batches, open_dataset)
+                                   iter_batches, open_dataset, prefetch)
 
 SEEDS = iter(range(10_000))
 
@@ -328,3 +328,22 @@ def test_resume_jumps_to_the_position_without_decoding_earlier_samples(tmp_path,
         # exactly the straight run's later decodes: nothing before the position is decoded again
         assert [d for _, d in rest] == [d for _, d in straight[position:]], position
     assert resumed.skipped == straight_reader.skipped and sum(straight_reader.skipped.values()) >= 2
+
+
+def test_prefetch_takes_exactly_count_items_with_their_snapshots_and_raises_errors_in_order():
+    taken = []
+
+    def source():
+        for i in range(10):
+            taken.append(i)
+            if i == 4:
+                raise ValueError("bad shard")
+            yield i
+
+    got = list(prefetch(source(), 3, lambda: len(taken)))
+    assert got == [(0, 1), (1, 2), (2, 3)] and taken == [0, 1, 2]  # nothing taken ahead of the count
+    taken.clear()
+    it = prefetch(source(), 10, lambda: len(taken))
+    assert [next(it) for _ in range(4)] == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    with pytest.raises(ValueError, match="bad shard"):
+        next(it)

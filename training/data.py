@@ -29,9 +29,11 @@ import itertools
 import json
 import logging
 import os
+import queue
 import random
+import threading
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import fsspec
@@ -560,3 +562,44 @@ def iter_batches(dataset: _Reader, batch_size: int) -> Iterator[RankedBatch]:
             yield collate_ranked(chunk)
         if n_items == 0:
             raise ValueError(f"no valid samples in {dataset.urls}; skipped: {dict(dataset.skipped)}")
+
+
+def prefetch(items: Iterator, count: int, snapshot: Callable[[], object], depth: int = 2) -> Iterator[tuple]:
+    """``(item, snapshot())`` for the next ``count`` items of ``items``, made by a background thread that runs
+    up to ``depth`` items ahead, so reading and decoding the next batch overlaps the training step.
+
+    ``snapshot`` runs in that thread right after its item is made (e.g. the reader's position for a
+    checkpoint, which must not include items made ahead). Exactly ``count`` items are taken, so nothing is
+    decoded beyond what is used. An exception in the thread is raised here, at the item it replaced.
+    """
+    done = object()
+    buffer: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(value) -> bool:
+        while not stop.is_set():
+            try:
+                buffer.put(value, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def produce() -> None:
+        try:
+            for _ in range(count):
+                if not put((next(items), snapshot())):
+                    return
+            put(done)
+        except BaseException as exn:  # handed to the consumer, raised in the training loop
+            put(exn)
+
+    thread = threading.Thread(target=produce, name="synpref-prefetch", daemon=True)
+    thread.start()
+    try:
+        while (value := buffer.get()) is not done:
+            if isinstance(value, BaseException):
+                raise value
+            yield value
+    finally:  # the consumer stopped early (an error in training): let the thread end
+        stop.set()

@@ -27,7 +27,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,7 +35,7 @@ import yaml
 
 from synpref.training.caching import EncoderCache
 from synpref.training.config import TrainConfig
-from synpref.training.data import RankedBatch, iter_batches, open_dataset
+from synpref.training.data import RankedBatch, iter_batches, open_dataset, prefetch
 from synpref.training.families import ModelFamily, family_for
 from synpref.training.losses import implicit_accuracy, preference_pairs, ranked_dpo_loss, rankdpo_loss_batched
 
@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 Models = ModelFamily  # the loaded models of one family (kept under its old name for callers)
 
-LOG_COLUMNS = ["step", "loss", "implicit_acc", "model_err", "ref_err", "lr"]
+METRICS = ("implicit_acc", "model_err", "ref_err")  # logged beside the loss, as diffusers' DPO script
+LOG_COLUMNS = ["step", "loss", *METRICS, "lr"]
 # Fields that do not change what a step computes: a checkpoint may resume under other values.
 RESUME_FREE_FIELDS = {
     "output_dir", "max_steps", "log_every", "torch_threads", "checkpointing_steps", "checkpoints_total_limit",
@@ -148,12 +149,33 @@ def reference_predict(models: ModelFamily, noisy: torch.Tensor, timesteps: torch
                 return models.predict(noisy, timesteps, cond)
             finally:
                 models.denoiser = trained
-        base = getattr(models.denoiser, "module", models.denoiser)  # DDP wraps the denoiser; adapters live inside
-        base.disable_adapters()
+        layers = adapter_layers(models)
+        for layer in layers:
+            layer.enable_adapters(False)
         try:
             return models.predict(noisy, timesteps, cond)
         finally:
-            base.enable_adapters()
+            for layer in layers:
+                layer.enable_adapters(True)
+
+
+def adapter_layers(models: ModelFamily) -> list[torch.nn.Module]:
+    """The denoiser's LoRA layers (peft ``BaseTunerLayer``), found once: diffusers' ``disable_adapters`` and
+    ``enable_adapters`` toggle the same layers but walk every module of the denoiser on each call.
+
+    Raises:
+        ValueError: the denoiser has no adapter (as diffusers' ``disable_adapters``).
+    """
+    layers = getattr(models, "_adapter_layers", None)
+    if not layers:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        base = getattr(models.denoiser, "module", models.denoiser)  # DDP wraps the denoiser; adapters live inside
+        layers = [m for m in base.modules() if isinstance(m, BaseTunerLayer)]
+        if not layers:
+            raise ValueError("the denoiser has no LoRA adapter (add_lora) and no frozen reference copy")
+        models._adapter_layers = layers
+    return layers
 
 
 @dataclass
@@ -161,7 +183,13 @@ class StepOutput:
     """A micro-batch's loss and what diffusers' DPO script logs beside it."""
 
     loss: torch.Tensor
-    metrics: dict[str, float] = field(default_factory=dict)  # implicit_acc, model_err, ref_err
+    # [3] float64 on the model's device: METRICS, kept there so a step needs no host sync until it is logged
+    stats: torch.Tensor
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """``stats`` as floats by name (reads them to the host)."""
+        return dict(zip(METRICS, self.stats.tolist()))
 
 
 def compute_step(
@@ -214,12 +242,9 @@ def compute_step(
     else:
         loss = ranked_dpo_loss(model_err, ref_err, phi, rank, group, config.beta, config.dpo_pairs, mask)
         w, l = preference_pairs(phi, rank, group, config.dpo_pairs, mask)
-    metrics = {
-        "implicit_acc": implicit_accuracy(model_err, ref_err, w, l).item(),
-        "model_err": model_err.detach().mean().item(),
-        "ref_err": ref_err.detach().mean().item(),
-    }
-    return StepOutput(loss, metrics)
+    stats = torch.stack([implicit_accuracy(model_err, ref_err, w, l).to(device), model_err.detach().mean(),
+                         ref_err.detach().mean()]).double()
+    return StepOutput(loss, stats)
 
 
 def compute_loss(models: ModelFamily, batch: RankedBatch, config: TrainConfig, generator: torch.Generator) -> torch.Tensor:
@@ -447,8 +472,7 @@ def train(config: TrainConfig) -> dict:
         path = out / f"checkpoint-{step}"
         accelerator.save_state(str(path))
         torch.save(generator.get_state(), path / f"generator_{accelerator.process_index}.pt")
-        share = {"reader": dataset.state_dict(), "decoded": decoded[0], "prompts": prompts_read[0],
-                 "first_prompt_ids": first_prompt_ids}
+        share = {**data_position, "prompts": prompts_read[0], "first_prompt_ids": first_prompt_ids}
         (path / f"data_{accelerator.process_index}.json").write_text(json.dumps(share))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
@@ -462,48 +486,61 @@ def train(config: TrainConfig) -> dict:
 
     # ---- training loop
     decoded_before = decoded[0]  # restored on resume: the run's total so far
-    step_loss = 0.0
-    acc_metrics = {k: 0.0 for k in LOG_COLUMNS[2:5]}
+    gas = config.gradient_accumulation_steps
+
+    def position() -> dict:
+        return {"reader": dataset.state_dict(), "decoded": decoded[0]}
+
+    # the micro-batches still to train on, read and decoded by a background thread one step ahead; each comes
+    # with the data position just after it (what a checkpoint saved after that micro-batch resumes from)
+
+    data_position = position()
+    fetched = prefetch(batches, (config.max_steps - len(losses)) * gas, position)
+    step_sums = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # loss + METRICS, / gas, this step
     start, start_step = time.perf_counter(), len(losses)
-    while len(losses) < config.max_steps:
-        with accelerator.accumulate(models.denoiser):
-            out_step = compute_step(models, note_batch(next(batches)), config, generator, cache)
-            micro_batches += 1
-            accelerator.backward(out_step.loss)
-            if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(params, config.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad()
-        step_loss += accelerator.gather(out_step.loss.detach()).mean().item() / config.gradient_accumulation_steps
-        for k in acc_metrics:
-            acc_metrics[k] += out_step.metrics[k] / config.gradient_accumulation_steps
-        if not accelerator.sync_gradients:
-            continue
-        losses.append(step_loss)
-        step = len(losses)
-        row = {"step": step, "loss": step_loss, **acc_metrics, "lr": lr_scheduler.get_last_lr()[0]}
-        step_metrics.append({k: row[k] for k in LOG_COLUMNS[2:]})
-        step_loss = 0.0
-        acc_metrics = dict.fromkeys(acc_metrics, 0.0)
-        if accelerator.is_main_process:
-            new_file = not log_path.is_file()
-            with log_path.open("a", newline="") as f:
-                writer = csv.DictWriter(f, LOG_COLUMNS)
-                if new_file:
-                    writer.writeheader()
-                writer.writerow(row)
-        if config.report_to != "none":
-            accelerator.log({k: row[k] for k in LOG_COLUMNS[1:]}, step=step)
-        if step % config.log_every == 0 or step == config.max_steps:
-            rate = (step - start_step) / (time.perf_counter() - start)
-            eta = (config.max_steps - step) / rate
-            logger.info("step %d/%d loss %.5f acc %.2f err %.5f ref %.5f %.2f steps/s eta %.0fs", step,
-                        config.max_steps, losses[-1], row["implicit_acc"], row["model_err"], row["ref_err"], rate, eta)
-        if evaluator is not None and evaluator.due(step):
-            evaluate(step)
-        if config.checkpointing_steps and step % config.checkpointing_steps == 0:
-            save_checkpoint(step)
+    try:
+        while len(losses) < config.max_steps:
+            with accelerator.accumulate(models.denoiser):
+                batch, data_position = next(fetched)
+                out_step = compute_step(models, note_batch(batch), config, generator, cache)
+                micro_batches += 1
+                accelerator.backward(out_step.loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+            step_sums += torch.cat([out_step.loss.detach().double()[None], out_step.stats]) / gas
+            if not accelerator.sync_gradients:
+                continue
+            # one host sync (and one collective) per optimiser step: means over the processes
+            step_loss, *step_stats = accelerator.gather(step_sums[None]).mean(dim=0).tolist()
+            step_sums.zero_()
+            losses.append(step_loss)
+            step = len(losses)
+            row = {"step": step, "loss": step_loss, **dict(zip(METRICS, step_stats)),
+                   "lr": lr_scheduler.get_last_lr()[0]}
+            step_metrics.append({k: row[k] for k in LOG_COLUMNS[2:]})
+            if accelerator.is_main_process:
+                new_file = not log_path.is_file()
+                with log_path.open("a", newline="") as f:
+                    writer = csv.DictWriter(f, LOG_COLUMNS)
+                    if new_file:
+                        writer.writeheader()
+                    writer.writerow(row)
+            if config.report_to != "none":
+                accelerator.log({k: row[k] for k in LOG_COLUMNS[1:]}, step=step)
+            if step % config.log_every == 0 or step == config.max_steps:
+                rate = (step - start_step) / (time.perf_counter() - start)
+                eta = (config.max_steps - step) / rate
+                logger.info("step %d/%d loss %.5f acc %.2f err %.5f ref %.5f %.2f steps/s eta %.0fs", step,
+                            config.max_steps, losses[-1], row["implicit_acc"], row["model_err"], row["ref_err"], rate, eta)
+            if evaluator is not None and evaluator.due(step):
+                evaluate(step)
+            if config.checkpointing_steps and step % config.checkpointing_steps == 0:
+                save_checkpoint(step)
+    finally:
+        fetched.close()  # stops the prefetch thread if the loop raised (it has ended otherwise)
     seconds = time.perf_counter() - start
 
     # ---- save the LoRA (diffusers format, loadable with pipe.load_lora_weights) and a summary
