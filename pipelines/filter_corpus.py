@@ -25,12 +25,14 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 import synpref
 from synpref.schemas.filter_config import FilterJobConfig, filter_config_to_dict, load_filter_config
+from synpref.transforms.accounting import CountDrops, ledger
 from synpref.transforms.corpus import (DROPPED, READ, ApplyFilters, DedupExact, DedupKeys, DedupNear,
-                                       ScoreShards, WriteFiltered, WriteOutcomes, ledger, list_shards)
+                                       ScoreShards, WriteFiltered, WriteOutcomes, list_shards)
 from synpref.transforms.fileio import AtomicFile
 from synpref.transforms.rewards import create_reward
 
 log = logging.getLogger("synpref.filter")
+FILTER_LEVELS = (("samples", "sample"),)  # the filter's ledger: every input sample is written or dropped
 _OUR_FILES = {"shards": re.compile(r"^filtered-\d{5}\.tar(\.tmp)?$"),
               "index": re.compile(r"^samples-\d{5}\.parquet(\.tmp)?$"),
               "dead_letter": re.compile(r"^drops-\d{5}\.jsonl(\.tmp)?$")}
@@ -69,10 +71,10 @@ class _WriteManifest(beam.DoFn):
     def __init__(self, path: str, header: dict[str, Any]):
         self.path, self.header = path, header
 
-    def process(self, _, read: list, drops: dict, kept: list, shards: list, outcomes: list, cutoff):
+    def process(self, _, read: list, drops: dict, shards: list, outcomes: list, cutoff):
         shards = sorted(shards, key=lambda s: s["shard"])
-        written = sum(s["samples"] for s in shards)
-        counts = ledger(sum(read), sum(kept), written, drops)
+        counts = ledger(FILTER_LEVELS, {"samples": sum(read)}, {"samples": sum(s["samples"] for s in shards)},
+                        drops)
         files = {s["tar"] for s in shards} | {o["index"] for o in outcomes} | {o["dead_letter"] for o in outcomes}
         root = self.path.rsplit("/", 1)[0]
         remove_stale_files(root, {f"{root}/{f}" for f in files})  # manifest paths are relative to the output
@@ -120,16 +122,13 @@ class FilterCorpus(beam.PTransform):
         shards = kept | "WriteFiltered" >> WriteFiltered(out, cfg.output.samples_per_shard)
         dropped = drops | "AllDrops" >> beam.Flatten()
         outcomes = (dropped, kept) | "AllOutcomes" >> beam.Flatten() | "WriteOutcomes" >> WriteOutcomes(out, names)
-        drop_counts = (dropped
-                       | "DropReason" >> beam.Map(lambda r: (r.reason, 1))
-                       | "CountDrops" >> beam.CombinePerKey(sum))
-        kept_count = kept | "CountKept" >> beam.combiners.Count.Globally()
+        drop_counts = dropped | "TheirDrops" >> beam.Map(lambda r: r.dropped) | CountDrops()
         return (pbegin
                 | "Once" >> beam.Create([None])
                 | "WriteManifest" >> beam.ParDo(
                     _WriteManifest(f"{out}/manifest.json", self.header),
                     beam.pvalue.AsList(scored[READ]), beam.pvalue.AsDict(drop_counts),
-                    beam.pvalue.AsList(kept_count), beam.pvalue.AsList(shards), beam.pvalue.AsList(outcomes),
+                    beam.pvalue.AsList(shards), beam.pvalue.AsList(outcomes),
                     beam.pvalue.AsSingleton(filtered["cutoff"], default_value=None)))
 
 
@@ -168,27 +167,36 @@ def filter_corpus(cfg: FilterJobConfig, pipeline_args: Optional[list[str]] = Non
     p.run().wait_until_finish()
     with fsspec.open(f"{out}/manifest.json", "r") as f:
         manifest = json.load(f)
-    c = manifest["counts"]
-    problems = []
-    if not c["balanced"]:
-        problems.append(f"ledger does not balance: in {c['in']} != kept {c['kept']} + dropped {c['dropped_total']}")
-    errors = sum(n for r, n in c["dropped"].items() if r in ("scoring_error", "unreadable_shard"))
-    if errors:
-        problems.append(f"{errors} sample(s) lost to scoring errors or unreadable shards: see dead_letter/")
-    summary = {"wall_seconds": round(time.monotonic() - start, 2), "counts": c, "problems": problems,
+    summary = {"wall_seconds": round(time.monotonic() - start, 2), "counts": manifest["counts"],
+               "problems": filter_problems(manifest),
                "manifest": f"{out}/manifest.json"}
     with fsspec.open(f"{out}/run_summary.json", "w") as f:
         json.dump(summary, f, indent=2, sort_keys=True)
     return {"manifest": manifest, "summary": summary}
 
 
+def filter_problems(manifest: dict[str, Any]) -> list[str]:
+    """Why this run should not count as a success (empty = it should): an unbalanced ledger (any level),
+    or samples lost to scoring errors or unreadable shards (each one is in dead_letter/)."""
+    counts = manifest["counts"]
+    problems = [f"ledger does not balance for {name}: in {c['in']} != written {c['written']} + dropped "
+                f"{c['dropped_total']}" for name, c in counts.items() if not c["balanced"]]
+    dropped = counts.get("samples", {}).get("dropped", {})
+    errors = sum(n for r, n in dropped.items() if r in ("scoring_error", "unreadable_shard"))
+    if errors:
+        problems.append(f"{errors} sample(s) lost to scoring errors or unreadable shards: see dead_letter/")
+    return problems
+
+
 def format_summary(result: dict[str, Any]) -> str:
     m, s = result["manifest"], result["summary"]
-    c = m["counts"]
+    c = m["counts"]["samples"]
     reasons = ", ".join(f"{k}={v}" for k, v in c["dropped"].items()) or "none"
-    lines = ["== synpref filter: done ==",
-             f"samples     in {c['in']}  kept {c['kept']}  dropped {c['dropped_total']} ({reasons})",
-             f"ledger      {'balanced' if c['balanced'] else 'NOT BALANCED'}",
+    balanced = all(level["balanced"] for level in m["counts"].values())
+    lines = ["== synpref filter: " + ("FAILED ==" if s["problems"] else "done =="),
+             f"samples     in {c['in']}  written {c['written']}  dropped {c['dropped_total']} ({reasons})",
+             "ledger      " + ("balanced: every sample written or dropped with a reason" if balanced
+                               else "NOT balanced: see dead_letter/ and report a bug"),
              f"time        wall {s['wall_seconds']}s",
              f"shards      {len(m['shards'])} under {s['manifest'].rsplit('/', 1)[0]}/shards",
              f"manifest    {s['manifest']}"]

@@ -7,8 +7,10 @@ loading pixels only where it needs them (scoring). Memory stays flat as data gro
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import pyarrow as pa
 
@@ -67,9 +69,46 @@ def candidate_id(prompt_id: str, generator_id: str, index: int) -> str:
     return f"{prompt_id}-{generator_id}-{index}"
 
 
+def one_line(detail: Any, limit: int = 400) -> str:
+    """A drop's detail as one short line, without object addresses (they differ per run: same bytes on rerun)."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", " ".join(str(detail).split()))[:limit]
+
+
 @dataclass(frozen=True)
-class Candidate:
+class ImageRecord:
+    """An image known by its bytes' sha256, with reward scores and a provenance (where it came from).
+
+    The build's generated candidates (provenance: their ``Lineage``) and the corpus filter's web samples
+    (provenance: input shard, key and member) are both image records: ledgers, dead letters and reports handle
+    them alike through ``level``, ``record_id``, ``text``, ``provenance`` and ``drop``. Subclasses declare
+    ``image_sha256`` and ``scores`` as fields; the base has none, so each keeps its positional field order.
+    """
+
+    level: ClassVar[str] = ""  # the ledger level its drops count under
+
+    @property
+    def record_id(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def text(self) -> str:
+        """The prompt or caption the rewards scored the image against."""
+        raise NotImplementedError
+
+    @property
+    def provenance(self) -> Any:
+        raise NotImplementedError
+
+    def drop(self, reason: str, stage: str, detail: Any = "") -> "Drop":
+        """The ``Drop`` that removes this record (detail cleaned to one line)."""
+        return Drop(self.level, reason, self.record_id, stage, one_line(detail))
+
+
+@dataclass(frozen=True)
+class Candidate(ImageRecord):
     """One staged image and its rewards: ``image_uri`` is the staged file, ``image_sha256`` its bytes' hash."""
+
+    level: ClassVar[str] = "candidate"
 
     candidate_id: str
     prompt_id: str
@@ -84,6 +123,71 @@ class Candidate:
     dhash: str = ""
     grey_sd: Optional[float] = None
     flat_share: Optional[float] = None
+
+    @property
+    def record_id(self) -> str:
+        return self.candidate_id
+
+    @property
+    def text(self) -> str:
+        return self.prompt
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        return {"kind": "generated", **self.lineage.to_dict()}
+
+
+@dataclass(frozen=True)
+class CorpusRecord(ImageRecord):
+    """One web corpus sample (an image and its caption) without pixels, as ``synpref filter`` carries it.
+
+    Provenance: the input shard (URL and its index in the sorted input list), the sample's key and the
+    image member's bytes in that shard (``offset``/``size``; the writer copies them from there).
+    ``dropped`` is the ``Drop`` that removed it (None while it is kept): a dropped sample keeps its
+    scores, so the per-sample index can show them next to the reason.
+    """
+
+    level: ClassVar[str] = "sample"
+
+    key: str
+    shard_index: int
+    source_shard: str
+    image_member: str = ""
+    offset: int = -1
+    size: int = -1
+    image_sha256: str = ""
+    caption: str = ""
+    caption_bytes: bytes = b""
+    metadata: str = ""  # the original JSON text ("" when the sample had none)
+    width: int = 0
+    height: int = 0
+    dhash: str = ""  # 64-bit difference hash of the image, 16 hex digits
+    scores: dict[str, float] = field(default_factory=dict)
+    dropped: Optional["Drop"] = None
+
+    @property
+    def record_id(self) -> str:
+        return self.key
+
+    @property
+    def text(self) -> str:
+        return self.caption
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        return {"kind": "corpus", "shard": self.source_shard, "key": self.key, "member": self.image_member}
+
+    @property
+    def kept(self) -> bool:
+        return self.dropped is None
+
+    @property
+    def reason(self) -> str:
+        return self.dropped.reason if self.dropped else ""
+
+    def drop(self, reason: str, stage: str, detail: Any = "") -> "CorpusRecord":
+        """This sample, marked dropped (it still flows on to the index; its ``Drop`` to the dead letters)."""
+        return dataclasses.replace(self, dropped=super().drop(reason, stage, detail))
 
 
 @dataclass(frozen=True)
@@ -141,8 +245,9 @@ class RankedGroup:
 class Drop:
     """A record that left the pipeline, with a stable snake_case reason.
 
-    ``level`` says what was dropped (prompt, candidate or pair) so that counts
-    add up per level in the manifest.
+    ``level`` says what was dropped (the build's prompt, candidate or pair; the filter's sample) so that
+    counts add up per level in the manifest (``accounting.ledger``). Every pipeline writes its dead
+    letters as ``to_json()`` lines: one schema, ``DROP_SCHEMA``.
     """
 
     level: str
@@ -153,6 +258,10 @@ class Drop:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        """One dead-letter line (no newline)."""
+        return json.dumps(self.to_dict(), sort_keys=True)
 
 
 DROP_SCHEMA = pa.schema(

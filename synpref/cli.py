@@ -238,9 +238,10 @@ def main(argv=None) -> int:
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     t.set_defaults(fn=cmd_train)
 
-    i = sub.add_parser("inspect", help="summarise and verify a build output directory")
+    i = sub.add_parser("inspect", help="summarise and verify a build or filter output directory")
     i.add_argument("output_dir")
-    i.add_argument("--samples", type=int, default=2, help="ranked samples to print")
+    i.add_argument("--samples", type=int, default=None, help="samples to show (a build: ranked prompts, default 2; "
+                                                             "a filter: kept samples, default 12)")
     i.add_argument("--no-verify", action="store_true", help="skip re-reading every shard")
     i.add_argument("--html", default="", metavar="PATH", help="also write a self-contained HTML report here "
                                                               "(thumbnails, histograms, reward agreement, drops)")

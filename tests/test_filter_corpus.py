@@ -151,9 +151,10 @@ def threshold_runs(corpus, tmp_path_factory):
 def test_ledger_balances_and_every_planted_sample_is_dropped_with_its_reason(corpus, threshold_runs):
     out = threshold_runs[0]
     manifest = json.loads((out / "manifest.json").read_text())
-    c = manifest["counts"]
+    assert list(manifest["counts"]) == ["samples"]  # the filter's one ledger level, in the build's shape
+    c = manifest["counts"]["samples"]
     n_in = len(corpus["good"]) + len(corpus["planted"])
-    assert c["in"] == n_in and c["balanced"] and c["kept"] + c["dropped_total"] == n_in
+    assert c["in"] == n_in and c["balanced"] and c["written"] + c["dropped_total"] == n_in
     index = pq.read_table(sorted((out / "index").glob("*.parquet"))).to_pylist()
     assert sorted(r["key"] for r in index) == sorted({**corpus["good"], **corpus["planted"]})
     by_key = {r["key"]: r for r in index}
@@ -164,6 +165,8 @@ def test_ledger_balances_and_every_planted_sample_is_dropped_with_its_reason(cor
              for line in p.read_text().splitlines()]
     assert {d["record_id"]: d["reason"] for d in drops if d["record_id"] in corpus["planted"]} == corpus["planted"]
     assert len(drops) == c["dropped_total"]
+    assert all(sorted(d) == ["detail", "level", "reason", "record_id", "stage"] and d["level"] == "sample"
+               for d in drops)  # the build's dead-letter schema
     reasons = {}
     for d in drops:
         reasons[d["reason"]] = reasons.get(d["reason"], 0) + 1
@@ -178,7 +181,7 @@ def test_brisque_threshold_keeps_the_clean_photos_and_kept_samples_keep_everythi
     assert set(corpus["photos"]) <= set(kept)  # every clean photograph passes brisque >= -40
     assert "000000005" not in kept  # ... and the heavily blurred copy does not
     manifest = json.loads((out / "manifest.json").read_text())
-    assert len(kept) == manifest["counts"]["kept"] == sum(s["samples"] for s in manifest["shards"])
+    assert len(kept) == manifest["counts"]["samples"]["written"] == sum(s["samples"] for s in manifest["shards"])
     for key, members in kept.items():
         image, caption = corpus["good"][key]
         assert members["jpg"] == image and members["txt"] == caption
@@ -198,7 +201,7 @@ def test_top_fraction_uses_the_global_quantile(corpus, tmp_path):
     cfg = filter_config_from_dict(job(corpus["root"], tmp_path / "top", dedup="exact",
                                       top_fraction={"reward": "colourfulness", "fraction": 0.5}))
     result = filter_corpus(cfg)
-    c = result["manifest"]["counts"]
+    c = result["manifest"]["counts"]["samples"]
     assert c["balanced"] and result["summary"]["problems"] == []
     index = pq.read_table(sorted((tmp_path / "top" / "index").glob("*.parquet"))).to_pylist()
     judged = [r for r in index if r["kept"] or r["reason"] == "not_top_fraction"]
@@ -216,13 +219,13 @@ def test_or_mode_keeps_a_sample_that_passes_any_criterion(corpus, tmp_path):
     kept = {r["key"] for r in index if r["kept"]}
     assert kept == {r["key"] for r in index if r["reason"] in ("", "below_threshold") and r["width"] * r["height"]
                     >= 100_000}
-    assert set(corpus["photos"]) <= kept and result["manifest"]["counts"]["balanced"]
+    assert set(corpus["photos"]) <= kept and result["manifest"]["counts"]["samples"]["balanced"]
 
 
 def test_near_duplicates_by_perceptual_hash(corpus, tmp_path):
     cfg = filter_config_from_dict(job(corpus["root"], tmp_path / "near", near_duplicate_distance=4))
     result = filter_corpus(cfg)
-    assert result["manifest"]["counts"]["balanced"]
+    assert result["manifest"]["counts"]["samples"]["balanced"]
     index = pq.read_table(sorted((tmp_path / "near" / "index").glob("*.parquet"))).to_pylist()
     by_key = {r["key"]: r for r in index}
     for key in (corpus["near"], "000000005"):  # the smaller copy and the blurred copy of the astronaut
@@ -239,7 +242,7 @@ def test_broken_shards_and_repeated_keys_are_counted_not_fatal(corpus, tmp_path)
     (src / "b.tar").write_bytes(whole[: len(whole) // 3])  # the same keys again, then the tar breaks off
     (src / "c.tar").write_bytes(b"<html>not a tar</html>")
     result = filter_corpus(filter_config_from_dict(job(src, tmp_path / "out")))
-    c = result["manifest"]["counts"]
+    c = result["manifest"]["counts"]["samples"]
     assert c["balanced"] and c["dropped"]["duplicate_key"] >= 1 and c["dropped"]["unreadable_shard"] >= 2
     assert result["summary"]["problems"]  # unreadable shards are reported, the rest is written
     index = pq.read_table(sorted((tmp_path / "out" / "index").glob("*.parquet"))).to_pylist()

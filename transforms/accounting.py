@@ -1,7 +1,9 @@
 """Count what entered, what was written and what was dropped (by level and reason); write the manifest.
 
-The manifest is the job's ledger: for prompts, candidates and pairs,
-``in == written + sum(dropped)``, and ``balanced`` says whether that holds.
+The manifest is the job's ledger. Each pipeline declares its levels (the build: prompts, candidates and
+pairs; the corpus filter: samples); for each, ``in == written + sum(dropped)``, and ``balanced`` says
+whether that holds. Both pipelines count ``Drop`` records with ``CountDrops`` and write them with
+``Drop.to_json`` (one dead-letter schema).
 """
 from __future__ import annotations
 
@@ -62,24 +64,48 @@ class CountAs(beam.PTransform):
                 | "Name" >> beam.Map(lambda n: (name, n)))
 
 
-def ledger(counts: dict[str, int], drops: dict[str, int], per_prompt: int) -> dict[str, Any]:
-    """Assemble per-level counts; ``drops`` is keyed ``level:reason``."""
-    by_level: dict[str, dict[str, int]] = {"prompt": {}, "candidate": {}, "pair": {}}
+BUILD_LEVELS = (("prompts", "prompt"), ("candidates", "candidate"), ("pairs", "pair"))
+
+
+def ledger(levels, entered: dict[str, int], written: dict[str, int], drops: dict[str, int]) -> dict[str, Any]:
+    """The manifest's ``counts``: ``{name: {in, written, dropped, dropped_total, balanced}}`` per level.
+
+    ``levels``: the pipeline's ``(manifest name, Drop.level)`` pairs, in order; ``entered`` and ``written``
+    are keyed by manifest name, ``drops`` by ``level:reason``. A drop at a level the pipeline did not
+    declare gets an entry of its own (in 0), which cannot balance: nothing is silently left out.
+    """
+    by_level: dict[str, dict[str, int]] = {}
     for key, n in sorted(drops.items()):
         level, reason = key.split(":", 1)
         by_level.setdefault(level, {})[reason] = n
+    declared = dict(levels)
+    names = list(declared) + [lvl for lvl in by_level if lvl not in declared.values()]
+    out = {}
+    for name in names:
+        dropped = by_level.get(declared.get(name, name), {})
+        n_in, n_written = entered.get(name, 0), written.get(name, 0)
+        out[name] = {"in": n_in, "written": n_written, "dropped": dropped, "dropped_total": sum(dropped.values()),
+                     "balanced": n_in == n_written + sum(dropped.values())}
+    return out
 
-    def level(entered: int, written: int, name: str) -> dict[str, Any]:
-        dropped = by_level.get(name, {})
-        return {"in": entered, "written": written, "dropped": dropped,
-                "dropped_total": sum(dropped.values()), "balanced": entered == written + sum(dropped.values())}
 
-    kept = counts.get("prompts_kept", 0)
-    return {
-        "prompts": level(counts.get("prompts_read", 0), counts.get("groups_written", 0), "prompt"),
-        "candidates": level(kept * per_prompt, counts.get("images_written", 0), "candidate"),
-        "pairs": level(counts.get("pairs_considered", 0), counts.get("pairs_written", 0), "pair"),
-    }
+def build_ledger(counts: dict[str, int], drops: dict[str, int], per_prompt: int) -> dict[str, Any]:
+    """The build's ledger from its named counters (every kept prompt enters ``per_prompt`` candidates)."""
+    entered = {"prompts": counts.get("prompts_read", 0),
+               "candidates": counts.get("prompts_kept", 0) * per_prompt,
+               "pairs": counts.get("pairs_considered", 0)}
+    written = {"prompts": counts.get("groups_written", 0), "candidates": counts.get("images_written", 0),
+               "pairs": counts.get("pairs_written", 0)}
+    return ledger(BUILD_LEVELS, entered, written, drops)
+
+
+class CountDrops(beam.PTransform):
+    """Drop records -> ``("level:reason", count)``, the ``drops`` argument of ``ledger``."""
+
+    def expand(self, drops):
+        return (drops
+                | "DropKey" >> beam.Map(lambda d: (f"{d.level}:{d.reason}", 1))
+                | "CountDrops" >> beam.CombinePerKey(sum))
 
 
 class _WriteManifest(beam.DoFn):
@@ -93,7 +119,7 @@ class _WriteManifest(beam.DoFn):
         counts["images_written"] = sum(s["images"] for s in shards)
         counts["pairs_written"] = sum(s["pairs"] for s in shards)
         remove_stale_files(self.path.rsplit("/", 1)[0], shards, dead_letter_files)
-        manifest = {**self.header, "counts": ledger(counts, dict(drops), self.per_prompt),
+        manifest = {**self.header, "counts": build_ledger(counts, dict(drops), self.per_prompt),
                     "errors_by_stage": {stage: {"count": n, "first": first}
                                         for stage, (n, first) in sorted(errors.items())},
                     "shards": sorted(shards, key=lambda s: s["shard"]),
@@ -129,9 +155,7 @@ class WriteManifest(beam.PTransform):
 
     def expand(self, inputs):
         counts, drops, shards, dead_letter_files, ranking = inputs
-        drop_counts = (drops
-                       | "DropKey" >> beam.Map(lambda d: (f"{d.level}:{d.reason}", 1))
-                       | "CountDrops" >> beam.CombinePerKey(sum))
+        drop_counts = drops | CountDrops()
         errors = (drops
                   | "ModelErrors" >> beam.Filter(lambda d: d.reason in ERROR_REASONS)
                   | "ByStage" >> beam.Map(lambda d: (d.stage, (1, f"{d.reason}: {d.record_id}: {d.detail}")))
@@ -153,5 +177,5 @@ class WriteDeadLetters(beam.PTransform):
 
     def expand(self, drops):
         return (drops
-                | "ToJson" >> beam.Map(lambda d: json.dumps(d.to_dict(), sort_keys=True))
+                | "ToJson" >> beam.Map(lambda d: d.to_json())
                 | "Write" >> beam.io.WriteToText(self.prefix, file_name_suffix=".jsonl", num_shards=1))

@@ -25,10 +25,9 @@ import dataclasses
 import hashlib
 import json
 import math
-import re
 import sys
 import tarfile
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import apache_beam as beam
 import fsspec
@@ -39,6 +38,7 @@ import webdataset as wds
 from apache_beam.metrics import Metrics
 
 from synpref.schemas.config import RewardConfig
+from synpref.schemas.records import CorpusRecord
 from synpref.transforms.fileio import AtomicFile
 from synpref.transforms.generation import error_line
 from synpref.transforms.imageio import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageDecodeError, check_member_name, \
@@ -51,37 +51,6 @@ from synpref.transforms.writing import TAR_MTIME
 DROPPED = "dropped"
 READ = "read"
 SHARD_KEY = "__shard__"  # record id of an unreadable remainder of a shard (one outcome for the rest)
-
-
-@dataclasses.dataclass(frozen=True)
-class CorpusRecord:
-    """One input sample after scoring, without pixels. ``reason`` is empty while the sample is kept."""
-
-    key: str
-    shard_index: int
-    source_shard: str
-    image_member: str = ""
-    offset: int = -1
-    size: int = -1
-    sha256: str = ""
-    caption: str = ""
-    caption_bytes: bytes = b""
-    metadata: str = ""  # the original JSON text ("" when the sample had none)
-    width: int = 0
-    height: int = 0
-    dhash: str = ""  # 64-bit difference hash of the image, 16 hex digits
-    scores: dict = dataclasses.field(default_factory=dict)
-    reason: str = ""
-    stage: str = ""
-    detail: str = ""
-
-    @property
-    def kept(self) -> bool:
-        return not self.reason
-
-    def drop(self, reason: str, stage: str, detail: str = "") -> "CorpusRecord":
-        detail = re.sub(r" at 0x[0-9a-fA-F]+", "", " ".join(str(detail).split()))  # object addresses vary per run
-        return dataclasses.replace(self, reason=reason, stage=stage, detail=detail[:400])
 
 
 def list_shards(sources: Sequence[str]) -> list[str]:
@@ -191,7 +160,7 @@ class ScoreShards(beam.DoFn):
             return rec.drop("missing_image", "read", f"members: {sorted(members)}"), None
         data, offset, size = members[image_suffix]
         rec = dataclasses.replace(rec, image_member=f"{rec.key}.{image_suffix}", offset=offset, size=size,
-                                  sha256=hashlib.sha256(data).hexdigest())
+                                  image_sha256=hashlib.sha256(data).hexdigest())
         if "txt" not in members:
             return rec.drop("missing_caption", "read", "no .txt member"), None
         raw = members["txt"][0]
@@ -291,7 +260,7 @@ class DedupExact(beam.PTransform):
 
     def expand(self, records):
         return (records
-                | "BySha256" >> beam.Map(lambda r: (r.sha256, r))
+                | "BySha256" >> beam.Map(lambda r: (r.image_sha256, r))
                 | "GroupSame" >> beam.GroupByKey()
                 | "KeepSmallestKey" >> beam.FlatMap(_keep_smallest_key).with_outputs(DROPPED, main="kept"))
 
@@ -430,7 +399,7 @@ def output_sample(rec: CorpusRecord, image: bytes) -> dict[str, bytes]:
     ``synpref_scores`` and ``synpref_source`` added."""
     meta = json.loads(rec.metadata) if rec.metadata else {}
     meta["synpref_scores"] = dict(sorted(rec.scores.items()))
-    meta["synpref_source"] = {"shard": rec.source_shard, "member": rec.image_member, "sha256": rec.sha256}
+    meta["synpref_source"] = {"shard": rec.source_shard, "member": rec.image_member, "sha256": rec.image_sha256}
     suffix = rec.image_member[len(rec.key) + 1:]
     sample = {"__key__": rec.key, suffix: image, "txt": rec.caption_bytes, "json": _canonical_json(meta)}
     for ext in sample:
@@ -456,7 +425,7 @@ class _WriteShard(beam.DoFn):
         with AtomicFile(tar_path) as f, wds.TarWriter(f, encoder=False, mtime=TAR_MTIME) as tar:
             for rec in records:
                 data = read_range(rec.source_shard, rec.offset, rec.size)
-                if hashlib.sha256(data).hexdigest() != rec.sha256:
+                if hashlib.sha256(data).hexdigest() != rec.image_sha256:
                     raise IOError(f"{rec.source_shard} changed while filtering: {rec.image_member} no longer "
                                   "has the bytes that were scored; rerun")
                 tar.write(output_sample(rec, data))
@@ -487,6 +456,7 @@ class WriteFiltered(beam.PTransform):
 def index_schema(reward_names: Sequence[str]) -> pa.Schema:
     return pa.schema([
         ("key", pa.string()), ("source_shard", pa.string()), ("image_member", pa.string()),
+        ("image_offset", pa.int64()), ("image_size", pa.int64()),  # where the source's reader finds the image
         ("sha256", pa.string()), ("dhash", pa.string()), ("caption", pa.string()), ("width", pa.int64()),
         ("height", pa.int64()),
         *[(f"score_{n}", pa.float64()) for n in reward_names],
@@ -502,16 +472,16 @@ class _WriteOutcomes(beam.DoFn):
         index, records = element
         records = sorted(records, key=lambda r: (r.key == SHARD_KEY, r.key, r.reason))
         rows = [{"key": r.key, "source_shard": r.source_shard, "image_member": r.image_member,
-                 "sha256": r.sha256, "dhash": r.dhash, "caption": r.caption, "width": r.width, "height": r.height,
+                 "image_offset": r.offset, "image_size": r.size,
+                 "sha256": r.image_sha256, "dhash": r.dhash, "caption": r.caption, "width": r.width, "height": r.height,
                  **{f"score_{n}": r.scores.get(n) for n in self.names},
-                 "kept": r.kept, "reason": r.reason, "stage": r.stage, "detail": r.detail} for r in records]
+                 "kept": r.kept, "reason": r.reason, "stage": r.dropped.stage if r.dropped else "",
+                 "detail": r.dropped.detail if r.dropped else ""} for r in records]
         index_path = f"{self.output_dir}/index/{shard_name('samples', index)}.parquet"
         with AtomicFile(index_path) as f:
             pq.write_table(pa.Table.from_pylist(rows, schema=index_schema(self.names)), f)
         drops_path = f"{self.output_dir}/dead_letter/{shard_name('drops', index)}.jsonl"
-        lines = [json.dumps({"level": "sample", "reason": r.reason, "record_id": r.key, "stage": r.stage,
-                             "detail": r.detail, "source_shard": r.source_shard}, sort_keys=True)
-                 for r in records if not r.kept]
+        lines = [r.dropped.to_json() for r in records if not r.kept]
         with AtomicFile(drops_path) as f:
             f.write("".join(line + "\n" for line in lines).encode("utf-8"))
         yield {"index": index_path[len(self.output_dir) + 1:], "dead_letter": drops_path[len(self.output_dir) + 1:]}
@@ -529,10 +499,3 @@ class WriteOutcomes(beam.PTransform):
                 | "ByInputShard" >> beam.Map(lambda r: (r.shard_index, r))
                 | "GroupByInputShard" >> beam.GroupByKey()
                 | "Write" >> beam.ParDo(_WriteOutcomes(self.output_dir, self.names)))
-
-
-def ledger(read: int, kept_records: int, written: int, drops: dict[str, int]) -> dict[str, Any]:
-    dropped = dict(sorted(drops.items()))
-    total = sum(dropped.values())
-    return {"in": read, "kept": written, "dropped": dropped, "dropped_total": total,
-            "balanced": read == written + total and kept_records == written}

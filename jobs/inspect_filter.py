@@ -1,0 +1,243 @@
+"""``synpref inspect`` on a ``synpref filter`` output (its manifest says ``"job": "filter"``).
+
+As for a build, everything is read from the folder given: the filtered shards named by the manifest
+(missing, truncated or miscounted ones are findings naming the file), the per-sample index Parquet
+(every input sample with its scores, kept flag and reason) and the dead letters (same schema as the
+build's, so the drops table is the build's). Tables are polars: counts per ledger level, drops by reason,
+each reward's score distribution over every scored sample and over the kept ones, and reward agreement
+(Kendall tau-b between two rewards over every scored sample, kept and dropped: one corpus-wide group).
+For the HTML page it also collects the first kept samples (from the filtered shards) and a few dropped
+samples per reason, their images read back from the input through the same source reader the filter's
+writer uses (an input that is gone or unreadable shows the reason instead of a picture).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import fsspec
+import polars as pl
+
+from synpref.jobs.inspect_output import (_READ_ERRORS, _counts_table, _drops_table, _error_text, check_tar,
+                                         iter_tar_samples, kendall_tau_b, ledger_problems, level_lines, table_lines)
+
+UNSCORED = "__shard__"  # the record id of an unreadable rest of an input shard: no image, no scores
+
+
+@dataclass
+class FilterReport:
+    output_dir: str
+    manifest: dict
+    counts: pl.DataFrame
+    drops: pl.DataFrame            # level, reason, stage, count (from dead_letter/*.jsonl)
+    scores: pl.DataFrame           # one row per input sample: key, source_shard, caption, kept, reason, <reward>...
+    score_stats: pl.DataFrame      # reward, n, min, median, max, n_kept, kept_min, kept_median
+    agreement: pl.DataFrame        # reward x reward Kendall tau-b over every scored sample
+    agreement_groups: pl.DataFrame  # samples each tau is over
+    cutoffs: dict[str, list[tuple[float, str]]] = field(default_factory=dict)  # reward -> (value, label)
+    kept_samples: list[dict] = field(default_factory=list)     # {"key", "caption", "scores", "image", "suffix"}
+    dropped_samples: dict[str, list[dict]] = field(default_factory=dict)  # reason -> {"key", ..., "image"|"why"}
+    findings: list[str] = field(default_factory=list)
+    verified: bool = False
+    job: str = "filter"
+
+    @property
+    def rewards(self) -> list[str]:
+        return [r["name"] for r in self.manifest["rewards"]]
+
+
+def verify_filter(manifest: dict, out: str) -> list[str]:
+    """Problems found re-reading the filter output in ``out`` (empty = all good): every filtered shard is
+    there, reads to the end, holds the samples and bytes the manifest says; index and dead-letter files
+    exist; every ledger level balances."""
+    problems = []
+    for s in manifest["shards"]:
+        problems += check_tar(f"{out}/{s['tar']}", s["samples"], s.get("size"))
+    fs = fsspec.core.url_to_fs(out)[0]
+    for rel in manifest.get("index_files", []) + manifest.get("dead_letter_files", []):
+        if not fs.exists(fsspec.core.url_to_fs(f"{out}/{rel}")[1]):
+            problems.append(f"{out}/{rel}: missing")
+    return problems + ledger_problems(manifest["counts"])
+
+
+def _index_table(out: str, manifest: dict, rewards: list[str], findings: list[str]) -> pl.DataFrame:
+    frames = []
+    for rel in manifest.get("index_files", []):
+        try:
+            frames.append(pl.read_parquet(f"{out}/{rel}"))
+        except FileNotFoundError:
+            continue  # verify_filter reports it
+        except Exception as exn:  # noqa: BLE001 - an unreadable index is a finding, not a crash
+            findings.append(f"{out}/{rel}: unreadable index ({_error_text(exn)})")
+    columns = {"key": pl.Utf8, "source_shard": pl.Utf8, "image_member": pl.Utf8, "image_offset": pl.Int64,
+               "image_size": pl.Int64, "caption": pl.Utf8, "width": pl.Int64, "height": pl.Int64, "kept": pl.Boolean,
+               "reason": pl.Utf8, "detail": pl.Utf8}
+    if not frames:
+        return pl.DataFrame(schema={**columns, **{r: pl.Float64 for r in rewards}})
+    df = pl.concat(frames, how="diagonal_relaxed")
+    return df.select([(pl.col(c) if c in df.columns else pl.lit(None)).cast(t).alias(c) for c, t in columns.items()]
+                     + [(pl.col(f"score_{r}") if f"score_{r}" in df.columns else pl.lit(None)).cast(pl.Float64)
+                        .alias(r) for r in rewards]).sort(["key", "source_shard"])
+
+
+def _score_stats(scores: pl.DataFrame, rewards: list[str]) -> pl.DataFrame:
+    rows = []
+    for r in rewards:
+        col, kept = scores[r].drop_nulls(), scores.filter(pl.col("kept"))[r].drop_nulls()
+        rows.append({"reward": r, "n": col.len(), "min": col.min(), "median": col.median(), "max": col.max(),
+                     "n_kept": kept.len(), "kept_min": kept.min(), "kept_median": kept.median()})
+    return pl.DataFrame(rows, schema={"reward": pl.Utf8, "n": pl.Int64, "min": pl.Float64, "median": pl.Float64,
+                                      "max": pl.Float64, "n_kept": pl.Int64, "kept_min": pl.Float64,
+                                      "kept_median": pl.Float64})
+
+
+def corpus_agreement(scores: pl.DataFrame, rewards: list[str]) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Kendall tau-b between every two rewards over every sample both scored (kept and dropped alike)."""
+    taus, ns = {}, {}
+    for a in rewards:
+        for b in rewards:
+            both = scores.select(pl.col(a).alias("x"), pl.col(b).alias("y")).drop_nulls()
+            ns[a, b] = both.height
+            taus[a, b] = kendall_tau_b(both["x"].to_numpy(), both["y"].to_numpy()) if both.height >= 2 else float("nan")
+    matrix = pl.DataFrame({"reward": rewards, **{b: [taus[a, b] for a in rewards] for b in rewards}})
+    groups = pl.DataFrame({"reward": rewards, **{b: [ns[a, b] for a in rewards] for b in rewards}})
+    return matrix, groups
+
+
+def filter_cutoffs(manifest: dict) -> dict[str, list[tuple[float, str]]]:
+    """Each reward's thresholds and top-fraction cutoff, as (score, label) marks for its histogram."""
+    f = manifest.get("config", {}).get("filter", {})
+    marks: dict[str, list[tuple[float, str]]] = {}
+    for t in f.get("thresholds") or []:
+        for bound in ("min", "max"):
+            if t.get(bound) is not None:
+                marks.setdefault(t["reward"], []).append((float(t[bound]), bound))
+    top, cutoff = f.get("top_fraction"), manifest.get("top_fraction_cutoff")
+    if top and cutoff is not None:
+        marks.setdefault(top["reward"], []).append((float(cutoff), f"top {top['fraction']:.0%}"))
+    return marks
+
+
+def _kept_samples(out: str, manifest: dict, n: int, findings: list[str]) -> list[dict]:
+    got: list[dict] = []
+    for s in manifest["shards"]:
+        if len(got) >= n:
+            break
+        tar = f"{out}/{s['tar']}"
+        try:
+            for raw in iter_tar_samples(tar):
+                if len(got) >= n:
+                    break
+                meta = json.loads(raw.get("json", b"{}"))
+                suffix = next((k for k in sorted(raw) if k not in ("__key__", "json", "txt")), "")
+                got.append({"key": raw["__key__"], "caption": raw.get("txt", b"").decode("utf-8", "replace"),
+                            "scores": meta.get("synpref_scores", {}), "image": raw.get(suffix), "suffix": suffix})
+        except FileNotFoundError:
+            continue  # verify_filter reports it
+        except (*_READ_ERRORS, UnicodeDecodeError) as exn:
+            if not any(f.startswith(f"{tar}:") for f in findings):
+                findings.append(f"{tar}: unreadable ({_error_text(exn)})")
+    return got
+
+
+def _source_reader(manifest: dict):
+    """A function (url, member, offset, size) -> image bytes, through the job's own input reader."""
+    from synpref.transforms.corpus_sources import CorpusInput
+
+    given = manifest["config"]["input"]  # as the job resolved it: format and per-format options
+    inputs = CorpusInput(given.get("format", "auto"), {"parquet": given.get("parquet") or {}})
+
+    def read(url: str, member: str, offset: int, size: int) -> bytes:
+        reader = inputs.source_for(url).open_images(url)
+        try:
+            return reader.read(member, offset, size)
+        finally:
+            reader.close()
+
+    return read
+
+
+def _dropped_samples(scores: pl.DataFrame, manifest: dict, per_reason: int) -> dict[str, list[dict]]:
+    """Up to ``per_reason`` dropped samples per reason (smallest keys), each with its image bytes or why not."""
+    dropped = scores.filter(~pl.col("kept") & (pl.col("key") != UNSCORED))
+    if per_reason <= 0 or dropped.height == 0:
+        return {}
+    try:
+        read = _source_reader(manifest)
+    except Exception as exn:  # noqa: BLE001 - an old or foreign manifest: show the drops without pictures
+        read, why = None, f"input not readable here ({_error_text(exn)})"
+    out: dict[str, list[dict]] = {}
+    for (reason,), g in dropped.sort("key").group_by(["reason"], maintain_order=True):
+        items = []
+        for row in g.head(per_reason).iter_rows(named=True):
+            item = {k: row[k] for k in ("key", "caption", "detail", "source_shard")}
+            item["scores"] = {r: row[r] for r in [r["name"] for r in manifest["rewards"]] if row.get(r) is not None}
+            if read is None:
+                item["why"] = why
+            elif not row["image_member"] or row["image_offset"] is None or row["image_offset"] < 0:
+                item["why"] = "no image member"
+            else:
+                try:
+                    item["image"] = read(row["source_shard"], row["image_member"], row["image_offset"],
+                                         row["image_size"])
+                except Exception as exn:  # noqa: BLE001 - a moved or broken input: say so on the card
+                    item["why"] = f"input not readable ({_error_text(exn)})"
+            items.append(item)
+        out[reason] = items
+    return dict(sorted(out.items()))
+
+
+def collect_filter_report(output_dir: str, manifest: dict, samples: int = 12, per_reason: int = 3,
+                          verify_shards: bool = True) -> FilterReport:
+    """Read a finished filter output once: tables, the first ``samples`` kept samples, a few drops per reason."""
+    out = output_dir.rstrip("/")
+    rewards = [r["name"] for r in manifest["rewards"]]
+    findings = verify_filter(manifest, out) if verify_shards else []
+    scores = _index_table(out, manifest, rewards, findings)
+    c = manifest["counts"].get("samples")
+    if c and manifest.get("index_files") and not any("index" in f for f in findings):
+        kept = int(scores["kept"].sum())
+        if scores.height != c["in"] or kept != c["written"]:
+            findings.append(f"{out}/index: {scores.height} samples ({kept} kept), manifest says in={c['in']} "
+                            f"written={c['written']}")
+    scored = scores.filter(pl.col("key") != UNSCORED)
+    agreement, agreement_groups = corpus_agreement(scored, rewards)
+    return FilterReport(
+        output_dir=out, manifest=manifest, counts=_counts_table(manifest), drops=_drops_table(out, findings),
+        scores=scores, score_stats=_score_stats(scored, rewards), agreement=agreement,
+        agreement_groups=agreement_groups, cutoffs=filter_cutoffs(manifest),
+        kept_samples=_kept_samples(out, manifest, samples, findings) if samples else [],
+        dropped_samples=_dropped_samples(scores, manifest, per_reason if samples else 0),
+        findings=findings, verified=verify_shards)
+
+
+def describe_filter(manifest: dict) -> str:
+    """The filter settings in one line (mode, thresholds, top fraction with its cutoff, dedup)."""
+    f = manifest.get("config", {}).get("filter", {})
+    parts = [f"{t['reward']} {'>= ' + format(t['min'], 'g') if t.get('min') is not None else ''}"
+             f"{' and ' if t.get('min') is not None and t.get('max') is not None else ''}"
+             f"{'<= ' + format(t['max'], 'g') if t.get('max') is not None else ''}" for t in f.get("thresholds") or []]
+    top = f.get("top_fraction")
+    if top:
+        cut = manifest.get("top_fraction_cutoff")
+        parts.append(f"top {top['fraction']:.0%} by {top['reward']}"
+                     + (f" (cutoff {cut:.4g})" if cut is not None else ""))
+    near = f.get("near_duplicate_distance", -1)
+    return (f"mode {f.get('mode', 'and')}: " + ("; ".join(parts) or "no score criteria")
+            + f"; dedup {f.get('dedup', 'exact')}" + (f", near duplicates within {near} bits" if near >= 0 else ""))
+
+
+def format_filter_text(rep: FilterReport) -> str:
+    m = rep.manifest
+    lines = [f"filter output {rep.output_dir}  (synpref {m['synpref_version']})",
+             "rewards: " + ", ".join(f"{r['name']} v{r['version']}" for r in m["rewards"]),
+             f"input: {len(m.get('input_shards', []))} shard(s)",
+             "filter: " + describe_filter(m)]
+    lines += level_lines(m["counts"])
+    lines.append(f"shards: {len(m['shards'])} filtered")
+    for s in rep.kept_samples:
+        scores = ", ".join(f"{k}={v:.4g}" for k, v in s["scores"].items())
+        lines.append(f"  kept {s['key']} {s['caption'][:60]!r}: {scores}")
+    lines += table_lines(rep, "scores per reward (every scored sample; kept_*: the written ones):",
+                         "reward agreement (Kendall tau-b over every scored sample, kept and dropped):")
+    return "\n".join(lines)
