@@ -27,7 +27,8 @@ import synpref
 from synpref.schemas.filter_config import FilterJobConfig, filter_config_to_dict, load_filter_config
 from synpref.transforms.accounting import CountDrops, ledger
 from synpref.transforms.corpus import (DROPPED, READ, ApplyFilters, DedupExact, DedupKeys, DedupNear,
-                                       ScoreShards, WriteFiltered, WriteOutcomes, list_shards)
+                                       ScoreShards, WriteFiltered, WriteOutcomes)
+from synpref.transforms.corpus_sources import corpus_input_from_config
 from synpref.transforms.fileio import AtomicFile
 from synpref.transforms.rewards import create_reward
 
@@ -39,8 +40,11 @@ _OUR_FILES = {"shards": re.compile(r"^filtered-\d{5}\.tar(\.tmp)?$"),
 
 
 def preflight_filter(cfg: FilterJobConfig) -> list[str]:
-    """The input shards (raises FileNotFoundError if a source has none) after checking the output is writable."""
-    shards = list_shards(cfg.input.source)
+    """The input units (raises FileNotFoundError if a source has none, ValueError if the first Parquet table
+    lacks the configured columns) after checking the output is writable."""
+    corpus_input = corpus_input_from_config(cfg.input)
+    shards = corpus_input.list_units(cfg.input.source)
+    corpus_input.check(shards)
     out = cfg.output.output_dir.rstrip("/")
     fs, path = fsspec.core.url_to_fs(out)
     try:
@@ -97,12 +101,14 @@ class FilterCorpus(beam.PTransform):
     def expand(self, pbegin):
         cfg, out = self.cfg, self.cfg.output.output_dir.rstrip("/")
         names = [r.name for r in cfg.rewards]
+        corpus_input = corpus_input_from_config(cfg.input)
         scored = (pbegin
                   | "ListShards" >> beam.Create(list(enumerate(self.shards)))
                   | "SpreadShards" >> beam.Reshuffle()
                   | "ScoreShards" >> beam.ParDo(ScoreShards(
                       cfg.rewards, cfg.input.max_pixels, cfg.input.batch_size, cfg.input.max_caption_chars,
-                      cfg.torch_threads)).with_outputs(DROPPED, READ, main="scored"))
+                      cfg.torch_threads, corpus_input, perceptual_hash=cfg.filter.near_duplicate_distance >= 0))
+                  .with_outputs(DROPPED, READ, main="scored"))
         drops = [scored[DROPPED]]
         keys = scored.scored | "DedupKeys" >> DedupKeys()
         drops.append(keys[DROPPED])
@@ -119,7 +125,7 @@ class FilterCorpus(beam.PTransform):
                                                             cfg.filter.mode)
         drops.append(filtered["dropped"])
         kept = filtered["kept"]
-        shards = kept | "WriteFiltered" >> WriteFiltered(out, cfg.output.samples_per_shard)
+        shards = kept | "WriteFiltered" >> WriteFiltered(out, cfg.output.samples_per_shard, corpus_input)
         dropped = drops | "AllDrops" >> beam.Flatten()
         outcomes = (dropped, kept) | "AllOutcomes" >> beam.Flatten() | "WriteOutcomes" >> WriteOutcomes(out, names)
         drop_counts = dropped | "TheirDrops" >> beam.Map(lambda r: r.dropped) | CountDrops()

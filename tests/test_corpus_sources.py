@@ -187,3 +187,14 @@ def test_auto_format_reads_tars_when_a_folder_holds_both(tmp_path):
     assert CorpusInput("parquet").list_units([str(tmp_path)]) == [str(tmp_path / "00000.parquet")]
     (tmp_path / "00000.tar").unlink()
     assert CorpusInput().list_units([str(tmp_path)]) == [str(tmp_path / "00000.parquet")]
+
+
+def test_shipped_filter_jobs_validate():
+    import pathlib
+
+    from synpref.schemas.filter_config import load_filter_config
+
+    for name in ("demo_filter", "filter_laion"):
+        cfg = load_filter_config(str(pathlib.Path(__file__).parents[1] / "jobs" / f"{name}.yaml"),
+                                 ["input.source=elsewhere"])
+        assert cfg.input.source == ("elsewhere",) and cfg.input.format == "auto"

@@ -39,6 +39,8 @@ from apache_beam.metrics import Metrics
 
 from synpref.schemas.config import RewardConfig
 from synpref.schemas.records import CorpusRecord
+from synpref.transforms.corpus_sources import (SHARD_KEY, CorpusInput, iter_raw_samples, list_shards,  # noqa: F401
+                                               read_range)
 from synpref.transforms.fileio import AtomicFile
 from synpref.transforms.generation import error_line
 from synpref.transforms.imageio import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageDecodeError, check_member_name, \
@@ -50,79 +52,6 @@ from synpref.transforms.writing import TAR_MTIME
 
 DROPPED = "dropped"
 READ = "read"
-SHARD_KEY = "__shard__"  # record id of an unreadable remainder of a shard (one outcome for the rest)
-
-
-def list_shards(sources: Sequence[str]) -> list[str]:
-    """Every ``.tar`` shard named by ``sources`` (folders, globs, files; fsspec URLs), sorted, as URLs.
-
-    Raises:
-        FileNotFoundError: a source that matches no shard.
-    """
-    found: set[str] = set()
-    for src in sources:
-        fs, path = fsspec.core.url_to_fs(src)
-        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-        prefix = "" if protocol in ("file", "local") else f"{protocol}://"
-        if any(ch in path for ch in "*?["):
-            paths = fs.glob(path)
-        elif fs.isdir(path):
-            paths = fs.glob(path.rstrip("/") + "/*.tar")
-        elif fs.exists(path):
-            paths = [path]
-        else:
-            raise FileNotFoundError(f"input.source {src!r} does not exist")
-        paths = [p for p in paths if p.endswith(".tar")]
-        if not paths:
-            raise FileNotFoundError(f"input.source {src!r} holds no .tar shard")
-        found.update(prefix + p for p in paths)
-    return sorted(found)
-
-
-def _split_name(name: str) -> tuple[str, str]:
-    """WebDataset's split of a member name: key = up to the first dot of the base name, then the suffix."""
-    base = name.rsplit("/", 1)[-1]
-    if "." not in base:
-        return name, ""
-    head, _, suffix = base.partition(".")
-    return name[: len(name) - len(base)] + head, suffix
-
-
-def iter_raw_samples(url: str):
-    """Yield ``(key, {suffix: (bytes, offset, size)}, problem)`` per sample of one tar, streaming.
-
-    Consecutive members with the same key form a sample (WebDataset's rule). ``problem`` is a
-    ``(reason, detail)`` for a sample that cannot be used as read (an unsafe member name); the last
-    item is ``(SHARD_KEY, {}, ("unreadable_shard", detail))`` when the tar breaks off.
-    """
-    key, members, problem = None, {}, None
-    try:
-        with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
-            for info in tar:
-                if info.isdir():
-                    continue
-                k, suffix = _split_name(info.name)
-                if k != key:
-                    if key is not None:
-                        yield key, members, problem
-                    key, members, problem = k, {}, None
-                if not info.isfile():
-                    problem = problem or ("unsafe_member_name", f"{info.name!r} is not a regular file")
-                    continue
-                try:
-                    check_member_name(info.name)
-                except ValueError as e:
-                    problem = problem or ("unsafe_member_name", str(e))
-                    continue
-                data = tar.extractfile(info).read()
-                members[suffix] = (data, info.offset_data, info.size)
-    except (tarfile.TarError, EOFError, OSError) as e:
-        if key is not None:
-            yield key, members, problem or ("unreadable_shard", f"tar breaks off in this sample: {error_line(e)}")
-            key = None
-        yield SHARD_KEY, {}, ("unreadable_shard", f"the rest of the shard is unreadable: {error_line(e)}")
-    if key is not None:
-        yield key, members, problem
 
 
 class LoadedRewards:
@@ -137,8 +66,12 @@ class ScoreShards(beam.DoFn):
     """
 
     def __init__(self, rewards: Sequence[RewardConfig], max_pixels: int = DEFAULT_MAX_PIXELS, batch_size: int = 16,
-                 max_caption_chars: int = 0, torch_threads: int = 1):
+                 max_caption_chars: int = 0, torch_threads: int = 1, corpus_input: Optional[CorpusInput] = None,
+                 perceptual_hash: bool = True):
         self.configs, self.max_pixels, self.batch_size = list(rewards), max_pixels, batch_size
+        self.corpus_input = corpus_input or CorpusInput()
+        # the dHash resizes the full image (about as costly as decoding it): only when near dedup needs it
+        self.perceptual_hash = perceptual_hash
         self.max_caption_chars, self.torch_threads = max_caption_chars, torch_threads
         self.model: Optional[LoadedRewards] = None
 
@@ -186,7 +119,8 @@ class ScoreShards(beam.DoFn):
             image = decode_image(data, self.max_pixels)
         except ImageDecodeError as e:
             return rec.drop(e.reason, "decode", e.detail), None
-        return dataclasses.replace(rec, width=image.width, height=image.height, dhash=dhash(image)), image
+        return dataclasses.replace(rec, width=image.width, height=image.height,
+                                   dhash=dhash(image) if self.perceptual_hash else ""), image
 
     def _score(self, batch: list):
         records, images = [r for r, _ in batch], [im for _, im in batch]
@@ -209,7 +143,7 @@ class ScoreShards(beam.DoFn):
     def process(self, element):
         index, url = element
         n, batch = 0, []
-        for key, members, problem in iter_raw_samples(url):
+        for key, members, problem in self.corpus_input.source_for(url).iter_samples(url):
             n += 1
             rec, image = self._check(CorpusRecord(key=key, shard_index=index, source_shard=url), members, problem)
             members = None
@@ -408,27 +342,31 @@ def output_sample(rec: CorpusRecord, image: bytes) -> dict[str, bytes]:
     return sample
 
 
-def read_range(url: str, offset: int, size: int) -> bytes:
-    fs, path = fsspec.core.url_to_fs(url)
-    return fs.cat_file(path, start=offset, end=offset + size)
-
-
 class _WriteShard(beam.DoFn):
-    def __init__(self, output_dir: str):
+    def __init__(self, output_dir: str, corpus_input: Optional[CorpusInput] = None):
         self.output_dir = output_dir.rstrip("/")
+        self.corpus_input = corpus_input or CorpusInput()
 
     def process(self, element):
         index, records = element
         records = sorted(records, key=lambda r: r.key)
         name = shard_name("filtered", index)
         tar_path = f"{self.output_dir}/shards/{name}.tar"
-        with AtomicFile(tar_path) as f, wds.TarWriter(f, encoder=False, mtime=TAR_MTIME) as tar:
-            for rec in records:
-                data = read_range(rec.source_shard, rec.offset, rec.size)
-                if hashlib.sha256(data).hexdigest() != rec.image_sha256:
-                    raise IOError(f"{rec.source_shard} changed while filtering: {rec.image_member} no longer "
-                                  "has the bytes that were scored; rerun")
-                tar.write(output_sample(rec, data))
+        readers = {}  # one open reader per source unit: records in key order mostly read each unit forwards
+        try:
+            with AtomicFile(tar_path) as f, wds.TarWriter(f, encoder=False, mtime=TAR_MTIME) as tar:
+                for rec in records:
+                    if rec.source_shard not in readers:
+                        readers[rec.source_shard] = self.corpus_input.source_for(rec.source_shard).open_images(
+                            rec.source_shard)
+                    data = readers[rec.source_shard].read(rec.image_member, rec.offset, rec.size)
+                    if hashlib.sha256(data).hexdigest() != rec.image_sha256:
+                        raise IOError(f"{rec.source_shard} changed while filtering: {rec.image_member} no longer "
+                                      "has the bytes that were scored; rerun")
+                    tar.write(output_sample(rec, data))
+        finally:
+            for reader in readers.values():
+                reader.close()
         fs, path = fsspec.core.url_to_fs(tar_path)
         yield {"shard": name, "tar": f"shards/{name}.tar", "samples": len(records), "size": fs.size(path),
                "first_key": records[0].key, "last_key": records[-1].key}
@@ -437,9 +375,9 @@ class _WriteShard(beam.DoFn):
 class WriteFiltered(beam.PTransform):
     """Kept CorpusRecords -> ``shards/filtered-NNNNN.tar`` (keys sorted; shard = sorted position / per_shard)."""
 
-    def __init__(self, output_dir: str, samples_per_shard: int):
+    def __init__(self, output_dir: str, samples_per_shard: int, corpus_input: Optional[CorpusInput] = None):
         super().__init__()
-        self.output_dir, self.per_shard = output_dir, samples_per_shard
+        self.output_dir, self.per_shard, self.corpus_input = output_dir, samples_per_shard, corpus_input
 
     def expand(self, kept):
         per_shard = self.per_shard
@@ -450,7 +388,7 @@ class WriteFiltered(beam.PTransform):
         return (kept
                 | "AssignShard" >> beam.Map(lambda r, idx: (idx[r.key], r), beam.pvalue.AsSingleton(index))
                 | "GroupByShard" >> beam.GroupByKey()
-                | "WriteShard" >> beam.ParDo(_WriteShard(self.output_dir)))
+                | "WriteShard" >> beam.ParDo(_WriteShard(self.output_dir, self.corpus_input)))
 
 
 def index_schema(reward_names: Sequence[str]) -> pa.Schema:
