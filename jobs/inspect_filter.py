@@ -189,8 +189,15 @@ def _dropped_samples(scores: pl.DataFrame, manifest: dict, per_reason: int) -> d
 
 def collect_filter_report(output_dir: str, manifest: dict, samples: int = 12, per_reason: int = 3,
                           verify_shards: bool = True) -> FilterReport:
-    """Read a finished filter output once: tables, the first ``samples`` kept samples, a few drops per reason."""
+    """Read a finished filter output once: tables, the first ``samples`` kept samples, a few drops per reason.
+
+    Raises:
+        ValueError: a manifest from before the shared ledger (flat ``counts``): rerun the filter job.
+    """
     out = output_dir.rstrip("/")
+    if not all(isinstance(c, dict) for c in manifest["counts"].values()):
+        raise ValueError(f"{out}/manifest.json was written by an older synpref filter (flat counts); rerun the "
+                         "filter job to inspect it")
     rewards = [r["name"] for r in manifest["rewards"]]
     findings = verify_filter(manifest, out) if verify_shards else []
     scores = _index_table(out, manifest, rewards, findings)

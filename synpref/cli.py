@@ -148,7 +148,10 @@ def cmd_inspect(args, rest) -> int:
     if not fs.exists(path):
         raise UserError(f"synpref inspect: no manifest.json in {args.output_dir}: the build has not finished. "
                         "Shards with a _stats/ file are complete; rerun the same build command to resume.")
-    report = collect_report(args.output_dir, samples=args.samples, verify_shards=not args.no_verify)
+    try:
+        report = collect_report(args.output_dir, samples=args.samples, verify_shards=not args.no_verify)
+    except ValueError as e:  # a manifest this version cannot read
+        raise UserError(f"synpref inspect: {' '.join(str(e).split())}") from None
     print(format_text(report))
     if args.html:
         from synpref.jobs.html_report import write_html

@@ -104,6 +104,12 @@ def test_inspect_names_truncated_and_missing_filtered_tars(filtered, tmp_path, c
     assert str(filtered) + "/" not in findings  # only the folder given is read
     assert str(bad) in (tmp_path / "copy.html").read_text()
     assert main(["inspect", str(filtered), "--no-verify"]) == 0
+    manifest = json.loads((copy / "manifest.json").read_text())  # the first version's flat counts
+    manifest["counts"] = manifest["counts"]["samples"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert main(["inspect", str(copy)]) == 2
+    assert "older synpref filter" in capsys.readouterr().err
 
 
 def test_kendall_tau_b_matches_a_brute_force_pair_count():
