@@ -158,6 +158,23 @@ def test_gzip_reader_finds_members_in_any_order(tmp_path):
         reader.close()
 
 
+def test_parquet_reader_jumps_to_the_row_group_of_any_row(tmp_path):
+    from synpref.transforms.corpus_sources import ParquetSource
+
+    blobs = [generated(i) for i in range(10)]
+    pq.write_table(pa.table({"key": [f"k{i}" for i in range(10)], "caption": ["c"] * 10, "jpg": blobs}),
+                   tmp_path / "t.parquet", row_group_size=3)
+    source = ParquetSource(batch_rows=2)
+    rows = {k: m["jpg"][1] for k, m, _ in source.iter_samples(str(tmp_path / "t.parquet"))}
+    assert rows == {f"k{i}": i for i in range(10)}
+    reader = source.open_images(str(tmp_path / "t.parquet"))
+    try:
+        for i in (9, 0, 5, 5, 2, 8, 3):
+            assert reader.read("", i, len(blobs[i])) == blobs[i]
+    finally:
+        reader.close()
+
+
 def write_yaml(path, data):
     import yaml
 

@@ -11,6 +11,7 @@ the source's own terms; ``problem`` is a ``(reason, detail)`` for a sample that 
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import json
 import posixpath
@@ -212,10 +213,12 @@ class ParquetSource(CorpusSource):
 
     Defaults follow img2dataset's ``output_format: parquet`` (``jpg`` bytes, ``caption``, ``key``); a
     Hugging Face ``Image`` column (a struct of ``bytes`` and ``path``) works as ``image_column``.
-    Paths are relative to the Parquet file's folder unless absolute or a URL. Rows are read in batches
-    of ``batch_rows`` (never the whole table). Every column but the image bytes becomes the sample's
-    JSON metadata, as img2dataset writes it beside the image in a tar. The image location is the row number, so the
-    writer reads that row's bytes (or path) again.
+    Paths are relative to the Parquet file's folder unless absolute or a URL. Rows are handed on in
+    batches of ``batch_rows``; pyarrow decodes a whole row group's columns at once, so memory holds one
+    row group at a time, never the whole table (img2dataset and ``datasets`` write groups of ~100
+    images). Every column but the image bytes becomes the sample's JSON metadata, as img2dataset
+    writes it beside the image in a tar. The image location is the row number, so the writer reads
+    that row's bytes (or path) again, starting at its row group.
 
     Args:
         image_column: image bytes (or an HF Image struct); rows where it is null use ``path_column``.
@@ -319,23 +322,29 @@ class ParquetSource(CorpusSource):
 
 
 class _ParquetRowReader(ImageReader):
-    """Image bytes of rows by row number, reading the image/path columns forwards one batch at a time."""
+    """Image bytes of rows by row number, reading the image/path columns forwards one batch at a time,
+    starting at the row group that holds the first row asked for (row groups before it are not read)."""
 
     def __init__(self, source: ParquetSource, url: str):
         self.source, self.url = source, url
         self.f = self.batches = None
         self.start, self.rows = 0, []
 
-    def _reopen(self):
+    def _reopen(self, row: int):
         self.close()
         self.f, pf = self.source._open(self.url)
         columns = self.source._columns(pf, self.url, with_meta=False)
-        self.batches = pf.iter_batches(batch_size=self.source.batch_rows, columns=columns, use_threads=False)
-        self.start, self.rows = 0, []
+        starts = [0]
+        for i in range(pf.metadata.num_row_groups):
+            starts.append(starts[-1] + pf.metadata.row_group(i).num_rows)
+        group = max(0, min(bisect.bisect_right(starts, row) - 1, pf.metadata.num_row_groups - 1))
+        self.batches = pf.iter_batches(batch_size=self.source.batch_rows, columns=columns, use_threads=False,
+                                       row_groups=range(group, pf.metadata.num_row_groups))
+        self.start, self.rows = starts[group], []
 
     def read(self, member: str, offset: int, size: int) -> bytes:
         if self.batches is None or offset < self.start:
-            self._reopen()
+            self._reopen(offset)
         while offset >= self.start + len(self.rows):
             self.start += len(self.rows)
             batch = next(self.batches, None)
