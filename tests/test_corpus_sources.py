@@ -215,3 +215,33 @@ def test_shipped_filter_jobs_validate():
         cfg = load_filter_config(str(pathlib.Path(__file__).parents[1] / "jobs" / f"{name}.yaml"),
                                  ["input.source=elsewhere"])
         assert cfg.input.source == ("elsewhere",) and cfg.input.format == "auto"
+
+
+def test_fsspec_urls_for_tars_and_parquet_paths(tmp_path):
+    """``memory://`` stands in for s3:// / gs://: listing, relative image paths and the writer's re-reads."""
+    import fsspec
+
+    imgs = images()
+    fs = fsspec.filesystem("memory")
+    root = f"memory://corpus-{tmp_path.name}"
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as t:
+        for k in sorted(imgs)[:4]:
+            for name, data in sample(k, imgs[k], f"caption of {k}".encode()):
+                add(t, name, data)
+    fs.pipe(f"{root}/tars/00000.tar", buf.getvalue())
+    for k in sorted(imgs)[4:]:
+        fs.pipe(f"{root}/table/images/{k}.jpg", imgs[k])
+    table = io.BytesIO()
+    pq.write_table(pa.table({"key": sorted(imgs)[4:], "caption": [f"caption of {k}" for k in sorted(imgs)[4:]],
+                             "path": [f"images/{k}.jpg" for k in sorted(imgs)[4:]]}), table)
+    fs.pipe(f"{root}/table/part.parquet", table.getvalue())
+    units = CorpusInput().list_units([f"{root}/tars", f"{root}/table/*.parquet"])
+    assert [u.split("corpus-", 1)[-1] for u in units] == [f"{tmp_path.name}/table/part.parquet",
+                                                          f"{tmp_path.name}/tars/00000.tar"]
+    assert all(u.startswith("memory://") for u in units)
+    cfg = job(f"{root}/tars", tmp_path / "out")
+    cfg["input"]["source"].append(f"{root}/table")
+    result = filter_corpus(filter_config_from_dict(cfg))
+    assert set(check_kept(tmp_path / "out", imgs, {k: f"caption of {k}" for k in imgs}, result["manifest"])) == \
+        set(imgs)
