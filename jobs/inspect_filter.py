@@ -30,7 +30,7 @@ class FilterReport:
     manifest: dict
     counts: pl.DataFrame
     drops: pl.DataFrame            # level, reason, stage, count (from dead_letter/*.jsonl)
-    scores: pl.DataFrame           # one row per input sample: key, source_shard, caption, kept, reason, <reward>...
+    scores: pl.DataFrame           # one row per input sample: key, kept, reason, <reward>..., _file (index file)
     score_stats: pl.DataFrame      # reward, n, min, median, max, n_kept, kept_min, kept_median
     agreement: pl.DataFrame        # reward x reward Kendall tau-b over every scored sample
     agreement_groups: pl.DataFrame  # samples each tau is over
@@ -60,24 +60,36 @@ def verify_filter(manifest: dict, out: str) -> list[str]:
     return problems + ledger_problems(manifest["counts"])
 
 
+_DETAIL_COLUMNS = {"source_shard": pl.Utf8, "image_member": pl.Utf8, "image_offset": pl.Int64,
+                   "image_size": pl.Int64, "caption": pl.Utf8, "detail": pl.Utf8}
+
+
 def _index_table(out: str, manifest: dict, rewards: list[str], findings: list[str]) -> pl.DataFrame:
+    """key, kept, reason and one column per reward for every input sample (``_file``: which index file).
+
+    Only these columns are read (captions and details stay on disk until a card needs them), so a corpus of
+    millions of samples fits in memory.
+    """
     frames = []
-    for rel in manifest.get("index_files", []):
+    for i, rel in enumerate(manifest.get("index_files", [])):
         try:
-            frames.append(pl.read_parquet(f"{out}/{rel}"))
+            names = set(pl.read_parquet_schema(f"{out}/{rel}"))
+            df = pl.read_parquet(f"{out}/{rel}", columns=[c for c in ("key", "kept", "reason") if c in names]
+                                 + [f"score_{r}" for r in rewards if f"score_{r}" in names])
         except FileNotFoundError:
             continue  # verify_filter reports it
         except Exception as exn:  # noqa: BLE001 - an unreadable index is a finding, not a crash
             findings.append(f"{out}/{rel}: unreadable index ({_error_text(exn)})")
-    columns = {"key": pl.Utf8, "source_shard": pl.Utf8, "image_member": pl.Utf8, "image_offset": pl.Int64,
-               "image_size": pl.Int64, "caption": pl.Utf8, "width": pl.Int64, "height": pl.Int64, "kept": pl.Boolean,
-               "reason": pl.Utf8, "detail": pl.Utf8}
+            continue
+        frames.append(df.select(
+            [(pl.col(c) if c in df.columns else pl.lit(None)).cast(t).alias(c)
+             for c, t in (("key", pl.Utf8), ("kept", pl.Boolean), ("reason", pl.Utf8))]
+            + [(pl.col(f"score_{r}") if f"score_{r}" in df.columns else pl.lit(None)).cast(pl.Float64).alias(r)
+               for r in rewards] + [pl.lit(i, pl.Int64).alias("_file")]))
     if not frames:
-        return pl.DataFrame(schema={**columns, **{r: pl.Float64 for r in rewards}})
-    df = pl.concat(frames, how="diagonal_relaxed")
-    return df.select([(pl.col(c) if c in df.columns else pl.lit(None)).cast(t).alias(c) for c, t in columns.items()]
-                     + [(pl.col(f"score_{r}") if f"score_{r}" in df.columns else pl.lit(None)).cast(pl.Float64)
-                        .alias(r) for r in rewards]).sort(["key", "source_shard"])
+        return pl.DataFrame(schema={"key": pl.Utf8, "kept": pl.Boolean, "reason": pl.Utf8,
+                                    **{r: pl.Float64 for r in rewards}, "_file": pl.Int64})
+    return pl.concat(frames).sort(["key", "_file"])
 
 
 def _score_stats(scores: pl.DataFrame, rewards: list[str]) -> pl.DataFrame:
@@ -94,11 +106,12 @@ def _score_stats(scores: pl.DataFrame, rewards: list[str]) -> pl.DataFrame:
 def corpus_agreement(scores: pl.DataFrame, rewards: list[str]) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Kendall tau-b between every two rewards over every sample both scored (kept and dropped alike)."""
     taus, ns = {}, {}
-    for a in rewards:
-        for b in rewards:
+    for i, a in enumerate(rewards):
+        for b in rewards[i:]:
             both = scores.select(pl.col(a).alias("x"), pl.col(b).alias("y")).drop_nulls()
-            ns[a, b] = both.height
-            taus[a, b] = kendall_tau_b(both["x"].to_numpy(), both["y"].to_numpy()) if both.height >= 2 else float("nan")
+            ns[a, b] = ns[b, a] = both.height
+            taus[a, b] = taus[b, a] = (kendall_tau_b(both["x"].to_numpy(), both["y"].to_numpy())
+                                       if both.height >= 2 else float("nan"))
     matrix = pl.DataFrame({"reward": rewards, **{b: [taus[a, b] for a in rewards] for b in rewards}})
     groups = pl.DataFrame({"reward": rewards, **{b: [ns[a, b] for a in rewards] for b in rewards}})
     return matrix, groups
@@ -157,34 +170,44 @@ def _source_reader(manifest: dict):
     return read
 
 
-def _dropped_samples(scores: pl.DataFrame, manifest: dict, per_reason: int) -> dict[str, list[dict]]:
+def _dropped_samples(out_dir: str, scores: pl.DataFrame, manifest: dict, per_reason: int) -> dict[str, list[dict]]:
     """Up to ``per_reason`` dropped samples per reason (smallest keys), each with its image bytes or why not."""
     dropped = scores.filter(~pl.col("kept") & (pl.col("key") != UNSCORED))
     if per_reason <= 0 or dropped.height == 0:
         return {}
+    picked = dropped.group_by("reason", maintain_order=True).head(per_reason).sort(["reason", "key", "_file"])
+    details = {}  # (file, key) -> the index row's location, caption and detail, read only for the picked keys
+    for (i,), g in picked.group_by(["_file"]):
+        path = f"{out_dir}/{manifest['index_files'][i]}"
+        try:
+            names = set(pl.read_parquet_schema(path))
+            rows = pl.read_parquet(path, columns=["key", *[c for c in _DETAIL_COLUMNS if c in names]]) \
+                .filter(pl.col("key").is_in(g["key"].implode()))
+        except Exception:  # noqa: BLE001 - already a finding of _index_table
+            continue
+        details.update({(i, r["key"]): r for r in rows.iter_rows(named=True)})
     try:
         read = _source_reader(manifest)
     except Exception as exn:  # noqa: BLE001 - an old or foreign manifest: show the drops without pictures
         read, why = None, f"input not readable here ({_error_text(exn)})"
+    rewards = [r["name"] for r in manifest["rewards"]]
     out: dict[str, list[dict]] = {}
-    for (reason,), g in dropped.sort("key").group_by(["reason"], maintain_order=True):
-        items = []
-        for row in g.head(per_reason).iter_rows(named=True):
-            item = {k: row[k] for k in ("key", "caption", "detail", "source_shard")}
-            item["scores"] = {r: row[r] for r in [r["name"] for r in manifest["rewards"]] if row.get(r) is not None}
-            if read is None:
-                item["why"] = why
-            elif not row["image_member"] or row["image_offset"] is None or row["image_offset"] < 0:
-                item["why"] = "no image member"
-            else:
-                try:
-                    item["image"] = read(row["source_shard"], row["image_member"], row["image_offset"],
-                                         row["image_size"])
-                except Exception as exn:  # noqa: BLE001 - a moved or broken input: say so on the card
-                    item["why"] = f"input not readable ({_error_text(exn)})"
-            items.append(item)
-        out[reason] = items
-    return dict(sorted(out.items()))
+    for row in picked.iter_rows(named=True):
+        d = details.get((row["_file"], row["key"]), {})
+        item = {"key": row["key"], "caption": d.get("caption") or "", "detail": d.get("detail") or "",
+                "source_shard": d.get("source_shard") or "",
+                "scores": {r: row[r] for r in rewards if row.get(r) is not None}}
+        if read is None:
+            item["why"] = why
+        elif not d.get("image_member") or d.get("image_offset") is None or d["image_offset"] < 0:
+            item["why"] = "no image member"
+        else:
+            try:
+                item["image"] = read(d["source_shard"], d["image_member"], d["image_offset"], d["image_size"])
+            except Exception as exn:  # noqa: BLE001 - a moved or broken input: say so on the card
+                item["why"] = f"input not readable ({_error_text(exn)})"
+        out.setdefault(row["reason"], []).append(item)
+    return out
 
 
 def collect_filter_report(output_dir: str, manifest: dict, samples: int = 12, per_reason: int = 3,
@@ -214,7 +237,7 @@ def collect_filter_report(output_dir: str, manifest: dict, samples: int = 12, pe
         scores=scores, score_stats=_score_stats(scored, rewards), agreement=agreement,
         agreement_groups=agreement_groups, cutoffs=filter_cutoffs(manifest),
         kept_samples=_kept_samples(out, manifest, samples, findings) if samples else [],
-        dropped_samples=_dropped_samples(scores, manifest, per_reason if samples else 0),
+        dropped_samples=_dropped_samples(out, scores, manifest, per_reason if samples else 0),
         findings=findings, verified=verify_shards)
 
 
