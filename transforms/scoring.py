@@ -7,7 +7,9 @@ reward that raises loses only its own scores for that call (``scoring_error``, s
 ``score:<reward>``). Give a large judge its own group to run it in a step of its own, e.g. on
 its own accelerator. A unit is every candidate of one prompt (all generators, sorted by id), so
 judges that compare candidates (a pairwise VLM judge) see them all; a unit is never split across
-calls, so with ``units_per_call: 1`` scores do not depend on how a runner batches work.
+calls, so with ``units_per_call: 1`` scores do not depend on how a runner batches work. The first
+step to decode an image also computes the facts the candidate filters need (``image_facts``: hash,
+grey-level sd, flat share) and puts them on the ``Candidate``, so no pixels leave this step.
 """
 from __future__ import annotations
 
