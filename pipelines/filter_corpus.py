@@ -107,7 +107,8 @@ class FilterCorpus(beam.PTransform):
                   | "SpreadShards" >> beam.Reshuffle()
                   | "ScoreShards" >> beam.ParDo(ScoreShards(
                       cfg.rewards, cfg.input.max_pixels, cfg.input.batch_size, cfg.input.max_caption_chars,
-                      cfg.torch_threads, corpus_input, perceptual_hash=cfg.filter.near_duplicate_distance >= 0))
+                      cfg.torch_threads, corpus_input, perceptual_hash=cfg.filter.near_duplicate_distance >= 0,
+                      jpeg_draft=cfg.input.jpeg_draft))
                   .with_outputs(DROPPED, READ, main="scored"))
         drops = [scored[DROPPED]]
         keys = scored.scored | "DedupKeys" >> DedupKeys()

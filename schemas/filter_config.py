@@ -41,6 +41,10 @@ class CorpusInputConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS  # images declaring more pixels are dropped as too_many_pixels
     batch_size: int = 16  # images per scoring call inside one shard
     max_caption_chars: int = 0  # 0: no limit; longer captions are dropped as caption_too_long
+    # JPEGs decoded at 1/2..1/8 scale (libjpeg DCT scaling) when every reward first shrinks images to a
+    # fixed size (CLIP-style preprocessing: clip_score, laion_aesthetic, image_reward, hpsv2, vqascore),
+    # never below that size; scores move slightly. Otherwise full-size decoding (a warning says why).
+    jpeg_draft: bool = False
 
 
 @dataclass(frozen=True)

@@ -245,3 +245,31 @@ def test_fsspec_urls_for_tars_and_parquet_paths(tmp_path):
     result = filter_corpus(filter_config_from_dict(cfg))
     assert set(check_kept(tmp_path / "out", imgs, {k: f"caption of {k}" for k in imgs}, result["manifest"])) == \
         set(imgs)
+
+
+def test_jpeg_draft_only_when_every_reward_shrinks_images_first(tmp_path):
+    """A CLIP reward (tiny open_clip, 64 px input) allows 1/2..1/8-scale JPEG decoding; sharpness does not."""
+    from synpref.jobs.tiny_models import save_tiny_open_clip
+
+    clip = {"name": "clip_score", "params": {**save_tiny_open_clip(tmp_path / "clip"), "variant": "cosine"}}
+    imgs = images()
+    samples = {k: (data, f"caption of {k}".encode()) for k, data in imgs.items()}
+    samples["truncated"] = (imgs["p001"][: len(imgs["p001"]) // 2], b"half a photograph")
+    src = tmp_path / "in"
+    src.mkdir()
+    make_tar(src / "00000.tar", samples, gz=False)
+    runs = {}
+    for name, rewards, draft in (("full", [clip], False), ("draft", [clip], True),
+                                 ("with_sharpness", [clip, {"name": "sharpness"}], True)):
+        cfg = job(src, tmp_path / name, jpeg_draft=draft)
+        cfg["rewards"] = rewards
+        assert filter_corpus(filter_config_from_dict(cfg))["manifest"]["counts"]["samples"]["balanced"]
+        runs[name] = index_rows(tmp_path / name)
+    for rows in runs.values():
+        assert rows["truncated"]["reason"] == "corrupt_image"  # damaged data is still found at reduced scale
+        for k, data in imgs.items():  # the original size is recorded, not the decoded one
+            assert (rows[k]["width"], rows[k]["height"]) == Image.open(io.BytesIO(data)).size
+    full, draft = ({k: runs[n][k]["score_clip_score"] for k in imgs} for n in ("full", "draft"))
+    assert {k: runs["with_sharpness"][k]["score_clip_score"] for k in imgs} == full  # sharpness: full size
+    # close (here <= 0.002 of cosine, scores spread over 0.07) but not equal: the draft path was taken
+    assert all(abs(full[k] - draft[k]) < 0.005 for k in imgs) and any(full[k] != draft[k] for k in imgs)

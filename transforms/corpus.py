@@ -23,19 +23,20 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
+import logging
 import math
 import sys
-import tarfile
 from typing import Optional, Sequence
 
 import apache_beam as beam
 import fsspec
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import webdataset as wds
 from apache_beam.metrics import Metrics
+from PIL import Image
 
 from synpref.schemas.config import RewardConfig
 from synpref.schemas.records import CorpusRecord
@@ -54,6 +55,23 @@ DROPPED = "dropped"
 READ = "read"
 
 
+# preprocess_key()s that start by shrinking the image to ``key[1]`` pixels (the short side for a
+# centre crop, the long side for padding to a square), so a smaller decode changes their input little.
+_SHRINKING_KEYS = ("clip_center_crop", "clip_pad_square", "clip_expand2square")
+
+
+def draft_side(rewards) -> tuple[int, str]:
+    """(side, why): the short side a JPEG may be decoded down to for every reward (0 if some reward
+    reads pixels at full resolution, e.g. sharpness or resolution, with the reason)."""
+    sides = []
+    for r in rewards:
+        key = r.preprocess_key()
+        if not (isinstance(key, tuple) and len(key) > 1 and key[0] in _SHRINKING_KEYS and isinstance(key[1], int)):
+            return 0, f"reward {r.name} reads pixels at full resolution"
+        sides.append(key[1])
+    return max(sides), ""
+
+
 class LoadedRewards:
     def __init__(self, rewards):
         self.rewards = rewards
@@ -67,11 +85,12 @@ class ScoreShards(beam.DoFn):
 
     def __init__(self, rewards: Sequence[RewardConfig], max_pixels: int = DEFAULT_MAX_PIXELS, batch_size: int = 16,
                  max_caption_chars: int = 0, torch_threads: int = 1, corpus_input: Optional[CorpusInput] = None,
-                 perceptual_hash: bool = True):
+                 perceptual_hash: bool = True, jpeg_draft: bool = False):
         self.configs, self.max_pixels, self.batch_size = list(rewards), max_pixels, batch_size
         self.corpus_input = corpus_input or CorpusInput()
         # the dHash resizes the full image (about as costly as decoding it): only when near dedup needs it
         self.perceptual_hash = perceptual_hash
+        self.jpeg_draft, self.draft_side = jpeg_draft, 0
         self.max_caption_chars, self.torch_threads = max_caption_chars, torch_threads
         self.model: Optional[LoadedRewards] = None
 
@@ -82,6 +101,10 @@ class ScoreShards(beam.DoFn):
         if self.torch_threads and "torch" in sys.modules:
             sys.modules["torch"].set_num_threads(self.torch_threads)
         self.model = LoadedRewards(rewards)
+        if self.jpeg_draft:
+            self.draft_side, why = draft_side(rewards)
+            if not self.draft_side:
+                logging.getLogger("synpref.filter").warning("input.jpeg_draft: %s; decoding at full size", why)
 
     def _check(self, rec: CorpusRecord, members: dict, problem):
         """A record with its image decoded, or the record dropped with a reason."""
@@ -116,10 +139,11 @@ class ScoreShards(beam.DoFn):
                 return rec.drop("invalid_metadata", "read", f"json is a {type(meta).__name__}, not an object"), None
             rec = dataclasses.replace(rec, metadata=text)
         try:
-            image = decode_image(data, self.max_pixels)
+            image = decode_image(data, self.max_pixels, draft_min_side=self.draft_side)
         except ImageDecodeError as e:
             return rec.drop(e.reason, "decode", e.detail), None
-        return dataclasses.replace(rec, width=image.width, height=image.height,
+        width, height = Image.open(io.BytesIO(data)).size if self.draft_side else image.size  # the original's
+        return dataclasses.replace(rec, width=width, height=height,
                                    dhash=dhash(image) if self.perceptual_hash else ""), image
 
     def _score(self, batch: list):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 import warnings
 from typing import Any
@@ -37,11 +38,15 @@ class ImageDecodeError(ValueError):
 
 
 def decode_image(
-    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, mode: str = "RGB", formats: tuple[str, ...] = IMAGE_FORMATS
+    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, mode: str = "RGB", formats: tuple[str, ...] = IMAGE_FORMATS,
+    draft_min_side: int = 0,
 ) -> Image.Image:
     """Decode image bytes to a loaded PIL image in ``mode``.
 
     PIL's own bomb guard (``Image.MAX_IMAGE_PIXELS``, ~89 MP) still applies on top of ``max_pixels``.
+    ``draft_min_side`` > 0: a JPEG is decoded at the smallest of 1/2, 1/4, 1/8 scale (libjpeg's DCT
+    scaling, PIL's ``draft``; several times faster) whose shorter side is still >= that many pixels.
+    The whole entropy-coded stream is still read, so damaged data is still ``corrupt_image``.
 
     Raises:
         ImageDecodeError: ``too_many_pixels`` (checked from the header, before decoding),
@@ -56,6 +61,9 @@ def decode_image(
             w, h = img.size
             if w * h > max_pixels:
                 raise ImageDecodeError("too_many_pixels", f"{w}x{h} = {w * h} pixels > limit {max_pixels}")
+            if draft_min_side > 0 and img.format == "JPEG" and min(w, h) >= 2 * draft_min_side:
+                scale = draft_min_side / min(w, h)  # draft keeps both sides >= the size asked for
+                img.draft(mode, (math.ceil(w * scale), math.ceil(h * scale)))
             img.load()
             return img.convert(mode) if img.mode != mode else img
     except ImageDecodeError:
