@@ -1,7 +1,12 @@
 """``synpref filter`` throughput against the I/O limit, and its peak memory at 1x and 4x the corpus.
 
     python bench/bench_filter_corpus.py [--samples 400] [--per-shard 100] [--reward sharpness] [--repeats 3]
-                                        [--mem-scale 4] [--skip-memory] [--skip-throughput] [--workdir DIR]
+                                        [--max-side 512] [--jpeg-draft] [--mem-scale 4] [--skip-memory]
+                                        [--skip-throughput] [--workdir DIR]
+
+``--reward tiny_clip`` scores with ``clip_score`` on a tiny random open_clip (64 px input, built here),
+the case where ``--jpeg-draft`` (``input.jpeg_draft``) applies; ``--max-side 1024`` makes images more
+like un-resized web originals.
 
 The corpus is synthetic but in img2dataset's exact WebDataset layout: ``NNNNN.tar`` shards of
 ``<key>.jpg`` / ``<key>.txt`` / ``<key>.json`` (img2dataset's fields), with the per-shard Parquet and
@@ -54,11 +59,11 @@ def _photos() -> list[np.ndarray]:
     return out
 
 
-def _image(i: int, rng: np.random.Generator, photos: list[np.ndarray]) -> bytes:
-    """A distinct JPEG: a random crop of a photograph (3 of 4) or a generated pattern, 256-512 px long side."""
+def _image(i: int, rng: np.random.Generator, photos: list[np.ndarray], max_side: int = 512) -> bytes:
+    """A distinct JPEG: a random crop of a photograph (3 of 4) or a generated pattern, 256-max_side px long side."""
     from PIL import Image
 
-    long_side = int(rng.integers(256, 513))
+    long_side = int(rng.integers(256, max_side + 1))
     if i % 4 != 3:
         p = photos[i % len(photos)]
         h, w = p.shape[:2]
@@ -82,7 +87,7 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes):
     tar.addfile(info, io.BytesIO(data))
 
 
-def build_corpus(root: str, n: int, per_shard: int, seed: int = 0) -> int:
+def build_corpus(root: str, n: int, per_shard: int, seed: int = 0, max_side: int = 512) -> int:
     """img2dataset's layout: shards of <key>.jpg/.txt/.json + per-shard parquet + _stats.json. Returns bytes."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -94,7 +99,7 @@ def build_corpus(root: str, n: int, per_shard: int, seed: int = 0) -> int:
         with tarfile.open(f"{root}/{shard:05d}.tar", "w") as tar:
             for i in range(s, min(n, s + per_shard)):
                 key = f"{shard:05d}{i - s:04d}"
-                data = _image(i, rng, photos)
+                data = _image(i, rng, photos, max_side)
                 caption = f"sample {i}: a photograph or pattern number {i % 97}"
                 meta = {"url": f"https://example.com/{key}.jpg", "key": key, "status": "success",
                         "error_message": None, "width": 0, "height": 0, "caption": caption, "exif": "{}",
@@ -109,11 +114,20 @@ def build_corpus(root: str, n: int, per_shard: int, seed: int = 0) -> int:
     return sum(os.path.getsize(f"{root}/{p}") for p in os.listdir(root) if p.endswith(".tar"))
 
 
-def job_config(source: str, out: str, reward: str, per_shard: int):
+def reward_spec(name: str, work: str) -> dict:
+    """The reward config: a registry name, or ``tiny_clip`` (clip_score on a tiny open_clip saved under work)."""
+    if name != "tiny_clip":
+        return {"name": name, "params": {}}
+    from synpref.jobs.tiny_models import save_tiny_open_clip
+
+    return {"name": "clip_score", "params": {**save_tiny_open_clip(f"{work}/tiny_clip"), "variant": "cosine"}}
+
+
+def job_config(source: str, out: str, spec: dict, per_shard: int, jpeg_draft: bool = False):
     from synpref.schemas.filter_config import filter_config_from_dict
 
-    return filter_config_from_dict({"input": {"source": [source], "batch_size": 16},
-                                    "rewards": [{"name": reward}], "filter": {"dedup": "exact"},
+    return filter_config_from_dict({"input": {"source": [source], "batch_size": 16, "jpeg_draft": jpeg_draft},
+                                    "rewards": [spec], "filter": {"dedup": "exact"},
                                     "output": {"output_dir": out, "samples_per_shard": per_shard}})
 
 
@@ -132,7 +146,7 @@ def samples_counts(counts: dict) -> dict:
     return counts.get("samples", counts)  # the ledger's sample level (older manifests: flat)
 
 
-def io_baseline(source: str, out: str, reward=None) -> tuple[float, float, int]:
+def io_baseline(source: str, out: str, reward=None, draft: int = 0) -> tuple[float, float, int]:
     """The I/O limit: read every member of every shard and write it to a new tar, nothing else.
 
     With ``reward``: also decode every image (``decode_image``, as the job does) and score it: the
@@ -148,7 +162,7 @@ def io_baseline(source: str, out: str, reward=None) -> tuple[float, float, int]:
             for info in src:
                 data = src.extractfile(info).read()
                 if reward is not None and info.name.endswith(".jpg"):
-                    reward.score_batch([decode_image(data)], [""])
+                    reward.score_batch([decode_image(data, draft_min_side=draft)], ["a caption"])
                 dst.addfile(info, io.BytesIO(data))
                 n += info.name.endswith(".jpg")
     return time.perf_counter() - t0, time.process_time() - c0, n
@@ -161,18 +175,21 @@ def throughput(args, work: str) -> dict:
     for h in logging.getLogger().handlers:
         h.addFilter(_BeamNoise())
     corpus = f"{work}/corpus"
-    size = build_corpus(corpus, args.samples, args.per_shard)
+    size = build_corpus(corpus, args.samples, args.per_shard, max_side=args.max_side)
     warm = f"{work}/warm"
     build_corpus(warm, 8, 8, seed=1)
-    run_job(job_config(warm, f"{work}/warm_out", args.reward, args.per_shard))  # imports, reward load
+    spec = reward_spec(args.reward, work)
+    run_job(job_config(warm, f"{work}/warm_out", spec, args.per_shard, args.jpeg_draft))  # imports, reward load
+    from synpref.transforms.corpus import draft_side
     from synpref.transforms.rewards import create_reward
 
-    reward = create_reward(args.reward, {})
+    reward = create_reward(spec["name"], spec["params"])
     reward.load()
+    draft = draft_side([reward])[0] if args.jpeg_draft else 0
     jobs, loops, decode_loops = [], [], []
     for r in range(args.repeats):
         out = f"{work}/out_{r}"
-        wall, cpu, counts = run_job(job_config(corpus, out, args.reward, args.per_shard))
+        wall, cpu, counts = run_job(job_config(corpus, out, spec, args.per_shard, args.jpeg_draft))
         c = samples_counts(counts)
         assert c["balanced"] and c["in"] == args.samples, c
         jobs.append((wall, cpu, c))
@@ -180,11 +197,12 @@ def throughput(args, work: str) -> dict:
         t, _, n = io_baseline(corpus, f"{work}/loop_{r}")
         assert n == args.samples
         loops.append(t)
-        decode_loops.append(io_baseline(corpus, f"{work}/loop_{r}", reward)[:2])
+        decode_loops.append(io_baseline(corpus, f"{work}/loop_{r}", reward, draft)[:2])
         shutil.rmtree(f"{work}/loop_{r}", ignore_errors=True)
     wall, cpu, c = min(jobs, key=lambda j: j[0])
     loop, (decode_loop, decode_cpu) = min(loops), min(decode_loops)
     return {"samples": args.samples, "corpus_mb": round(size / 2**20, 1), "reward": args.reward,
+            "max_side": args.max_side, "jpeg_draft_side": draft,
             "job_s": round(wall, 3), "job_cpu_s": round(cpu, 3), "loop_s": round(loop, 3),
             "job_samples_per_s": round(args.samples / wall, 1), "loop_samples_per_s": round(args.samples / loop, 1),
             "ratio": round(loop / wall, 3), "samples_per_cpu_s": round(args.samples / cpu, 1),
@@ -205,10 +223,11 @@ def child_main(args) -> None:
     import synpref.pipelines.filter_corpus  # noqa: F401
     from synpref.transforms.rewards import create_reward
 
-    create_reward(args.reward, {}).load()
+    spec = json.loads(args.spec)
+    create_reward(spec["name"], spec["params"]).load()
     reset = _reset_peak_rss()
     before = _proc_status_mb("VmRSS")
-    wall, _, counts = run_job(job_config(args.source, args.out, args.reward, args.per_shard))
+    wall, _, counts = run_job(job_config(args.source, args.out, spec, args.per_shard, args.jpeg_draft))
     print("BENCH_CHILD " + json.dumps({"samples": samples_counts(counts)["in"], "wall_s": round(wall, 2),
                                        "peak_reset": reset, "rss_before_mb": round(before, 1),
                                        "peak_rss_mb": round(_peak_mb(), 1)}), flush=True)
@@ -216,12 +235,14 @@ def child_main(args) -> None:
 
 def memory(args, work: str) -> list[dict]:
     rows = []
+    spec = json.dumps(reward_spec(args.reward, work))
     for scale in (1, args.mem_scale):
         n = args.samples * scale
         corpus = f"{work}/mem_{scale}"
-        build_corpus(corpus, n, args.per_shard, seed=2)
+        build_corpus(corpus, n, args.per_shard, seed=2, max_side=args.max_side)
         cmd = [sys.executable, os.path.abspath(__file__), "--child", "--source", corpus, "--out",
-               f"{work}/mem_out_{scale}", "--reward", args.reward, "--per-shard", str(args.per_shard)]
+               f"{work}/mem_out_{scale}", "--spec", spec, "--per-shard", str(args.per_shard)]
+        cmd += ["--jpeg-draft"] if args.jpeg_draft else []
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("BENCH_CHILD ")), None)
         if line is None:
@@ -237,7 +258,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", type=int, default=400)
     p.add_argument("--per-shard", type=int, default=100)
-    p.add_argument("--reward", default="sharpness", help="a cheap registry reward: sharpness, resolution ...")
+    p.add_argument("--reward", default="sharpness", help="a cheap registry reward (sharpness, resolution ...) "
+                   "or tiny_clip")
+    p.add_argument("--max-side", type=int, default=512, help="images' long side is drawn from 256..this")
+    p.add_argument("--jpeg-draft", action="store_true", help="input.jpeg_draft (applies to tiny_clip)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--mem-scale", type=int, default=4)
     p.add_argument("--skip-memory", action="store_true")
@@ -245,6 +269,7 @@ def parse_args(argv=None):
     p.add_argument("--workdir", default=None)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--source", help=argparse.SUPPRESS)
+    p.add_argument("--spec", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -265,7 +290,7 @@ def main(argv=None) -> int:
     print(f"== bench_filter_corpus ({os.cpu_count()} CPUs visible; same-run ratios only) ==")
     if tp:
         print(f"corpus      {tp['samples']} samples, {tp['corpus_mb']} MB of tar, img2dataset layout, "
-              f"reward {tp['reward']}")
+              f"reward {tp['reward']}, long side 256-{tp['max_side']} px, jpeg draft side {tp['jpeg_draft_side']}")
         print(f"filter job  {tp['job_s']} s wall ({tp['job_samples_per_s']} samples/s), {tp['job_cpu_s']} s CPU "
               f"-> {tp['samples_per_cpu_s']} samples/s per core; written {tp['written']}")
         print(f"I/O loop    {tp['loop_s']} s ({tp['loop_samples_per_s']} samples/s): read + rewrite the same tars")
