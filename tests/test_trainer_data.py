@@ -1,5 +1,6 @@
 """Trainer data sources: pairs shards, Pick-a-Pic parquet, pair-agreement masks and per-process shares."""
 import io
+import itertools
 import json
 
 import numpy as np
@@ -347,3 +348,35 @@ def test_prefetch_takes_exactly_count_items_with_their_snapshots_and_raises_erro
     assert [next(it) for _ in range(4)] == [(0, 1), (1, 2), (2, 3), (3, 4)]
     with pytest.raises(ValueError, match="bad shard"):
         next(it)
+
+
+def test_proportion_empty_prompts_is_a_seeded_share_per_epoch_independent_of_processes_and_resume(tmp_path):
+    paths, _ = ranked_shards(tmp_path, 1, per_shard=100)
+
+    def emptied(epochs=2, **kw):
+        reader = RankedShards(paths, resolution=8, empty_prompt_rate=0.2, **kw)
+        return [{it.prompt_id for it in reader if it.prompt == ""} for _ in range(epochs)]
+
+    e0, e1 = emptied(empty_prompt_seed=1)
+    assert 10 <= len(e0) <= 30 and 10 <= len(e1) <= 30  # 20% of 100 (binomial sd 4)
+    assert e0 != e1  # drawn again every epoch, as diffusers' random draw per sample
+    assert emptied(empty_prompt_seed=1) == [e0, e1]  # same seed, same choice
+    assert emptied(empty_prompt_seed=2)[0] != e0
+    # the same prompts whatever the split between processes or the shuffle order
+    by_rank = [emptied(empty_prompt_seed=1, rank=r, world_size=2, shuffle_seed=9) for r in (0, 1)]
+    assert [a | b for a, b in zip(*by_rank)] == [e0, e1]
+    # and after a resume in the middle of epoch 1
+    first = RankedShards(paths, resolution=8, empty_prompt_rate=0.2, empty_prompt_seed=1)
+    list(first)
+    it = iter(first)
+    seen = {item.prompt_id for item in itertools.islice(it, 37) if item.prompt == ""}
+    resumed = RankedShards(paths, resolution=8, empty_prompt_rate=0.2, empty_prompt_seed=1)
+    resumed.load_state_dict(first.state_dict())
+    assert seen | {item.prompt_id for item in resumed if item.prompt == ""} == e1
+    # untouched prompts keep their text; off by default
+    assert all(item.prompt == f"prompt {item.prompt_id}" for item in RankedShards(paths, resolution=8))
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="proportion_empty_prompts must be in"):
+            TrainConfig(pretrained_model="m", shards=["x"], output_dir="o", proportion_empty_prompts=bad)
+    assert open_dataset(TrainConfig(pretrained_model="m", shards=paths, output_dir="o", seed=1,
+                                    proportion_empty_prompts=0.2)).empty_prompt_rate == 0.2

@@ -294,3 +294,10 @@ def test_caches_give_the_same_losses_for_sdxl_and_sd3(family, shard_dir, tmp_pat
     assert len(runs[0]["losses"]) == 4 and all(math.isfinite(x) for x in runs[0]["losses"])
     assert all(abs(x - y) < 1e-6 for x, y in zip(runs[0]["losses"], runs[1]["losses"]))
     assert runs[1]["cache"]["vae_images_encoded"] == 8 and runs[1]["cache"]["prompts_encoded"] == 3
+
+
+def test_empty_prompts_reach_the_text_encoder(model_dir, shard_dir, tmp_path):
+    # proportion_empty_prompts 1: every prompt is "", so the text cache encodes exactly one prompt
+    summary = train(config(model_dir, [shard_dir / "ranked-00000.tar"], tmp_path, max_steps=2,
+                           cache_text_embeddings=True, proportion_empty_prompts=1.0))
+    assert summary["steps"] == 2 and summary["cache"]["prompts_encoded"] == 1

@@ -25,6 +25,7 @@ are read as raw bytes and dropped (the shuffle buffer needs them to reproduce th
 from __future__ import annotations
 
 import glob
+import hashlib
 import itertools
 import json
 import logging
@@ -323,6 +324,8 @@ class _Reader:
         process_index, num_processes: older names of ``rank``/``world_size`` (accepted, same meaning).
         max_image_pixels: larger images skip their sample as ``too_many_pixels`` (decompression bombs).
         min_pair_agreement: ``None`` or the agreement at or below which pairs leave the loss.
+        empty_prompt_rate, empty_prompt_seed: the share of items whose prompt becomes ``""`` (see
+            ``drops_prompt``), and the seed of that draw.
 
     Attributes:
         urls: the resolved shard list (all processes').
@@ -344,6 +347,8 @@ class _Reader:
         num_processes: int | None = None,
         max_image_pixels: int = DEFAULT_MAX_PIXELS,
         min_pair_agreement: float | None = None,
+        empty_prompt_rate: float = 0.0,
+        empty_prompt_seed: int = 0,
     ):
         rank = rank if process_index is None else process_index
         world_size = world_size if num_processes is None else num_processes
@@ -357,6 +362,8 @@ class _Reader:
         self.world_size = world_size
         self.max_image_pixels = max_image_pixels
         self.min_pair_agreement = min_pair_agreement
+        self.empty_prompt_rate = empty_prompt_rate
+        self.empty_prompt_seed = empty_prompt_seed
         self.skipped: Counter[str] = Counter()
         self._epoch = 0  # the epoch the next iter() starts
         self._skip = 0  # raw samples the next iter() drops undecoded (set by load_state_dict)
@@ -428,11 +435,14 @@ class _Reader:
     def _decode(self, sample: dict) -> RankedItem | None:
         self._position["samples"] += 1
         try:
-            return self.decode(sample)
+            item = self.decode(sample)
         except BadSample as exn:
             self.skipped[exn.reason] += 1
             logger.warning("skipping sample %s from %s: %s", sample.get("__key__"), sample.get("__url__"), exn)
             return None
+        if drops_prompt(self.empty_prompt_seed, self._position["epoch"], item.prompt_id, self.empty_prompt_rate):
+            item.prompt = ""
+        return item
 
     def _corrupt_shard(self, exn: Exception) -> bool:
         if self._replaying:  # already counted (and restored from the checkpoint)
@@ -440,6 +450,18 @@ class _Reader:
         self.skipped["corrupt_shard"] += 1
         logger.warning("skipping the rest of a corrupt shard: %r", exn)
         return True
+
+
+def drops_prompt(seed: int, epoch: int, prompt_id: str, rate: float) -> bool:
+    """Whether this prompt trains unconditionally (empty prompt) in this epoch: true for a ``rate`` share.
+
+    A hash of (seed, epoch, prompt id), not a random stream, so the choice does not depend on the order
+    samples are read in, on how they are split between processes, or on where a run resumed.
+    """
+    if rate <= 0.0:
+        return False
+    digest = hashlib.sha256(f"{seed}:{epoch}:{prompt_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64 < rate
 
 
 class RankedShards(_Reader):
@@ -527,6 +549,8 @@ def open_dataset(config, rank: int = 0, world_size: int = 1) -> _Reader:
         world_size=world_size,
         max_image_pixels=config.max_image_pixels,
         min_pair_agreement=config.min_pair_agreement,
+        empty_prompt_rate=config.proportion_empty_prompts,
+        empty_prompt_seed=config.seed,
     )
 
 

@@ -89,7 +89,7 @@ RESUME_FREE_FIELDS = {
     "eval_every", "eval_prompts", "eval_rewards", "eval_seed", "eval_steps", "eval_resolution", "eval_guidance_scale",
 }
 # Fields added later: left out of the config key at their default, so older checkpoints still resume.
-NEW_FIELD_DEFAULTS = {"use_8bit_adam": False, "finetune": "lora"}
+NEW_FIELD_DEFAULTS = {"use_8bit_adam": False, "finetune": "lora", "proportion_empty_prompts": 0.0}
 TRACKER_PROJECT = "synpref_train"
 
 
