@@ -110,6 +110,27 @@ def test_parquet_with_relative_paths_and_a_missing_file(tmp_path):
     assert json.loads(kept["g001"]["json"])["image_path"] == "images/g001.jpg"
 
 
+def test_parquet_with_a_hugging_face_image_column_and_odd_values(tmp_path):
+    imgs = images()
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "g001.jpg").write_bytes(imgs["g001"])
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    table = pa.table({
+        "key": ["p000", "g001", "strange"],
+        "caption": ["caption of p000", "caption of g001", "an image column of the wrong type"],
+        "image": pa.array([{"bytes": imgs["p000"], "path": None}, {"bytes": None, "path": "images/g001.jpg"},
+                           {"bytes": None, "path": None}], type=image_type)})
+    pq.write_table(table, tmp_path / "hf.parquet")
+    text_image = pa.table({"key": ["text_image"], "caption": ["c"], "image": ["not bytes at all"]})
+    pq.write_table(text_image, tmp_path / "odd.parquet")
+    out = tmp_path / "out"
+    result = filter_corpus(filter_config_from_dict(job(tmp_path, out, parquet={"image_column": "image"})))
+    idx = index_rows(out)
+    assert (idx["strange"]["reason"], idx["text_image"]["reason"]) == ("missing_image", "not_an_image")
+    kept = check_kept(out, imgs, {k: f"caption of {k}" for k in imgs}, result["manifest"])
+    assert set(kept) == {"p000", "g001"}
+
+
 def make_tar(path, samples: dict[str, tuple[bytes, bytes]], gz: bool):
     with (gzip.GzipFile(path, "wb", mtime=0) if gz else open(path, "wb")) as raw, tarfile.open(fileobj=raw, mode="w") as t:
         for key in sorted(samples):

@@ -262,6 +262,8 @@ class ParquetSource(CorpusSource):
         if isinstance(value, dict):  # Hugging Face datasets' Image feature
             value, path = value.get("bytes"), path or value.get("path")
         if value is not None:
+            if not isinstance(value, (bytes, bytearray, memoryview)):
+                return None, "", f"column {self.image_column!r} holds a {type(value).__name__}, not image bytes"
             data = bytes(value)
             return data, _sniff_suffix(data) or self._default_suffix(path), ""
         if not path:
@@ -299,11 +301,14 @@ class ParquetSource(CorpusSource):
                         data, suffix, why = self._image(row, url)
                         if data is not None:
                             members[suffix] = (data, offset, len(data))
+                        elif why.startswith("column "):
+                            problem = ("not_an_image", why)
                         elif why != "no image bytes and no path":
                             problem = ("unreadable_image_path", why)
                         caption = row.get(self.caption_column)
                         if caption is not None:
-                            raw = caption.encode("utf-8") if isinstance(caption, str) else bytes(caption)
+                            raw = bytes(caption) if isinstance(caption, (bytes, bytearray)) else \
+                                str(caption).encode("utf-8")
                             members["txt"] = (raw, -1, len(raw))
                         meta = {k: _json_value(v) for k, v in row.items()
                                 if k != self.image_column and not isinstance(v, (bytes, bytearray))}
