@@ -14,7 +14,8 @@ The math is in ``losses.py``.
 Several processes: ``accelerate launch --num_processes N -m synpref.training.train --config ...`` on
 GPUs; on CPU ``ACCELERATE_USE_CPU=true torchrun --standalone --nproc_per_node N -m synpref.training.train
 --config ...`` (gloo; ``accelerate launch --cpu`` starts a single process with accelerate 1.x).
-Each process reads and decodes only its share of the data; DDP all-reduces the LoRA gradients.
+Each process reads and decodes only its share of the data (one step ahead, in a background thread); DDP
+all-reduces the LoRA gradients. Logged values reach the host once per optimiser step.
 """
 from __future__ import annotations
 
@@ -493,7 +494,6 @@ def train(config: TrainConfig) -> dict:
 
     # the micro-batches still to train on, read and decoded by a background thread one step ahead; each comes
     # with the data position just after it (what a checkpoint saved after that micro-batch resumes from)
-
     data_position = position()
     fetched = prefetch(batches, (config.max_steps - len(losses)) * gas, position)
     step_sums = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # loss + METRICS, / gas, this step
