@@ -199,6 +199,7 @@ class RankedCandidate:
     phi: float
     scores: dict[str, float]
     lineage: Lineage
+    dhash: str = ""  # the candidate's difference hash (16 hex digits), for pair-level near duplicates
 
     def to_json(self, image_name: str) -> dict[str, Any]:
         return {

@@ -224,3 +224,20 @@ def test_build_with_selection_and_near_duplicates_balances_its_pair_ledger(demo_
     assert pairs["balanced"], pairs
     assert pairs["dropped"].get("not_selected", 0) > 0, pairs
     assert pairs["written"] <= 4 * 6  # top 2 x bottom 2 of 4 candidates, 6 prompts
+
+
+def test_near_duplicate_pairs_use_the_hash_the_scoring_step_stored():
+    """The candidates carry their difference hash from scoring: no staged image is decoded again (these
+    URIs do not exist), and the planted hashes decide: c1/c2 differ in 2 bits, every other pair in >= 30."""
+    import dataclasses
+
+    hashes = {"c1": "0f0f0f0f0f0f0f0f", "c2": "0f0f0f0f0f0f0f0c", "c3": "f0f0f0f0f0f0f0f0", "c4": "00ff00ff00ff00ff"}
+    assert bin(int(hashes["c1"], 16) ^ int(hashes["c2"], 16)).count("1") == 2
+    group = hand_group(4)
+    group = dataclasses.replace(group, candidates=tuple(
+        dataclasses.replace(c, image_uri=f"/nonexistent/{c.candidate_id}.png", dhash=hashes[c.candidate_id])
+        for c in group.candidates))
+    with TestPipeline() as p:
+        out = p | beam.Create([group]) | FilterPairs(FilterConfig(near_duplicate_distance=2))
+        assert_that(out["dropped"] | "D" >> beam.Map(lambda d: (d.reason, d.record_id)),
+                    equal_to([("near_duplicate_pair", "c1__c2")]), label="drops")

@@ -40,13 +40,12 @@ from PIL import Image
 
 from synpref.schemas.config import RewardConfig
 from synpref.schemas.records import CorpusRecord
-from synpref.transforms.corpus_sources import (SHARD_KEY, CorpusInput, iter_raw_samples, list_shards,  # noqa: F401
-                                               read_range)
+from synpref.transforms.corpus_sources import SHARD_KEY, CorpusInput
 from synpref.transforms.fileio import AtomicFile
 from synpref.transforms.generation import error_line
 from synpref.transforms.imageio import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageDecodeError, check_member_name, \
     decode_image
-from synpref.transforms.perceptual_hash import dhash_hex as dhash  # 16 hex digits
+from synpref.transforms.perceptual_hash import dhash_hex as dhash, hamming  # dhash: 16 hex digits
 from synpref.transforms.rewards import create_reward
 from synpref.transforms.scoring import score_ensemble
 from synpref.transforms.writing import TAR_MTIME
@@ -236,7 +235,7 @@ def _near_pairs(element, max_distance: int):
     members = sorted(set(members))
     for i, (k1, h1) in enumerate(members):
         for k2, h2 in members[i + 1:]:
-            d = bin(int(h1, 16) ^ int(h2, 16)).count("1")
+            d = hamming(h1, h2)
             if k2 != k1 and d <= max_distance:
                 yield k2, (k1, d)  # k2 > k1: the larger key is the one that goes
 

@@ -66,9 +66,11 @@ def select_pair(pair: PreferencePair, ranks: dict[str, int], n: int, cfg: Filter
 
 
 def _group_hashes(group: RankedGroup) -> dict[str, int]:
+    """Each candidate's difference hash: the one the scoring step stored, else from the staged image."""
     from synpref.transforms.staging import load_staged_image
 
-    return {c.candidate_id: dhash(load_staged_image(c.image_uri)) for c in group.candidates}
+    return {c.candidate_id: int(c.dhash, 16) if c.dhash else dhash(load_staged_image(c.image_uri))
+            for c in group.candidates}
 
 
 class _FilterPairs(beam.DoFn):

@@ -71,7 +71,7 @@ def rank_candidates(prompt: PromptRecord, candidates: Sequence[Candidate], rewar
         RankedCandidate(candidate_id=ids[i], image_uri=candidates[i].image_uri,
                         image_sha256=candidates[i].image_sha256, rank=r + 1, phi=float(phi[i]),
                         scores={name: float(scores[i, j]) for j, name in enumerate(rewards)},
-                        lineage=candidates[i].lineage)
+                        lineage=candidates[i].lineage, dhash=candidates[i].dhash)
         for r, i in enumerate(order))
     pairs = tuple(
         PreferencePair(prompt_id=prompt.prompt_id, winner_id=ids[w], loser_id=ids[l], phi_winner=float(phi[w]),
