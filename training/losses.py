@@ -109,13 +109,16 @@ def rankdpo_loss_batched(
     model_err: torch.Tensor,
     ref_err: torch.Tensor,
     phi: torch.Tensor,
-    label_rank: torch.Tensor,
+    label_rank: torch.Tensor | None,
     group: torch.Tensor,
     beta: float,
     discount_rank: Literal["label", "model"] = "label",
     pair_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean over prompts of ``rankdpo_loss`` for a flat batch with variable k per prompt.
+
+    The same terms as calling ``rankdpo_loss`` per prompt, computed on the whole [N, N] pair grid at once
+    (pairs across prompts masked out), so the cost does not grow with a Python loop over prompts.
 
     Args:
         model_err, ref_err, phi, label_rank: per-image values of all prompts, shape [N].
@@ -126,12 +129,35 @@ def rankdpo_loss_batched(
     Returns:
         Scalar: per-prompt sums averaged over the B prompts (PAPER_NOTES s.2, "Reduction").
     """
-    per_prompt = [
-        rankdpo_loss(model_err[m], ref_err[m], phi[m], label_rank[m], beta, discount_rank,
-                     None if pair_mask is None else pair_mask[m][:, m])
-        for m in (group == g for g in torch.unique(group))
-    ]
-    return torch.stack(per_prompt).mean()
+    if discount_rank not in DISCOUNT_RANKS:
+        raise ValueError(f"discount_rank must be one of {list(DISCOUNT_RANKS)}, got {discount_rank!r}")
+    if model_err.dim() != 1 or not model_err.shape == ref_err.shape == phi.shape == group.shape:
+        raise ValueError(
+            f"model_err, ref_err, phi and group must be 1-D of equal length N, got shapes {tuple(model_err.shape)}, "
+            f"{tuple(ref_err.shape)}, {tuple(phi.shape)}, {tuple(group.shape)}"
+        )
+    s = model_err - ref_err  # [N]
+    same_prompt = group[:, None] == group[None, :]  # [N, N]
+    if discount_rank == "label":
+        if label_rank is None or label_rank.shape != s.shape:
+            raise ValueError("discount_rank='label' needs label_rank of the same shape as phi")
+        tau = label_rank
+    else:  # model_rank within each prompt: 1 + images of the prompt with lower s (ties: lower index first)
+        d = s.detach()
+        index = torch.arange(len(s), device=s.device)
+        before = (d[None, :] < d[:, None]) | ((d[None, :] == d[:, None]) & (index[None, :] < index[:, None]))
+        tau = 1 + (same_prompt & before).sum(dim=1)
+    gain = torch.pow(2.0, phi.to(s.dtype)) - 1  # [N]
+    inv_discount = 1.0 / torch.log1p(tau.to(s.dtype))  # [N]
+    delta = (gain[:, None] - gain[None, :]).abs() * (inv_discount[:, None] - inv_discount[None, :]).abs()  # [N, N]
+    wins = same_prompt & (phi[:, None] > phi[None, :])  # row w beats column l, same prompt
+    if pair_mask is not None:
+        wins = wins & pair_mask.to(wins.device)
+    pair_loss = -delta * F.logsigmoid(-beta * (s[:, None] - s[None, :]))  # [N, N]
+    per_image = torch.where(wins, pair_loss, torch.zeros_like(pair_loss)).sum(dim=1)  # [N]: pairs it wins
+    prompts, slot = torch.unique(group, return_inverse=True)
+    per_prompt = torch.zeros(len(prompts), dtype=s.dtype, device=s.device).index_add(0, slot, per_image)
+    return per_prompt.mean()
 
 
 def preference_pairs(
