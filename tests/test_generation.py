@@ -59,9 +59,9 @@ def test_models_load_from_fsspec_urls_through_a_local_cache(demo_models, tmp_pat
 def test_missing_models_and_unknown_types_fail_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match="memory:///nope"):
         local_copy("memory:///nope", str(tmp_path))
-    with pytest.raises(ValueError, match=r"unknown generator type 'comfy'; available: \['diffusers', 'procedural'\]"):
+    with pytest.raises(ValueError, match=r"unknown generator type 'comfy'; available: \['diffusers', 'procedural'"):
         create_generator(GeneratorConfig(id="x", model="m", type="comfy"))
-    assert "diffusers" in available_generators()
+    assert "diffusers" in available_generators()  # tests may register more (test_candidate_filters does)
 
 
 def test_a_missing_model_fails_before_the_pipeline_starts(demo_models, tmp_path):
