@@ -24,6 +24,7 @@ import fsspec
 from apache_beam.options.pipeline_options import PipelineOptions
 
 import synpref
+from synpref import progress
 from synpref.schemas.filter_config import FilterJobConfig, filter_config_to_dict, load_filter_config
 from synpref.transforms.accounting import CountDrops, ledger
 from synpref.transforms.corpus import (DROPPED, READ, ApplyFilters, DedupExact, DedupKeys, DedupNear,
@@ -108,7 +109,7 @@ class FilterCorpus(beam.PTransform):
                   | "ScoreShards" >> beam.ParDo(ScoreShards(
                       cfg.rewards, cfg.input.max_pixels, cfg.input.batch_size, cfg.input.max_caption_chars,
                       cfg.torch_threads, corpus_input, perceptual_hash=cfg.filter.near_duplicate_distance >= 0,
-                      jpeg_draft=cfg.input.jpeg_draft))
+                      jpeg_draft=cfg.input.jpeg_draft, total_shards=len(self.shards)))
                   .with_outputs(DROPPED, READ, main="scored"))
         drops = [scored[DROPPED]]
         keys = scored.scored | "DedupKeys" >> DedupKeys()
@@ -168,6 +169,7 @@ def filter_corpus(cfg: FilterJobConfig, pipeline_args: Optional[list[str]] = Non
     if fs.exists(manifest_path):
         fs.rm(manifest_path)  # while files are rewritten, nothing claims they are done
     options = PipelineOptions(list(cfg.beam_options) + list(pipeline_args or []), save_main_session=False)
+    progress.reset()  # in-process runners share trackers: start each job's counts at zero
     start = time.monotonic()
     p = beam.Pipeline(options=options)
     _ = p | "FilterCorpus" >> FilterCorpus(cfg, shards, manifest_header(cfg, shards))

@@ -261,3 +261,17 @@ def test_config_mistakes_are_one_line_errors(corpus, tmp_path, capsys):
     assert main(["filter", "--config", str(cfg), "--set", "filter.thresholds=[]",
                  "--set", f"input.source={tmp_path}/nothing"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_progress_lines_count_shards_and_samples(corpus, tmp_path, caplog):
+    """People watch long jobs: the score step logs shards done of the total (with time left) and samples read."""
+    import logging
+
+    from synpref.transforms.corpus_sources import CorpusInput
+
+    n_shards = len(CorpusInput().list_units([str(corpus["root"])]))
+    with caplog.at_level(logging.INFO, logger="synpref.progress"):
+        result = filter_corpus(filter_config_from_dict(job(corpus["root"], tmp_path / "out")))
+    lines = [r.getMessage() for r in caplog.records if r.name == "synpref.progress"]
+    assert f"[score] {n_shards}/{n_shards} shards (100%)" in "\n".join(lines), lines
+    assert result["manifest"]["counts"]["samples"]["in"] >= n_shards

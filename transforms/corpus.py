@@ -38,6 +38,7 @@ import webdataset as wds
 from apache_beam.metrics import Metrics
 from PIL import Image
 
+from synpref.progress import progress
 from synpref.schemas.config import RewardConfig
 from synpref.schemas.records import CorpusRecord
 from synpref.transforms.corpus_sources import SHARD_KEY, CorpusInput
@@ -84,8 +85,9 @@ class ScoreShards(beam.DoFn):
 
     def __init__(self, rewards: Sequence[RewardConfig], max_pixels: int = DEFAULT_MAX_PIXELS, batch_size: int = 16,
                  max_caption_chars: int = 0, torch_threads: int = 1, corpus_input: Optional[CorpusInput] = None,
-                 perceptual_hash: bool = True, jpeg_draft: bool = False):
+                 perceptual_hash: bool = True, jpeg_draft: bool = False, total_shards: Optional[int] = None):
         self.configs, self.max_pixels, self.batch_size = list(rewards), max_pixels, batch_size
+        self.total_shards = total_shards  # for progress lines with time left
         self.corpus_input = corpus_input or CorpusInput()
         # the dHash resizes the full image (about as costly as decoding it): only when near dedup needs it
         self.perceptual_hash = perceptual_hash
@@ -166,8 +168,10 @@ class ScoreShards(beam.DoFn):
     def process(self, element):
         index, url = element
         n, batch = 0, []
+        samples = progress("read", None, "samples")
         for key, members, problem in self.corpus_input.source_for(url).iter_samples(url):
             n += 1
+            samples.update()
             rec, image = self._check(CorpusRecord(key=key, shard_index=index, source_shard=url), members, problem)
             members = None
             if image is None:
@@ -180,6 +184,7 @@ class ScoreShards(beam.DoFn):
                 batch = []
         if batch:
             yield from self._score(batch)
+        progress("score", self.total_shards, "shards").update()
         yield beam.pvalue.TaggedOutput(READ, n)
 
 
