@@ -12,10 +12,11 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from synpref.jobs.tiny_models import save_tiny_sd_pipeline
 from synpref.training.config import TrainConfig
 from synpref.training.data import RankedShards, collate_ranked
 from synpref.training.train import add_lora, compute_loss, load_models, main, train
+from trainer_fixtures import model_dir, one_thread  # noqa: F401 (fixtures)
+
 
 # (prompt_id, prompt, phi per candidate in rank order)
 SHARD_0 = [
@@ -45,20 +46,6 @@ def ranked_sample(rng, prompt_id, prompt, phis):
             "rewards": ["clip_score"], "candidates": candidates}
     images = {f"img{i}.png": png(rng) for i in range(len(phis))}
     return {"__key__": prompt_id, "json": json.dumps(meta).encode(), **images}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy 2-core box they made each step ~30x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_sd_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd", seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -18,16 +18,10 @@ from synpref.training.families import available_families, family_for
 from synpref.training.families.sd3 import StableDiffusion3Family
 from synpref.training.families.sdxl import StableDiffusionXLFamily
 from synpref.training.train import add_lora, compute_step, load_models, train
+from trainer_fixtures import one_thread  # noqa: F401 (fixture)
+
 
 RES = 32  # training resolution; the VAE downsamples by 8
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def clip_tokenizer(tok_dir):

@@ -1,21 +1,19 @@
 """Full fine-tuning (``finetune: full``) and the evaluation hook (``eval_every``) on a tiny SD1.x pipeline."""
 import csv
-import io
 import json
 import math
 
 import numpy as np
 import pytest
 import torch
-import webdataset as wds
-from PIL import Image
 from safetensors.torch import load_file
 
 import synpref.training.train as train_mod
-from synpref.jobs.tiny_models import save_tiny_sd_pipeline
 from synpref.training.config import TrainConfig
 from synpref.training.evaluation import load_eval_prompts, read_eval_log
 from synpref.training.train import train
+from trainer_fixtures import model_dir, one_thread, write_ranked_shard  # noqa: F401 (fixtures)
+
 
 PROMPTS = [("a1", "a red cube", [1.0, 0.5, 0.0]), ("a2", "two cats", [0.75, 0.25]),
            ("a3", "a green car", [0.9, 0.1]), ("a4", "a lighthouse", [0.6, 0.4, 0.1])]
@@ -23,34 +21,11 @@ EVAL_PROMPTS = ["a blue ball", "a small house"]
 EVAL_REWARDS = [{"name": "sharpness"}, {"name": "colourfulness"}]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_sd_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd", seed=0)
-
-
 @pytest.fixture(scope="module")
 def shard_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("ranked")
     rng = np.random.default_rng(0)
-    with wds.TarWriter(str(out / "ranked-00000.tar"), mtime=0) as sink:
-        for pid, prompt, phis in PROMPTS:
-            cands = [{"candidate_id": f"{pid}-{i}", "image": f"img{i}.png", "rank": i + 1, "phi": p}
-                     for i, p in enumerate(phis)]
-            images = {}
-            for i in range(len(phis)):
-                buf = io.BytesIO()
-                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, format="PNG")
-                images[f"img{i}.png"] = buf.getvalue()
-            meta = {"prompt_id": pid, "prompt": prompt, "candidates": cands}
-            sink.write({"__key__": pid, "json": json.dumps(meta).encode(), **images})
+    write_ranked_shard(out / "ranked-00000.tar", PROMPTS, rng)
     return out
 
 

@@ -1,6 +1,5 @@
 """Checkpoints and exact resume: a run interrupted after step 3 of 6 and resumed ends where a straight run ends."""
 import csv
-import io
 import json
 import shutil
 
@@ -8,47 +7,24 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from PIL import Image
 from safetensors.torch import load_file
 from test_trainer_data import decoded  # noqa: F401 (fixture: counts decode_image calls)
 
 import synpref.training.train as train_mod
-from synpref.jobs.tiny_models import save_tiny_sd_pipeline
 from synpref.training.config import TrainConfig
 from synpref.training.train import config_key, list_checkpoints, resolve_checkpoint, train
+from trainer_fixtures import model_dir, one_thread, write_ranked_shard  # noqa: F401 (fixtures)
+
 
 PROMPTS = [("a1", "a red cube", [1.0, 0.5, 0.0]), ("a2", "two cats", [0.75, 0.25]),
            ("a3", "a green car", [0.9, 0.1]), ("a4", "a lighthouse", [0.6, 0.4, 0.1]), ("a5", "fruit", [1.0, 0.0])]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_sd_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd", seed=0)
 
 
 @pytest.fixture(scope="module")
 def shard_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("ranked")
     rng = np.random.default_rng(0)
-    with wds.TarWriter(str(out / "ranked-00000.tar"), mtime=0) as sink:
-        for pid, prompt, phis in PROMPTS:
-            cands = [{"candidate_id": f"{pid}-{i}", "image": f"img{i}.png", "rank": i + 1, "phi": p}
-                     for i, p in enumerate(phis)]
-            images = {}
-            for i in range(len(phis)):
-                buf = io.BytesIO()
-                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, format="PNG")
-                images[f"img{i}.png"] = buf.getvalue()
-            meta = {"prompt_id": pid, "prompt": prompt, "candidates": cands}
-            sink.write({"__key__": pid, "json": json.dumps(meta).encode(), **images})
+    write_ranked_shard(out / "ranked-00000.tar", PROMPTS, rng)
     return out
 
 

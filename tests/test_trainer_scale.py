@@ -2,7 +2,6 @@
 checkpointing, 8-bit Adam / mixed precision checks, encoder caches, tracker logging."""
 import csv
 import importlib.util
-import io
 import json
 import math
 import os
@@ -13,31 +12,17 @@ import sys
 import numpy as np
 import pytest
 import torch
-import webdataset as wds
-from PIL import Image
 
 import synpref.training.train as train_mod
-from synpref.jobs.tiny_models import save_tiny_sd_pipeline
 from synpref.training.config import TrainConfig
 from synpref.training.data import RankedShards, collate_ranked
 from synpref.training.train import add_lora, compute_step, load_models, train
+from trainer_fixtures import model_dir, one_thread, write_ranked_shard  # noqa: F401 (fixtures)
+
 
 # two shards, three prompts each: with two processes each one reads one shard
 SHARDS = [[(f"s{s}p{j}", f"prompt {s} {j}", [1.0, 0.5, 0.0] if j != 1 else [0.8, 0.2]) for j in range(3)]
           for s in range(2)]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_sd_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd", seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -45,17 +30,7 @@ def shard_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("ranked")
     rng = np.random.default_rng(0)
     for s, samples in enumerate(SHARDS):
-        with wds.TarWriter(str(out / f"ranked-{s:05d}.tar"), mtime=0) as sink:
-            for pid, prompt, phis in samples:
-                cands = [{"candidate_id": f"{pid}-{i}", "image": f"img{i}.png", "rank": i + 1, "phi": p}
-                         for i, p in enumerate(phis)]
-                images = {}
-                for i in range(len(phis)):
-                    buf = io.BytesIO()
-                    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, format="PNG")
-                    images[f"img{i}.png"] = buf.getvalue()
-                meta = {"prompt_id": pid, "prompt": prompt, "candidates": cands}
-                sink.write({"__key__": pid, "json": json.dumps(meta).encode(), **images})
+        write_ranked_shard(out / f"ranked-{s:05d}.tar", samples, rng)
     return out
 
 
