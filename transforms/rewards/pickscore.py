@@ -27,7 +27,9 @@ def _projected(out):
 
 class HFClipProcessor:
     """The Hugging Face CLIP image processor + tokenizer at ``self.processor``, as a shared preprocessing
-    step: rewards that use it (pickscore, mps) report one key, so an ensemble runs it once."""
+    step: rewards that use it (pickscore, mps, nsfw) report one key, so an ensemble runs it once."""
+
+    uses_tokenizer = True  # False for image-only rewards (nsfw): their processor folder has no tokenizer
 
     def _load_processor(self) -> None:
         import transformers
@@ -40,7 +42,8 @@ class HFClipProcessor:
         else:  # transformers 4: the slow processor is PIL's, the fast one torchvision's
             backend = {"use_fast": self.image_backend == "torchvision"}
         self._image_processor = AutoImageProcessor.from_pretrained(where, **backend, **kw)
-        self._tokenizer = AutoTokenizer.from_pretrained(where, **kw)
+        if self.uses_tokenizer:
+            self._tokenizer = AutoTokenizer.from_pretrained(where, **kw)
 
     def preprocess_key(self) -> Hashable:
         """Not ``clip_center_crop``'s key: the processor's crop offsets round differently (see PickScore)."""
