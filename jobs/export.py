@@ -50,6 +50,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from synpref.registry import Registry
 from synpref.transforms.fileio import AtomicFile
 from synpref.transforms.imageio import decode_members
 from synpref.transforms.writing import shard_paths
@@ -405,7 +406,8 @@ Labels are synthetic: they come from reward models aggregated by synpref, not fr
 """
 
 
-EXPORTERS: dict[str, type] = {"pickapic": PickAPicExporter}
+EXPORTERS = Registry("export format")
+EXPORTERS.add("pickapic", PickAPicExporter)
 
 
 def export(fmt: str, build_dir: str, out_dir: str, **options) -> dict:

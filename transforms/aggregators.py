@@ -38,6 +38,8 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from synpref.registry import Registry
+
 # fn(scores [k, n], weights [n], stats dict, options dict) -> (a [k], phi [k])
 AggregatorFn = Callable[[np.ndarray, np.ndarray, Mapping, Mapping], "tuple[np.ndarray, np.ndarray]"]
 
@@ -56,25 +58,25 @@ class Aggregator:
         return self.needs
 
 
-AGGREGATORS: dict[str, Aggregator] = {}
+AGGREGATORS = Registry("aggregator")
 
 
 def register_aggregator(name: str, needs: Optional[str] = None, uses_config_weights: bool = True):
+    """Function decorator: make a labelling function selectable as ``ranking.aggregator: name``."""
+
     def wrap(fn):
-        AGGREGATORS[name] = Aggregator(name, fn, needs, uses_config_weights)
+        AGGREGATORS.add(name, Aggregator(name, fn, needs, uses_config_weights))
         return fn
 
     return wrap
 
 
 def available_aggregators() -> list[str]:
-    return sorted(AGGREGATORS)
+    return AGGREGATORS.names()
 
 
 def get_aggregator(name: str) -> Aggregator:
-    if name not in AGGREGATORS:
-        raise ValueError(f"unknown aggregator {name!r}; available: {available_aggregators()}")
-    return AGGREGATORS[name]
+    return AGGREGATORS.lookup(name)
 
 
 def strict_wins(scores: np.ndarray) -> np.ndarray:

@@ -22,29 +22,22 @@ from typing import Any, ClassVar, Iterator, Optional, Sequence
 import fsspec
 import pyarrow.parquet as pq
 
+from synpref.registry import Registry
 from synpref.transforms.generation import error_line
 from synpref.transforms.imageio import IMAGE_EXTENSIONS, check_member_name
 
 SHARD_KEY = "__shard__"  # record id of an unreadable remainder of a unit (one outcome for the rest)
 
-SOURCES: dict[str, type["CorpusSource"]] = {}
+SOURCES = Registry("corpus source")
 
 
 def register_source(name: str):
-    """Class decorator: make an input format selectable as ``input.format: name``."""
-
-    def wrap(cls):
-        if name in SOURCES:
-            raise ValueError(f"corpus source {name!r} registered twice")
-        cls.name = name
-        SOURCES[name] = cls
-        return cls
-
-    return wrap
+    """Class decorator: make an input format selectable as ``input.format: name`` (sets ``cls.name``)."""
+    return SOURCES.register(name)
 
 
 def available_sources() -> list[str]:
-    return sorted(SOURCES)
+    return SOURCES.names()
 
 
 class CorpusSource:

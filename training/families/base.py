@@ -13,24 +13,20 @@ from typing import ClassVar
 
 import torch
 
-FAMILIES: dict[str, type["ModelFamily"]] = {}
+from synpref.registry import Registry
+
+FAMILIES = Registry("model family")
 
 
 def register_family(*pipeline_classes: str):
     """Class decorator: register a family under the ``_class_name`` values of ``model_index.json`` it handles."""
-
-    def wrap(cls: type[ModelFamily]) -> type[ModelFamily]:
-        for name in pipeline_classes:
-            FAMILIES[name] = cls
-        return cls
-
-    return wrap
+    return FAMILIES.register(*pipeline_classes, attribute=None)
 
 
 def available_families() -> list[str]:
     """Pipeline class names the trainer can train."""
     _import_builtin_families()
-    return sorted(FAMILIES)
+    return FAMILIES.names()
 
 
 def _import_builtin_families() -> None:

@@ -6,28 +6,24 @@ from typing import Sequence
 
 import numpy as np
 
+from synpref.registry import Registry
 from synpref.schemas.config import GeneratorConfig
 from synpref.schemas.records import Lineage
 
-GENERATORS: dict[str, type["Generator"]] = {}
+GENERATORS = Registry("generator type")
 
 
 def register_generator(type_name: str):
-    def wrap(cls):
-        GENERATORS[type_name] = cls
-        return cls
-
-    return wrap
+    """Class decorator: make a generator selectable as ``generators[].type: type_name``."""
+    return GENERATORS.register(type_name, attribute=None)
 
 
 def available_generators() -> list[str]:
-    return sorted(GENERATORS)
+    return GENERATORS.names()
 
 
 def create_generator(config: GeneratorConfig) -> "Generator":
-    if config.type not in GENERATORS:
-        raise ValueError(f"unknown generator type {config.type!r}; available: {available_generators()}")
-    return GENERATORS[config.type](config)
+    return GENERATORS.lookup(config.type)(config)
 
 
 class Generator(abc.ABC):

@@ -11,30 +11,22 @@ from typing import Any, ClassVar, Hashable, Optional, Sequence
 
 from PIL import Image
 
-REWARDS: dict[str, type["Reward"]] = {}
+from synpref.registry import Registry
+
+REWARDS = Registry("reward")
 
 
 def register_reward(name: str):
-    """Class decorator: make a reward selectable by ``name`` in job configs."""
-
-    def wrap(cls):
-        if name in REWARDS:
-            raise ValueError(f"reward {name!r} registered twice")
-        cls.name = name
-        REWARDS[name] = cls
-        return cls
-
-    return wrap
+    """Class decorator: make a reward selectable by ``name`` in job configs (sets ``cls.name``)."""
+    return REWARDS.register(name)
 
 
 def available_rewards() -> list[str]:
-    return sorted(REWARDS)
+    return REWARDS.names()
 
 
 def create_reward(name: str, params: dict[str, Any] | None = None) -> "Reward":
-    if name not in REWARDS:
-        raise ValueError(f"unknown reward {name!r}; available: {available_rewards()}")
-    return REWARDS[name](**(params or {}))
+    return REWARDS.lookup(name)(**(params or {}))
 
 
 class Reward(abc.ABC):
