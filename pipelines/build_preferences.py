@@ -77,7 +77,7 @@ def manifest_header(cfg: BuildConfig) -> dict[str, Any]:
         },
         "aggregator": cfg.ranking.aggregator,
         "max_candidates": len(cfg.generators) * cfg.candidates_per_generator,
-        "rewards": describe_rewards(cfg),
+        "rewards": [{**d, "rank": r.rank} for r, d in zip(cfg.rewards, describe_rewards(cfg))],
         "generators": [config_to_dict(g) for g in cfg.generators],
         "config": config_to_dict(cfg),
     }
@@ -104,7 +104,7 @@ class BuildPreferences(beam.PTransform):
         scored = generated["units"] | "ScoreCandidates" >> ScoreCandidates(
             cfg.rewards, expected_images=None if n is None else n * per_prompt, torch_threads=cfg.torch_threads)
         ranked = (prompts["prompts"], scored["scored"]) | "RankCandidates" >> RankGroups(
-            [r.name for r in cfg.rewards], cfg.ranking.aggregator, cfg.filter.min_candidates,
+            list(cfg.ranking_rewards), cfg.ranking.aggregator, cfg.filter.min_candidates,
             reward_weights=cfg.ranking.reward_weights, zscore_scope=cfg.ranking.zscore_scope,
             candidate_filter=cfg.filter)
         filtered = ranked["groups"] | "FilterNoisyPairs" >> FilterPairs(cfg.filter)

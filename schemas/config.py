@@ -83,6 +83,38 @@ class RewardConfig:
     # Rewards with the same group run as one ensemble step (each image decoded once, shared
     # preprocessing computed once). Give a large judge its own group to run it in a separate step.
     group: str = ""
+    # false: the reward is scored and recorded (shard JSON, index, manifest) but left out of the
+    # labels (aggregator, agreement, dataset statistics, weights): use it in
+    # ``filter.candidate_thresholds`` only, e.g. ``nsfw`` (higher = more likely NSFW).
+    rank: bool = True
+
+
+@dataclass(frozen=True)
+class ScoreThreshold:
+    """Keep an image when ``min <= score`` and ``score <= max`` (either bound may be left out)."""
+
+    reward: str
+    min: Optional[float] = None
+    max: Optional[float] = None
+
+    def violation(self, score: float) -> tuple[str, str]:
+        """(reason, detail) when ``score`` is outside a bound, else ('', '')."""
+        if self.min is not None and score < self.min:
+            return "below_threshold", f"{self.reward} {score:.6g} < min {self.min}"
+        if self.max is not None and score > self.max:
+            return "above_threshold", f"{self.reward} {score:.6g} > max {self.max}"
+        return "", ""
+
+
+def check_thresholds(thresholds, names, where: str) -> None:
+    """One-line errors for thresholds naming an unknown reward, with no bound, or with min > max."""
+    for t in thresholds:
+        if t.reward not in names:
+            raise ValueError(f"{where}: reward {t.reward!r} is not in rewards {list(names)}")
+        if t.min is None and t.max is None:
+            raise ValueError(f"{where}: {t.reward}: give min, max or both")
+        if t.min is not None and t.max is not None and t.min > t.max:
+            raise ValueError(f"{where}: {t.reward}: min {t.min} > max {t.max}")
 
 
 @dataclass(frozen=True)
@@ -132,6 +164,11 @@ class FilterConfig:
     max_flat_share: Optional[float] = 0.99
     low_diversity_distance: Optional[int] = 8
     near_duplicate_candidate_distance: Optional[int] = 4
+    # Score bounds, applied before the other candidate filters: a candidate with a score below a
+    # ``min`` (``below_threshold``) or above a ``max`` (``above_threshold``) is dropped; e.g.
+    # ``[{reward: nsfw, max: 0}]`` drops what the safety checker flags. Rewards named here may be
+    # ``rank: false`` (scored, not ranked).
+    candidate_thresholds: tuple[ScoreThreshold, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -171,6 +208,11 @@ class BuildConfig:
     output: OutputConfig = OutputConfig()
 
     @property
+    def ranking_rewards(self) -> tuple[str, ...]:
+        """The rewards the labels are made of (``rank: true``), in config order."""
+        return tuple(r.name for r in self.rewards if r.rank)
+
+    @property
     def staging_dir(self) -> str:
         return self.output.staging_dir or self.output.output_dir.rstrip("/") + "/_staging"
 
@@ -189,6 +231,9 @@ class BuildConfig:
         names = [r.name for r in self.rewards]
         if len(set(names)) != len(names):
             raise ValueError(f"reward names must be unique, got {names}")
+        if not self.ranking_rewards:
+            raise ValueError("every reward has rank: false; at least one reward must rank (rank: true, the default)")
+        check_thresholds(self.filter.candidate_thresholds, names, "filter.candidate_thresholds")
         if self.candidates_per_generator < 1:
             raise ValueError("candidates_per_generator must be >= 1")
         if len(self.generators) * self.candidates_per_generator < 2:
@@ -220,11 +265,14 @@ class BuildConfig:
         unknown_w = sorted(set(self.ranking.reward_weights) - set(names))
         if unknown_w:
             raise ValueError(f"ranking.reward_weights names unknown reward(s) {unknown_w}; rewards: {names}")
+        filter_only = sorted(set(self.ranking.reward_weights) - set(self.ranking_rewards))
+        if filter_only:
+            raise ValueError(f"ranking.reward_weights names filter-only reward(s) {filter_only} (rank: false)")
         for r, w in self.ranking.reward_weights.items():
             if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0 or w == float("inf"):
                 raise ValueError(f"ranking.reward_weights.{r} must be a finite number >= 0, got {w!r}")
         if self.ranking.reward_weights and not any(
-                float(self.ranking.reward_weights.get(r, 1)) > 0 for r in names):
+                float(self.ranking.reward_weights.get(r, 1)) > 0 for r in self.ranking_rewards):
             raise ValueError("ranking.reward_weights: at least one reward needs a positive weight")
         if self.ranking.reward_weights and not get_aggregator(self.ranking.aggregator).uses_config_weights:
             raise ValueError(f"ranking.aggregator {self.ranking.aggregator!r} estimates its own reward weights: "

@@ -9,7 +9,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from synpref.schemas.config import RewardConfig, apply_overrides, from_dict, load_yaml
+from synpref.schemas.config import (RewardConfig, ScoreThreshold, apply_overrides, check_thresholds, from_dict,
+                                    load_yaml)
 from synpref.transforms.imageio import DEFAULT_MAX_PIXELS
 
 
@@ -45,15 +46,6 @@ class CorpusInputConfig:
     # fixed size (CLIP-style preprocessing: clip_score, laion_aesthetic, image_reward, hpsv2, vqascore),
     # never below that size; scores move slightly. Otherwise full-size decoding (a warning says why).
     jpeg_draft: bool = False
-
-
-@dataclass(frozen=True)
-class ScoreThreshold:
-    """Keep a sample when ``min <= score`` and ``score <= max`` (either bound may be left out)."""
-
-    reward: str
-    min: Optional[float] = None
-    max: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -121,13 +113,7 @@ class FilterJobConfig:
             if r.name not in available_rewards():
                 raise ValueError(f"unknown reward {r.name!r}; available: {available_rewards()}")
             create_reward(r.name, r.params)  # bad params fail here, not on workers
-        for t in self.filter.thresholds:
-            if t.reward not in names:
-                raise ValueError(f"filter.thresholds: reward {t.reward!r} is not in rewards {names}")
-            if t.min is None and t.max is None:
-                raise ValueError(f"filter.thresholds: {t.reward}: give min, max or both")
-            if t.min is not None and t.max is not None and t.min > t.max:
-                raise ValueError(f"filter.thresholds: {t.reward}: min {t.min} > max {t.max}")
+        check_thresholds(self.filter.thresholds, names, "filter.thresholds")
         top = self.filter.top_fraction
         if top is not None:
             if top.reward not in names:

@@ -114,16 +114,21 @@ def expected(images: list[np.ndarray], min_sd=2.0, max_flat=0.99, low_div=8, nea
 
 
 def job(out, **filter_cfg):
+    return build_config_from_dict(job_dict(out, PLANTED, **filter_cfg))
+
+
+def job_dict(out, prompt_texts, **filter_cfg) -> dict:
+    """The planted build's config as a dict (other tests change its rewards or ranking)."""
     prompts = out.parent / f"{out.name}-prompts.txt"
-    prompts.write_text("\n".join(PLANTED) + "\n")
-    return build_config_from_dict({
+    prompts.write_text("\n".join(prompt_texts) + "\n")
+    return {
         "seed": 0, "candidates_per_generator": K,
         "prompts": {"source": str(prompts)},
         "generators": [{"id": "plant", "type": "test_planted", "model": "synpref/planted", "height": 64, "width": 64}],
         "rewards": [{"name": "sharpness"}, {"name": "colourfulness"}],
         "filter": filter_cfg,
         "output": {"output_dir": str(out), "samples_per_shard": 2, "staging": "keep"},
-    })
+    }
 
 
 def dead_letters(out) -> list[dict]:

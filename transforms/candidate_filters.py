@@ -2,8 +2,10 @@
 
 Pixels exist only in the scoring step, so it computes each image's small facts there
 (``image_facts``: difference hash, grey-level sd, flat share) and they travel on the ``Candidate``
-record. ``filter_group`` then decides, from those facts alone, in this order:
+record. ``filter_group`` then decides, from those facts and the scores, in this order:
 
+0. ``below_threshold`` / ``above_threshold`` (candidate): a score outside a bound of
+   ``filter.candidate_thresholds`` (e.g. ``nsfw`` above 0); the detail names reward, score and bound.
 1. ``degenerate_image`` (candidate): grey-level sd < ``filter.min_grey_sd``, or more than
    ``filter.max_flat_share`` of the pixels within ``FLAT_TOLERANCE`` levels (every channel) of the
    image's per-channel median colour: blank, black (safety-checker output), one flat colour, or one
@@ -14,8 +16,8 @@ record. ``filter_group`` then decides, from those facts alone, in this order:
    ``filter.near_duplicate_candidate_distance`` bits of an earlier kept one is dropped, naming it;
    so the kept one is always the smallest id of its cluster (deterministic, independent of scores).
 
-A candidate without facts (``dhash`` empty, e.g. built by hand) passes every check it lacks facts
-for. Too few candidates left afterwards is the ranking step's ``too_few_candidates``.
+A candidate without facts (``dhash`` empty, e.g. built by hand) or without a thresholded score
+passes every check it lacks facts for. Too few candidates left afterwards is the ranking step's ``too_few_candidates``.
 """
 from __future__ import annotations
 
@@ -77,15 +79,27 @@ def degenerate(c: Candidate, min_grey_sd: float, max_flat_share: Optional[float]
     return ""
 
 
+def out_of_bounds(c: Candidate, thresholds) -> tuple[str, str]:
+    """(reason, detail) of the first ``ScoreThreshold`` that ``c``'s scores break, else ('', '')."""
+    for t in thresholds:
+        if t.reward in c.scores:
+            reason, detail = t.violation(c.scores[t.reward])
+            if reason:
+                return reason, detail
+    return "", ""
+
+
 def filter_group(candidates: Sequence[Candidate], cfg) -> GroupVerdict:
     """Apply the candidate filters of ``cfg`` (a ``FilterConfig``) to one prompt's candidates."""
     candidates = sorted(candidates, key=lambda c: c.candidate_id)
     dropped: list[tuple[Candidate, str, str]] = []
     kept: list[Candidate] = []
     for c in candidates:
-        why = degenerate(c, cfg.min_grey_sd, cfg.max_flat_share)
+        reason, why = out_of_bounds(c, cfg.candidate_thresholds)
+        if not reason:
+            reason, why = "degenerate_image", degenerate(c, cfg.min_grey_sd, cfg.max_flat_share)
         if why:
-            dropped.append((c, "degenerate_image", why))
+            dropped.append((c, reason, why))
         else:
             kept.append(c)
     hashed = [c for c in kept if c.dhash]

@@ -288,13 +288,8 @@ def judge(rec: CorpusRecord, thresholds, top, cutoff: Optional[float], mode: str
     """(passes, reason, detail) of one record under the thresholds and the top-fraction cutoff."""
     failures = []
     for t in thresholds:
-        s = rec.scores[t.reward]
-        if t.min is not None and s < t.min:
-            failures.append(("below_threshold", f"{t.reward} {_fmt(s)} < min {t.min}"))
-        elif t.max is not None and s > t.max:
-            failures.append(("above_threshold", f"{t.reward} {_fmt(s)} > max {t.max}"))
-        else:
-            failures.append(None)
+        reason, detail = t.violation(rec.scores[t.reward])
+        failures.append((reason, detail) if reason else None)
     if top is not None:
         s = rec.scores[top.reward]
         if cutoff is None or s < cutoff:

@@ -31,7 +31,8 @@ def dataset_card(manifest: dict[str, Any]) -> str:
         "tags": ["synthetic", "preference", "text-to-image", "syn-pic", "webdataset"],
     }
     c = manifest["counts"]
-    rewards = ", ".join(f"{r['name']} (v{r['version']})" for r in manifest["rewards"])
+    rewards = ", ".join(f"{r['name']} (v{r['version']}{', filter only' if r.get('rank') is False else ''})"
+                        for r in manifest["rewards"])
     generators = ", ".join(f"{g['id']} ({g['model']})" for g in manifest["generators"])
     body = f"""# Synthetic ranked preferences (synpref {manifest['synpref_version']})
 

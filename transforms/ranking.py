@@ -56,8 +56,9 @@ def rank_candidates(prompt: PromptRecord, candidates: Sequence[Candidate], rewar
                     stats: Optional[Mapping] = None, zscore_scope: str = "dataset") -> RankedGroup:
     """Labels for one prompt: phi, ranks (1 = best) and every pair oriented winner-first.
 
-    Pairs with equal phi are kept here, oriented by rank, with the phi tie visible (the filter
-    drops them with a reason). A pair's agreement is the weighted fraction of rewards scoring the
+    ``rewards`` are the ranking rewards; each candidate keeps all its scores (a filter-only
+    reward's too, for the shards and the index). Pairs with equal phi are kept here, oriented by
+    rank, with the phi tie visible (the filter drops them with a reason). A pair's agreement is the weighted fraction of rewards scoring the
     winner strictly higher. With equal weights (the default) ``wins``/``n_rewards`` are the integer
     vote count and the number of rewards; with unequal weights they are the numerator and denominator
     of the exact weighted agreement (so the filter still compares exact fractions).
@@ -70,7 +71,7 @@ def rank_candidates(prompt: PromptRecord, candidates: Sequence[Candidate], rewar
     ranked = tuple(
         RankedCandidate(candidate_id=ids[i], image_uri=candidates[i].image_uri,
                         image_sha256=candidates[i].image_sha256, rank=r + 1, phi=float(phi[i]),
-                        scores={name: float(scores[i, j]) for j, name in enumerate(rewards)},
+                        scores={name: float(v) for name, v in candidates[i].scores.items()},
                         lineage=candidates[i].lineage, dhash=candidates[i].dhash)
         for r, i in enumerate(order))
     pairs = tuple(
