@@ -109,6 +109,9 @@ class FilterJobConfig:
         names = [r.name for r in self.rewards]
         if len(set(names)) != len(names):
             raise ValueError(f"reward names must be unique, got {names}")
+        if not all(r.rank for r in self.rewards):
+            raise ValueError("rewards[].rank applies to the build only; synpref filter ranks nothing "
+                             "(filter with filter.thresholds)")
         for r in self.rewards:
             if r.name not in available_rewards():
                 raise ValueError(f"unknown reward {r.name!r}; available: {available_rewards()}")

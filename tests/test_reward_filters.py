@@ -179,3 +179,13 @@ def job_filter(filter_cfg):
     return build_config_from_dict({"prompts": {}, "generators": [{"id": "g", "model": "m"}],
                                    "rewards": [{"name": "sharpness"}, {"name": "nsfw", "rank": False}],
                                    "filter": filter_cfg}).filter
+
+
+def test_rank_flag_is_refused_by_the_corpus_filter(tmp_path):
+    """``synpref filter`` ranks nothing: a ``rank: false`` there would silently mean nothing."""
+    from synpref.schemas.filter_config import filter_config_from_dict
+
+    data = {"input": {"source": [str(tmp_path)]}, "rewards": [{"name": "sharpness"}]}
+    assert filter_config_from_dict(data).rewards[0].rank
+    with pytest.raises(ValueError, match="applies to the build only"):
+        filter_config_from_dict({**data, "rewards": [{"name": "sharpness", "rank": False}]})
