@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from synpref.jobs.inspect_output import InspectReport
+from synpref.jobs.inspect_output import InspectReport, reward_label
 from synpref.transforms.imageio import ImageDecodeError, decode_image
 
 THUMB = 160  # px, longest side
@@ -234,7 +234,7 @@ def render_filter_html(rep) -> str:
     parts = [
         _page_head("filter", rep, f"{len(m.get('input_shards', []))} input shard(s) &rarr; "
                                   f"{len(m['shards'])} filtered shard(s)"),
-        '<p class="muted">rewards: ' + ", ".join(f"{_e(r['name'])} v{_e(r['version'])}" for r in m["rewards"])
+        '<p class="muted">rewards: ' + ", ".join(_e(reward_label(r)) for r in m["rewards"])
         + f" &middot; filter: {_e(describe_filter(m))}</p>",
         _status(rep),
         '<h2>Counts</h2><div class="row">' + _table(rep.counts) + "</div>",
@@ -270,7 +270,7 @@ def render_html(rep: InspectReport) -> str:
     parts = [
         _page_head("build", rep, f"aggregator {_e(m.get('aggregator', ''))} &middot; "
                                  f"{len(m['shards'])} ranked + {len(m['shards'])} pairwise shards"),
-        '<p class="muted">rewards: ' + ", ".join(f"{_e(r['name'])} v{_e(r['version'])}" for r in m["rewards"])
+        '<p class="muted">rewards: ' + ", ".join(_e(reward_label(r)) for r in m["rewards"])
         + " &middot; generators: " + ", ".join(f"{_e(g['id'])}" for g in m["generators"]) + "</p>",
         status,
         '<h2>Counts</h2><div class="row">' + _table(rep.counts) + "</div>",

@@ -19,7 +19,8 @@ import fsspec
 import polars as pl
 
 from synpref.jobs.inspect_output import (_READ_ERRORS, _counts_table, _drops_table, _error_text, check_tar,
-                                         iter_tar_samples, kendall_tau_b, ledger_problems, level_lines, table_lines)
+                                         iter_tar_samples, kendall_tau_b, ledger_problems, level_lines, reward_label,
+                                         table_lines)
 
 UNSCORED = "__shard__"  # the record id of an unreadable rest of an input shard: no image, no scores
 
@@ -260,7 +261,7 @@ def describe_filter(manifest: dict) -> str:
 def format_filter_text(rep: FilterReport) -> str:
     m = rep.manifest
     lines = [f"filter output {rep.output_dir}  (synpref {m['synpref_version']})",
-             "rewards: " + ", ".join(f"{r['name']} v{r['version']}" for r in m["rewards"]),
+             "rewards: " + ", ".join(reward_label(r) for r in m["rewards"]),
              f"input: {len(m.get('input_shards', []))} shard(s)",
              "filter: " + describe_filter(m)]
     lines += level_lines(m["counts"])

@@ -193,6 +193,11 @@ def kendall_tau_b(x: np.ndarray, y: np.ndarray) -> float:
     return float((n0 - n1 - n2 + n3 - 2 * discordant) / denom) if denom > 0 else float("nan")
 
 
+def reward_label(reward: dict) -> str:
+    """``name vVERSION`` from a manifest's reward entry, marked when it only filters (``rank: false``)."""
+    return f"{reward['name']} v{reward['version']}" + (" (filter only)" if reward.get("rank") is False else "")
+
+
 def reward_agreement(scores: pl.DataFrame, rewards: list[str]) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Kendall tau-b between every pair of rewards, within each prompt group, averaged over groups.
 
@@ -362,7 +367,7 @@ def format_text(rep) -> str:
         return format_filter_text(rep)
     m = rep.manifest
     lines = [f"build output {rep.output_dir}  (synpref {m['synpref_version']}, aggregator {m['aggregator']})",
-             "rewards: " + ", ".join(f"{r['name']} v{r['version']}" for r in m["rewards"]),
+             "rewards: " + ", ".join(reward_label(r) for r in m["rewards"]),
              "generators: " + ", ".join(f"{g['id']} ({g['model']})" for g in m["generators"])]
     lines += level_lines(m["counts"])
     lines.append(f"shards: {len(m['shards'])} ranked + {len(m['shards'])} pairwise")

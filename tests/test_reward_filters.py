@@ -189,3 +189,15 @@ def test_rank_flag_is_refused_by_the_corpus_filter(tmp_path):
     assert filter_config_from_dict(data).rewards[0].rank
     with pytest.raises(ValueError, match="applies to the build only"):
         filter_config_from_dict({**data, "rewards": [{"name": "sharpness", "rank": False}]})
+
+
+def test_inspect_marks_a_filter_only_reward(unfiltered, tmp_path):
+    from synpref.cli import main
+    from synpref.jobs.inspect_output import inspect_output
+
+    _, with_filter_only, without, _, _ = unfiltered
+    text = inspect_output(str(with_filter_only))
+    assert "brisque v1 (filter only)" in text and "sharpness v1 (filter only)" not in text
+    assert "(filter only)" not in inspect_output(str(without))
+    assert main(["inspect", str(with_filter_only), "--html", str(tmp_path / "r.html")]) == 0
+    assert "brisque v1 (filter only)" in (tmp_path / "r.html").read_text()
