@@ -17,8 +17,8 @@ from typing import Sequence
 import numpy as np
 
 from .base import Reward, register_reward
-from .clip_score import check_dtype, resolve_dtype
-from .pickscore import BACKENDS, HFClipProcessor
+from .clip_score import resolve_dtype
+from .pickscore import HFModelWithProcessor
 from ..model_io import local_copy, pick_device
 
 SPECIAL_CARE_ADJUSTMENT = np.float32(0.01)  # what the checker adds to every concept margin after a special-care hit
@@ -45,7 +45,7 @@ def nsfw_scores(concept_cos: np.ndarray, concept_thresholds: np.ndarray, special
 
 
 @register_reward("nsfw")
-class NSFW(HFClipProcessor, Reward):
+class NSFW(HFModelWithProcessor, Reward):
     """Args:
     model: a ``StableDiffusionSafetyChecker`` folder or hub id (default ``CompVis/stable-diffusion-safety-checker``);
         gs:// / s3:// folders are copied first.
@@ -62,20 +62,8 @@ class NSFW(HFClipProcessor, Reward):
                  image_backend: str = "pil", device: str = "auto", dtype: str = "float32", cache_dir: str = ""):
         if not model:
             raise ValueError("nsfw: 'model' must be set")
-        if image_backend not in BACKENDS:
-            raise ValueError(f"nsfw: image_backend must be one of {list(BACKENDS)}, got {image_backend!r}")
-        check_dtype("nsfw", dtype)
-        self.model, self.processor, self.image_backend = model, processor or model, image_backend
-        self.device, self.dtype, self.cache_dir = device, dtype, cache_dir
+        self._configure(model, processor or model, image_backend, device, dtype, cache_dir)
         self._checker = None
-        self._image_processor = None
-
-    def params(self):
-        return {"model": self.model, "processor": self.processor, "image_backend": self.image_backend,
-                "dtype": self.dtype}
-
-    def files(self) -> dict[str, str]:
-        return {"model": self.model, "processor": self.processor}
 
     def load(self) -> None:
         from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker

@@ -55,8 +55,29 @@ class HFClipProcessor:
         return self._image_processor(images=[im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
 
 
+class HFModelWithProcessor(HFClipProcessor):
+    """A model folder (``self.model``) plus its HF processor: the settings, checks, ``params`` and ``files``
+    that pickscore and nsfw share (each reward checks its own required locations first)."""
+
+    def _configure(self, model: str, processor: str, image_backend: str, device: str, dtype: str,
+                   cache_dir: str) -> None:
+        if image_backend not in BACKENDS:
+            raise ValueError(f"{self.name}: image_backend must be one of {list(BACKENDS)}, got {image_backend!r}")
+        check_dtype(self.name, dtype)
+        self.model, self.processor, self.image_backend = model, processor, image_backend
+        self.device, self.dtype, self.cache_dir = device, dtype, cache_dir
+        self._image_processor = None
+
+    def params(self):
+        return {"model": self.model, "processor": self.processor, "image_backend": self.image_backend,
+                "dtype": self.dtype}
+
+    def files(self) -> dict[str, str]:
+        return {"model": self.model, "processor": self.processor}
+
+
 @register_reward("pickscore")
-class PickScore(HFClipProcessor, Reward):
+class PickScore(HFModelWithProcessor, Reward):
     """Args:
     model: ``CLIPModel`` folder or hub id (default ``yuvalkirstain/PickScore_v1``); gs:// / s3:// copied first.
     processor: processor folder or hub id (default ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``).
@@ -73,22 +94,10 @@ class PickScore(HFClipProcessor, Reward):
     def __init__(self, model: str = "yuvalkirstain/PickScore_v1",
                  processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", image_backend: str = "pil",
                  device: str = "auto", dtype: str = "float32", cache_dir: str = ""):
-        if image_backend not in BACKENDS:
-            raise ValueError(f"pickscore: image_backend must be one of {list(BACKENDS)}, got {image_backend!r}")
         if not model or not processor:
             raise ValueError("pickscore: 'model' and 'processor' must both be set")
-        check_dtype("pickscore", dtype)
-        self.model, self.processor, self.image_backend = model, processor, image_backend
-        self.device, self.dtype, self.cache_dir = device, dtype, cache_dir
+        self._configure(model, processor, image_backend, device, dtype, cache_dir)
         self._model = None
-        self._image_processor = None
-
-    def params(self):
-        return {"model": self.model, "processor": self.processor, "image_backend": self.image_backend,
-                "dtype": self.dtype}
-
-    def files(self) -> dict[str, str]:
-        return {"model": self.model, "processor": self.processor}
 
     def load(self) -> None:
         from transformers import CLIPModel
