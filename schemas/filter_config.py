@@ -137,7 +137,7 @@ def filter_config_from_dict(data: dict) -> FilterJobConfig:
     data = dict(data)
     if isinstance((data.get("input") or {}).get("source"), str):  # one source given as a plain string
         data["input"] = {**data["input"], "source": [data["input"]["source"]]}
-    return from_dict(FilterJobConfig, data, "filter").validate()
+    return from_dict(FilterJobConfig, data, "config").validate()  # not "filter": a section has that name
 
 
 def load_filter_config(path: str, overrides: list[str] | dict | None = None) -> FilterJobConfig:

@@ -261,6 +261,9 @@ def test_config_mistakes_are_one_line_errors(corpus, tmp_path, capsys):
     assert main(["filter", "--config", str(cfg), "--set", "filter.thresholds=[]",
                  "--set", f"input.source={tmp_path}/nothing"]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert main(["filter", "--config", str(cfg), "--set", "input.sourse=x"]) == 2  # a typo'd key
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "config.input: unknown key(s) ['sourse']" in err and "'source'" in err
 
 
 def test_progress_lines_count_shards_and_samples(corpus, tmp_path, caplog):

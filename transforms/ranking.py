@@ -58,8 +58,8 @@ def rank_candidates(prompt: PromptRecord, candidates: Sequence[Candidate], rewar
 
     ``rewards`` are the ranking rewards; each candidate keeps all its scores (a filter-only
     reward's too, for the shards and the index). Pairs with equal phi are kept here, oriented by
-    rank, with the phi tie visible (the filter drops them with a reason). A pair's agreement is the weighted fraction of rewards scoring the
-    winner strictly higher. With equal weights (the default) ``wins``/``n_rewards`` are the integer
+    rank, with the phi tie visible (the filter drops them with a reason). A pair's agreement is the
+    weighted fraction of rewards scoring the winner strictly higher. With equal weights (the default) ``wins``/``n_rewards`` are the integer
     vote count and the number of rewards; with unequal weights they are the numerator and denominator
     of the exact weighted agreement (so the filter still compares exact fractions).
     """
