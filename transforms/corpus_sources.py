@@ -435,21 +435,6 @@ class CorpusInput:
             source.check_columns(names, first)
 
 
-def list_shards(sources: Sequence[str], fmt: str = "tar") -> list[str]:
-    """Every unit of ``fmt`` named by ``sources`` (see ``CorpusInput.list_units``)."""
-    return CorpusInput(fmt).list_units(sources)
-
-
-def iter_raw_samples(url: str):
-    """The samples of one tar shard (see ``TarSource.iter_samples``)."""
-    return TarSource().iter_samples(url)
-
-
-def read_range(url: str, offset: int, size: int) -> bytes:
-    fs, path = fsspec.core.url_to_fs(url)
-    return fs.cat_file(path, start=offset, end=offset + size)
-
-
 def corpus_input_from_config(cfg) -> CorpusInput:
     """The ``CorpusInput`` of a ``CorpusInputConfig`` (format + per-format options)."""
     return CorpusInput(cfg.format, {"parquet": dataclasses.asdict(cfg.parquet)})
