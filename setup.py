@@ -17,6 +17,11 @@ PACKAGES = {
     "synpref.jobs": "jobs",
     "synpref.training": "training",
     "synpref.training.families": "training/families",
+    "synpref.core": "core",
+    "synpref.cli": "cli",
+    "synpref.formats": "formats",
+    "synpref.reporting": "reporting",
+    "synpref.demo": "demo",
 }
 
 setup(

@@ -118,7 +118,7 @@ def reward_spec(name: str, work: str) -> dict:
     """The reward config: a registry name, or ``tiny_clip`` (clip_score on a tiny open_clip saved under work)."""
     if name != "tiny_clip":
         return {"name": name, "params": {}}
-    from synpref.jobs.tiny_models import save_tiny_open_clip
+    from synpref.demo.tiny_models import save_tiny_open_clip
 
     return {"name": "clip_score", "params": {**save_tiny_open_clip(f"{work}/tiny_clip"), "variant": "cosine"}}
 

@@ -26,7 +26,7 @@ def clip_rewards(workdir: str, arch: str = "") -> list:
     import open_clip
     from safetensors.torch import save_file
 
-    from synpref.jobs.tiny_models import save_tiny_open_clip
+    from synpref.demo.tiny_models import save_tiny_open_clip
     from synpref.transforms.rewards import create_reward
 
     if arch:

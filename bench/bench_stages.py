@@ -27,11 +27,11 @@ def main(argv=None):
     from synpref.cli import setup_logging
 
     setup_logging()
-    logging.getLogger("synpref.progress").setLevel(logging.WARNING)
+    logging.getLogger("synpref.core.progress").setLevel(logging.WARNING)
     import torch
 
-    from synpref.jobs.demo import demo_config
-    from synpref.jobs.tiny_models import save_demo_models
+    from synpref.demo.run import demo_config
+    from synpref.demo.tiny_models import save_demo_models
     from synpref.pipelines.build_preferences import build
     from synpref.schemas.config import build_config_from_dict
     from synpref.transforms.generation import make_request

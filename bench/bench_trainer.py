@@ -260,7 +260,7 @@ def main(argv=None):
     me = [sys.executable, str(Path(__file__).resolve())]
     print(f"$ {shlex.join([sys.executable, *sys.argv])}\nworkdir {work}", flush=True)
 
-    from synpref.jobs.tiny_models import save_tiny_sd_pipeline
+    from synpref.demo.tiny_models import save_tiny_sd_pipeline
 
     model = save_tiny_sd_pipeline(work / "tiny-sd", seed=0)
     data = build_data(work, args.prompts, args.resolution)

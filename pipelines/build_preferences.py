@@ -19,19 +19,19 @@ import apache_beam as beam
 import fsspec
 from apache_beam.options.pipeline_options import PipelineOptions
 
-import synpref
-from synpref import progress
-from synpref.schemas.config import BuildConfig, config_to_dict, load_build_config
-from synpref.transforms.accounting import CountAs, WriteDeadLetters, WriteManifest
-from synpref.transforms.filtering import FilterPairs
-from synpref.transforms.generation import GenerateCandidates
-from synpref.pipelines.preflight import preflight
-from synpref.transforms.prompts import ReadPrompts
-from synpref.transforms.ranking import RankGroups
-from synpref.transforms.rewards import create_reward
-from synpref.transforms.scoring import ScoreCandidates
-from synpref.transforms.staging import IMAGE_EXT, generator_fingerprint, model_fingerprint
-from synpref.transforms.writing import SHARD_FORMAT, WriteShards, shard_paths
+from ..core import __version__
+from ..core import progress
+from ..schemas.config import BuildConfig, config_to_dict, load_build_config
+from ..transforms.accounting import CountAs, WriteDeadLetters, WriteManifest
+from ..transforms.filtering import FilterPairs
+from ..transforms.generation import GenerateCandidates
+from .preflight import preflight
+from ..transforms.prompts import ReadPrompts
+from ..transforms.ranking import RankGroups
+from ..transforms.rewards import create_reward
+from ..transforms.scoring import ScoreCandidates
+from ..transforms.staging import IMAGE_EXT, generator_fingerprint, model_fingerprint
+from ..transforms.writing import SHARD_FORMAT, WriteShards, shard_paths
 
 log = logging.getLogger("synpref.build")
 
@@ -55,7 +55,7 @@ def run_fingerprint(cfg: BuildConfig) -> str:
     config.pop("beam_options")
     for where in ("output_dir", "staging_dir", "staging"):  # where things go, not what they hold
         config["output"].pop(where)
-    doc = {"config": config, "synpref": synpref.__version__, "shard_format": SHARD_FORMAT,
+    doc = {"config": config, "synpref": __version__, "shard_format": SHARD_FORMAT,
            "generators": [generator_fingerprint(g) for g in cfg.generators],
            "rewards": describe_rewards(cfg),
            "prompts": prompt_files(cfg.prompts.source)}
@@ -65,7 +65,7 @@ def run_fingerprint(cfg: BuildConfig) -> str:
 def manifest_header(cfg: BuildConfig) -> dict[str, Any]:
     ext = IMAGE_EXT[cfg.output.image_format]
     return {
-        "synpref_version": synpref.__version__,
+        "synpref_version": __version__,
         "run_fingerprint": run_fingerprint(cfg),
         "output_dir": cfg.output.output_dir,
         "layout": {

@@ -23,15 +23,15 @@ import apache_beam as beam
 import fsspec
 from apache_beam.options.pipeline_options import PipelineOptions
 
-import synpref
-from synpref import progress
-from synpref.schemas.filter_config import FilterJobConfig, filter_config_to_dict, load_filter_config
-from synpref.transforms.accounting import CountDrops, ledger
-from synpref.transforms.corpus import (DROPPED, READ, ApplyFilters, DedupExact, DedupKeys, DedupNear,
+from ..core import __version__
+from ..core import progress
+from ..schemas.filter_config import FilterJobConfig, filter_config_to_dict, load_filter_config
+from ..transforms.accounting import CountDrops, ledger
+from ..transforms.corpus import (DROPPED, READ, ApplyFilters, DedupExact, DedupKeys, DedupNear,
                                        ScoreShards, WriteFiltered, WriteOutcomes)
-from synpref.transforms.corpus_sources import corpus_input_from_config
-from synpref.transforms.fileio import AtomicFile
-from synpref.transforms.rewards import create_reward
+from ..transforms.corpus_sources import corpus_input_from_config
+from ..core.fileio import AtomicFile
+from ..transforms.rewards import create_reward
 
 log = logging.getLogger("synpref.filter")
 FILTER_LEVELS = (("samples", "sample"),)  # the filter's ledger: every input sample is written or dropped
@@ -146,7 +146,7 @@ def manifest_header(cfg: FilterJobConfig, shards: list[str]) -> dict[str, Any]:
     config["output"].pop("output_dir")
     rewards = [create_reward(r.name, r.params).describe() for r in cfg.rewards]
     return {
-        "synpref_version": synpref.__version__,
+        "synpref_version": __version__,
         "job": "filter",
         "input_shards": shards,
         "layout": {

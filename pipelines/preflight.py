@@ -13,9 +13,9 @@ import uuid
 
 import fsspec
 
-from synpref.schemas.config import BuildConfig, PromptsConfig
-from synpref.transforms.model_io import check_location
-from synpref.transforms.prompts import BUILTIN, _detect_format
+from ..schemas.config import BuildConfig, PromptsConfig
+from ..transforms.model_io import check_location
+from ..transforms.prompts import BUILTIN, _detect_format
 
 
 def preflight(cfg: BuildConfig) -> None:
@@ -30,8 +30,8 @@ def preflight(cfg: BuildConfig) -> None:
 def model_files(cfg: BuildConfig) -> list[tuple[str, str]]:
     """(what, location) for every model file or folder the job loads, hidden second downloads included
     (each reward's ``files()``: a PickScore processor, ImageReward's BERT tokenizer...)."""
-    from synpref.transforms.generators import create_generator
-    from synpref.transforms.rewards import create_reward
+    from ..transforms.generators import create_generator
+    from ..transforms.rewards import create_reward
 
     out = [(f"generator {g.id}: {name}", loc) for g in cfg.generators
            for name, loc in create_generator(g).files().items() if loc]

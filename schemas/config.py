@@ -255,7 +255,7 @@ class BuildConfig:
         if not 0.0 <= self.filter.min_aggregate_gap <= 1.0:
             raise ValueError(f"filter.min_aggregate_gap must be in [0, 1] (labels are in [0, 1]), "
                              f"got {self.filter.min_aggregate_gap}")
-        from synpref.transforms.aggregators import available_aggregators, get_aggregator
+        from ..transforms.aggregators import available_aggregators, get_aggregator
 
         if self.ranking.aggregator not in available_aggregators():
             raise ValueError(f"unknown ranking.aggregator {self.ranking.aggregator!r}; "
@@ -303,7 +303,7 @@ class BuildConfig:
             if g.type == "diffusers" and (g.height < 8 or g.width < 8 or g.height % 8 or g.width % 8):
                 raise ValueError(f"generator {g.id}: height and width must be positive multiples of 8 "
                                  f"for diffusers models, got {g.height}x{g.width}")
-        from synpref.transforms.rewards import available_rewards
+        from ..transforms.rewards import available_rewards
 
         for r in self.rewards:
             if r.name not in available_rewards():

@@ -9,9 +9,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from synpref.schemas.config import (RewardConfig, ScoreThreshold, apply_overrides, check_thresholds, from_dict,
+from .config import (RewardConfig, ScoreThreshold, apply_overrides, check_thresholds, from_dict,
                                     load_yaml)
-from synpref.transforms.imageio import DEFAULT_MAX_PIXELS
+from ..transforms.imageio import DEFAULT_MAX_PIXELS
 
 
 @dataclass(frozen=True)
@@ -89,11 +89,11 @@ class FilterJobConfig:
     beam_options: tuple[str, ...] = ()
 
     def validate(self) -> "FilterJobConfig":
-        from synpref.transforms.rewards import available_rewards, create_reward
+        from ..transforms.rewards import available_rewards, create_reward
 
         if not self.input.source:
             raise ValueError("input.source: give a folder, glob or list of .tar / .tar.gz shards or .parquet tables")
-        from synpref.transforms.corpus_sources import available_sources
+        from ..transforms.corpus_sources import available_sources
 
         if self.input.format != "auto" and self.input.format not in available_sources():
             raise ValueError(f"input.format must be auto or one of {available_sources()}, got {self.input.format!r}")

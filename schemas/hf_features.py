@@ -16,7 +16,7 @@ import typing
 
 import datasets
 
-from synpref.schemas.records import Lineage
+from .records import Lineage
 
 _VALUE = {str: "string", int: "int64", float: "float64"}
 

@@ -22,7 +22,7 @@ for name in ("apache_beam", "diffusers", "transformers"):
 @pytest.fixture(scope="session")
 def demo_models(tmp_path_factory):
     """Two tiny SD pipelines and a tiny open_clip model, saved like real checkpoints."""
-    from synpref.jobs.tiny_models import save_demo_models
+    from synpref.demo.tiny_models import save_demo_models
 
     return save_demo_models(tmp_path_factory.mktemp("models"))
 

@@ -10,7 +10,7 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from synpref.jobs.demo import demo_config
+from synpref.demo.run import demo_config
 from synpref.schemas.config import FilterConfig, apply_overrides, build_config_from_dict
 from synpref.schemas.records import Candidate, Lineage, PromptRecord
 from synpref.transforms.aggregators import available_aggregators, dataset_stats, get_aggregator

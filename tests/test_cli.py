@@ -36,7 +36,7 @@ def test_demo_builds_trains_and_reports_where_everything_is(tmp_path):
 
     import yaml
 
-    from synpref.jobs.demo import demo_config
+    from synpref.demo.run import demo_config
 
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(demo_config("demo_train.yaml", "demo")))
     trained = synpref("train", "--config", "train.yaml", "--set", "max_steps=1", "--set", "loss=dpo",

@@ -2,7 +2,7 @@
 import pytest
 
 from synpref.schemas.config import apply_overrides, build_config_from_dict, load_build_config
-from synpref.jobs.demo import demo_config
+from synpref.demo.run import demo_config
 
 
 def base():

@@ -270,7 +270,7 @@ def test_fsspec_urls_for_tars_and_parquet_paths(tmp_path):
 
 def test_jpeg_draft_only_when_every_reward_shrinks_images_first(tmp_path):
     """A CLIP reward (tiny open_clip, 64 px input) allows 1/2..1/8-scale JPEG decoding; sharpness does not."""
-    from synpref.jobs.tiny_models import save_tiny_open_clip
+    from synpref.demo.tiny_models import save_tiny_open_clip
 
     clip = {"name": "clip_score", "params": {**save_tiny_open_clip(tmp_path / "clip"), "variant": "cosine"}}
     imgs = images()

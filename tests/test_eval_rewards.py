@@ -12,7 +12,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from synpref.jobs.eval_rewards import evaluate
+from synpref.reporting.reward_accuracy import evaluate
 from synpref.schemas.config import build_config_from_dict
 from synpref.transforms.rewards import Reward, register_reward
 
@@ -155,7 +155,7 @@ def test_reliability_weighted_estimates_weights_from_the_pairs_first(tmp_path):
     # weighted: only red (twice) votes -> right, wrong, wrong; Syn-Pic: right, wrong, tie
     acc = {a: next(r for r in rep["results"] if r["name"] == "aggregate")["accuracy"] for a, rep in results.items()}
     assert acc == {"syn_pic": pytest.approx(0.5), "reliability_weighted": pytest.approx(1 / 3)}
-    from synpref.jobs.eval_rewards import format_table
+    from synpref.reporting.reward_accuracy import format_table
 
     assert "estimated reward weights: eval_red=0.333, eval_green=0.000, eval_blue=0.000, eval_red_copy=0.333" \
         in format_table(results["reliability_weighted"])

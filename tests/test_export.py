@@ -49,7 +49,7 @@ def exported(demo_models, tmp_path_factory):
 
 def build_pairs(build_dir: Path) -> dict:
     """key -> (win pixels, lose pixels) from the build's own pairs shards."""
-    from synpref.jobs.export import iter_tar_samples
+    from synpref.formats.export import iter_tar_samples
     from synpref.transforms.imageio import decode_members
 
     out = {}
@@ -130,7 +130,7 @@ def test_labels_follow_the_winner_which_alternates_between_slots(exported):
 
 
 def test_a_second_export_writes_the_same_bytes(exported, tmp_path):
-    from synpref.jobs.export import export
+    from synpref.formats.export import export
 
     root, _ = exported
     export("pickapic", str(root / "build"), str(tmp_path / "again"), rows_per_file=16)
@@ -151,9 +151,9 @@ def test_a_second_export_writes_the_same_bytes(exported, tmp_path):
 def test_best_worst_gives_one_row_per_prompt_rank_1_against_rank_k(exported, tmp_path):
     import datasets
 
-    from synpref.jobs.export import export
+    from synpref.formats.export import export
     from synpref.transforms.imageio import decode_members
-    from synpref.jobs.export import iter_tar_samples
+    from synpref.formats.export import iter_tar_samples
 
     root, _ = exported
     summary = export("pickapic", str(root / "build"), str(tmp_path / "bw"), pairs="best_worst")
@@ -171,7 +171,7 @@ def test_best_worst_gives_one_row_per_prompt_rank_1_against_rank_k(exported, tmp
 
 
 def test_registry_and_one_line_errors(exported, tmp_path):
-    from synpref.jobs.export import EXPORTERS, PickAPicExporter
+    from synpref.formats.export import EXPORTERS, PickAPicExporter
 
     assert EXPORTERS["pickapic"] is PickAPicExporter
     root, _ = exported

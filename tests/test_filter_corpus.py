@@ -273,8 +273,8 @@ def test_progress_lines_count_shards_and_samples(corpus, tmp_path, caplog):
     from synpref.transforms.corpus_sources import CorpusInput
 
     n_shards = len(CorpusInput().list_units([str(corpus["root"])]))
-    with caplog.at_level(logging.INFO, logger="synpref.progress"):
+    with caplog.at_level(logging.INFO, logger="synpref.core.progress"):
         result = filter_corpus(filter_config_from_dict(job(corpus["root"], tmp_path / "out")))
-    lines = [r.getMessage() for r in caplog.records if r.name == "synpref.progress"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "synpref.core.progress"]
     assert f"[score] {n_shards}/{n_shards} shards (100%)" in "\n".join(lines), lines
     assert result["manifest"]["counts"]["samples"]["in"] >= n_shards

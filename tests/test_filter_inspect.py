@@ -15,7 +15,7 @@ import pytest
 import scipy.stats
 
 from synpref.cli import main
-from synpref.jobs.inspect_output import collect_report, kendall_tau_b
+from synpref.reporting.inspect_build import collect_report, kendall_tau_b
 from synpref.pipelines.filter_corpus import filter_corpus
 from synpref.schemas.filter_config import filter_config_from_dict
 from test_filter_corpus import corpus, job  # noqa: F401 - the corpus fixture

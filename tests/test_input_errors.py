@@ -11,7 +11,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from conftest import tiny_build_config
-from synpref.jobs.demo import demo_config
+from synpref.demo.run import demo_config
 from synpref.pipelines.preflight import preflight
 from synpref.schemas.config import PromptsConfig, load_build_config
 from synpref.transforms.prompts import ReadPrompts, _Clean, read_raw_prompts

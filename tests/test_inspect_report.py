@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from synpref.jobs.inspect_output import collect_report, kendall_tau_b
+from synpref.reporting.inspect_build import collect_report, kendall_tau_b
 
 
 @pytest.fixture(scope="module")

@@ -55,7 +55,7 @@ def tiny(tmp_path_factory):
     from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    from synpref.jobs.tiny_models import _write_clip_tokenizer_files
+    from synpref.demo.tiny_models import _write_clip_tokenizer_files
 
     out = tmp_path_factory.mktemp("mps")
     _write_clip_tokenizer_files(out / "bpe")

@@ -1,7 +1,7 @@
 """The one registry every plug-in kind uses: names, duplicates refused, one-line errors naming the choices."""
 import pytest
 
-from synpref.registry import Registry
+from synpref.core.registry import Registry
 from synpref.training.families import FAMILIES
 from synpref.transforms.aggregators import AGGREGATORS
 from synpref.transforms.corpus_sources import SOURCES

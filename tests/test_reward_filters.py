@@ -193,7 +193,7 @@ def test_rank_flag_is_refused_by_the_corpus_filter(tmp_path):
 
 def test_inspect_marks_a_filter_only_reward(unfiltered, tmp_path):
     from synpref.cli import main
-    from synpref.jobs.inspect_output import inspect_output
+    from synpref.reporting.inspect_build import inspect_output
 
     _, with_filter_only, without, _, _ = unfiltered
     text = inspect_output(str(with_filter_only))

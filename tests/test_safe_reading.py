@@ -13,7 +13,7 @@ import pytest
 import webdataset as wds
 from PIL import Image, ImageFile
 
-from synpref.jobs.inspect_output import scan_shard, verify
+from synpref.reporting.inspect_build import scan_shard, verify
 from synpref.training.config import TrainConfig
 from synpref.training.data import RankedShards, iter_batches
 from synpref.transforms.imageio import DEFAULT_MAX_PIXELS, ImageDecodeError, check_member_name, decode_image, decode_members

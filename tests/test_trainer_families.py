@@ -11,7 +11,7 @@ import webdataset as wds
 from PIL import Image
 from safetensors.torch import load_file
 
-from synpref.jobs.tiny_models import _write_clip_tokenizer_files
+from synpref.demo.tiny_models import _write_clip_tokenizer_files
 from synpref.training.config import TrainConfig
 from synpref.training.data import RankedItem, collate_ranked
 from synpref.training.families import available_families, family_for

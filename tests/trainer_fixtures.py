@@ -11,7 +11,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from synpref.jobs.tiny_models import save_tiny_sd_pipeline
+from synpref.demo.tiny_models import save_tiny_sd_pipeline
 
 
 @pytest.fixture(scope="module", autouse=True)

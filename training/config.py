@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from synpref.schemas.config import RewardConfig, coerce, from_dict, load_yaml
-from synpref.transforms.imageio import DEFAULT_MAX_PIXELS
+from ..schemas.config import RewardConfig, coerce, from_dict, load_yaml
+from ..transforms.imageio import DEFAULT_MAX_PIXELS
 
 Loss = Literal["rankdpo", "dpo"]
 DiscountRank = Literal["label", "model"]
@@ -214,7 +214,7 @@ class TrainConfig:
             raise ValueError("eval_every > 0 needs eval_prompts (a list of prompts or a prompt file)")
         if not self.eval_rewards:
             raise ValueError("eval_every > 0 needs eval_rewards ([{name, params}] as the build's rewards)")
-        from synpref.transforms.rewards import available_rewards
+        from ..transforms.rewards import available_rewards
 
         unknown = [r.name for r in self.eval_rewards if r.name not in available_rewards()]
         if unknown:

@@ -44,7 +44,7 @@ import torch
 import webdataset as wds
 from PIL import Image, ImageOps
 
-from synpref.transforms.imageio import DEFAULT_MAX_PIXELS, ImageDecodeError, check_member_name, decode_image
+from ..transforms.imageio import DEFAULT_MAX_PIXELS, ImageDecodeError, check_member_name, decode_image
 
 logger = logging.getLogger("synpref.training")
 

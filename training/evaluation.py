@@ -92,7 +92,7 @@ class Evaluator:
     def rewards(self):
         """The eval rewards, created and loaded on first use."""
         if self._rewards is None:
-            from synpref.transforms.rewards import create_reward
+            from ..transforms.rewards import create_reward
 
             self._rewards = [create_reward(r.name, r.params) for r in self.config.eval_rewards]
             for reward in self._rewards:
@@ -127,7 +127,7 @@ class Evaluator:
 
     def score(self, images: list) -> dict[str, float]:
         """Mean score per reward (NaN scores left out; a failing reward gives NaN and a warning)."""
-        from synpref.transforms.scoring import score_ensemble
+        from ..transforms.scoring import score_ensemble
 
         means = {}
         for name, scores in score_ensemble(self.rewards, images, self.prompts).items():

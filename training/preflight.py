@@ -13,7 +13,7 @@ import tarfile
 
 import fsspec
 
-from synpref.training.data import READERS, resolve_shards
+from .data import READERS, resolve_shards
 
 # "name" or "org/name": what a hub id looks like. Anything else that does not exist is a missing folder.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*)?$")
@@ -76,7 +76,7 @@ def _check_shards(entries: list[str], data_format: str) -> list[str]:
 def _check_pickapic(url: str) -> None:
     import pyarrow.parquet as pq
 
-    from synpref.training.data import PICKAPIC_COLUMNS
+    from .data import PICKAPIC_COLUMNS
 
     try:
         with fsspec.open(url, "rb") as f:

@@ -34,11 +34,11 @@ from pathlib import Path
 import torch
 import yaml
 
-from synpref.training.caching import EncoderCache
-from synpref.training.config import TrainConfig
-from synpref.training.data import RankedBatch, iter_batches, open_dataset, prefetch
-from synpref.training.families import ModelFamily, family_for
-from synpref.training.losses import implicit_accuracy, preference_pairs, ranked_dpo_loss, rankdpo_loss_batched
+from .caching import EncoderCache
+from .config import TrainConfig
+from .data import RankedBatch, iter_batches, open_dataset, prefetch
+from .families import ModelFamily, family_for
+from .losses import implicit_accuracy, preference_pairs, ranked_dpo_loss, rankdpo_loss_batched
 
 logger = logging.getLogger("synpref.training")
 
@@ -432,7 +432,7 @@ def train(config: TrainConfig) -> dict:
     eval_path = out / "eval_log.csv"
     evaluator = None
     if config.eval_every:
-        from synpref.training.evaluation import Evaluator
+        from .evaluation import Evaluator
 
         evaluator = Evaluator(config, models, eval_path)
     checkpoint = resolve_checkpoint(config)
@@ -455,7 +455,7 @@ def train(config: TrainConfig) -> dict:
                 note_batch(next(batches))
         if accelerator.is_main_process:
             _rewrite_log(log_path, len(losses))
-            from synpref.training.evaluation import rewrite_eval_log
+            from .evaluation import rewrite_eval_log
 
             rewrite_eval_log(eval_path, len(losses))
         logger.info("resumed from %s at step %d", checkpoint, len(losses))
@@ -575,7 +575,7 @@ def train(config: TrainConfig) -> dict:
                   "prompts_encoded": cache.prompts_encoded},
     }
     if evaluator is not None:
-        from synpref.training.evaluation import read_eval_log
+        from .evaluation import read_eval_log
 
         rows = read_eval_log(eval_path) if accelerator.is_main_process else []
         summary["eval"] = {"log_path": str(eval_path), "prompts": len(evaluator.prompts),

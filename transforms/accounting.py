@@ -15,9 +15,9 @@ from typing import Any
 import apache_beam as beam
 import fsspec
 
-from synpref.transforms.dataset_card import dataset_card
-from synpref.transforms.fileio import AtomicFile
-from synpref.transforms.writing import shard_paths
+from .dataset_card import dataset_card
+from ..core.fileio import AtomicFile
+from .writing import shard_paths
 
 log = logging.getLogger("synpref.build")
 

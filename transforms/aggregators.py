@@ -38,7 +38,7 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from synpref.registry import Registry
+from ..core.registry import Registry
 
 # fn(scores [k, n], weights [n], stats dict, options dict) -> (a [k], phi [k])
 AggregatorFn = Callable[[np.ndarray, np.ndarray, Mapping, Mapping], "tuple[np.ndarray, np.ndarray]"]

@@ -28,9 +28,9 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image, ImageChops
 
-from synpref.schemas.records import Candidate
-from synpref.transforms.perceptual_hash import dhash_hex, hamming
-from synpref.transforms.rewards.near_blank import grey_std
+from ..schemas.records import Candidate
+from .perceptual_hash import dhash_hex, hamming
+from .rewards.near_blank import grey_std
 
 STAGE = "filter_candidates"
 FLAT_TOLERANCE = 8  # grey levels per channel (0..255) around the median colour that still count as "flat"

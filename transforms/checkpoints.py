@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from synpref.transforms.model_io import local_copy
+from .model_io import local_copy
 
 
 def load_state_dict(location: str, cache_dir: str = "", key: str = "") -> dict:

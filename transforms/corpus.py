@@ -38,18 +38,18 @@ import webdataset as wds
 from apache_beam.metrics import Metrics
 from PIL import Image
 
-from synpref.progress import progress
-from synpref.schemas.config import RewardConfig
-from synpref.schemas.records import CorpusRecord
-from synpref.transforms.corpus_sources import SHARD_KEY, CorpusInput
-from synpref.transforms.fileio import AtomicFile
-from synpref.transforms.generation import error_line
-from synpref.transforms.imageio import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageDecodeError, check_member_name, \
+from ..core.progress import progress
+from ..schemas.config import RewardConfig
+from ..schemas.records import CorpusRecord
+from .corpus_sources import SHARD_KEY, CorpusInput
+from ..core.fileio import AtomicFile
+from .generation import error_line
+from .imageio import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageDecodeError, check_member_name, \
     decode_image
-from synpref.transforms.perceptual_hash import dhash_hex as dhash, hamming  # dhash: 16 hex digits
-from synpref.transforms.rewards import create_reward
-from synpref.transforms.scoring import score_ensemble
-from synpref.transforms.writing import TAR_MTIME
+from .perceptual_hash import dhash_hex as dhash, hamming  # dhash: 16 hex digits
+from .rewards import create_reward
+from .scoring import score_ensemble
+from .writing import TAR_MTIME
 
 DROPPED = "dropped"
 READ = "read"

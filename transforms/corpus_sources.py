@@ -22,9 +22,9 @@ from typing import Any, ClassVar, Iterator, Optional, Sequence
 import fsspec
 import pyarrow.parquet as pq
 
-from synpref.registry import Registry
-from synpref.transforms.generation import error_line
-from synpref.transforms.imageio import IMAGE_EXTENSIONS, check_member_name
+from ..core.registry import Registry
+from .generation import error_line
+from .imageio import IMAGE_EXTENSIONS, check_member_name
 
 SHARD_KEY = "__shard__"  # record id of an unreadable remainder of a unit (one outcome for the rest)
 

@@ -18,7 +18,7 @@ SYN_PIC = (" (Syn-Pic win rate: each image's share of strict wins over all rewar
 def dataset_card(manifest: dict[str, Any]) -> str:
     import datasets
 
-    from synpref.schemas.hf_features import features_from_manifest
+    from ..schemas.hf_features import features_from_manifest
 
     infos = []
     for name in ("ranked", "pairs"):

@@ -7,9 +7,9 @@ from typing import Union
 
 import apache_beam as beam
 
-from synpref.schemas.config import FilterConfig
-from synpref.schemas.records import Drop, PreferencePair, RankedGroup
-from synpref.transforms.perceptual_hash import dhash, hamming
+from ..schemas.config import FilterConfig
+from ..schemas.records import Drop, PreferencePair, RankedGroup
+from .perceptual_hash import dhash, hamming
 
 DROPPED = "dropped"
 
@@ -67,7 +67,7 @@ def select_pair(pair: PreferencePair, ranks: dict[str, int], n: int, cfg: Filter
 
 def _group_hashes(group: RankedGroup) -> dict[str, int]:
     """Each candidate's difference hash: the one the scoring step stored, else from the staged image."""
-    from synpref.transforms.staging import load_staged_image
+    from .staging import load_staged_image
 
     return {c.candidate_id: int(c.dhash, 16) if c.dhash else dhash(load_staged_image(c.image_uri))
             for c in group.candidates}

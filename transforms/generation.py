@@ -15,11 +15,11 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import PredictionResult, RunInference
 
-from synpref.schemas.config import GeneratorConfig
-from synpref.schemas.records import Candidate, Drop, GenerationRequest, PromptRecord
-from synpref.transforms.generators import Generator, create_generator
-from synpref.transforms.inference import PluginModelHandler, Work
-from synpref.transforms.staging import (IMAGE_EXT, encode_image, encoding_tag, find_staged, generation_key,
+from ..schemas.config import GeneratorConfig
+from ..schemas.records import Candidate, Drop, GenerationRequest, PromptRecord
+from .generators import Generator, create_generator
+from .inference import PluginModelHandler, Work
+from .staging import (IMAGE_EXT, encode_image, encoding_tag, find_staged, generation_key,
                                         generator_fingerprint, stage_image, to_uint8)
 
 DROPPED = "dropped"

@@ -14,8 +14,8 @@ from typing import Any, Iterable, Optional, Sequence
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
-from synpref.progress import progress
-from synpref.transforms.model_io import set_torch_threads
+from ..core.progress import progress
+from .model_io import set_torch_threads
 
 
 class Work(abc.ABC):

@@ -19,8 +19,8 @@ from typing import Iterator, Optional
 import apache_beam as beam
 import fsspec
 
-from synpref.schemas.config import PromptsConfig
-from synpref.schemas.records import Drop, PromptRecord
+from ..schemas.config import PromptsConfig
+from ..schemas.records import Drop, PromptRecord
 
 DROPPED = "dropped"
 BUILTIN = "builtin"

@@ -10,10 +10,10 @@ from typing import Mapping, Optional, Sequence
 import apache_beam as beam
 import numpy as np
 
-from synpref.schemas.records import Candidate, Drop, PreferencePair, PromptRecord, RankedCandidate, RankedGroup
-from synpref.transforms import aggregators as agg
-from synpref.transforms.aggregators import get_aggregator, strict_prefers, strict_wins
-from synpref.transforms.candidate_filters import STAGE as CANDIDATE_FILTER_STAGE, filter_group
+from ..schemas.records import Candidate, Drop, PreferencePair, PromptRecord, RankedCandidate, RankedGroup
+from . import aggregators as agg
+from .aggregators import get_aggregator, strict_prefers, strict_wins
+from .candidate_filters import STAGE as CANDIDATE_FILTER_STAGE, filter_group
 
 DROPPED = "dropped"
 STATS = "stats"

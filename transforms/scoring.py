@@ -22,13 +22,13 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import PredictionResult, RunInference
 
-from synpref.schemas.config import RewardConfig
-from synpref.schemas.records import Drop
-from synpref.transforms.candidate_filters import image_facts
-from synpref.transforms.generation import error_line
-from synpref.transforms.inference import PluginModelHandler, Work
-from synpref.transforms.rewards import Reward, create_reward
-from synpref.transforms.staging import load_staged_image
+from ..schemas.config import RewardConfig
+from ..schemas.records import Drop
+from .candidate_filters import image_facts
+from .generation import error_line
+from .inference import PluginModelHandler, Work
+from .rewards import Reward, create_reward
+from .staging import load_staged_image
 
 DROPPED = "dropped"
 

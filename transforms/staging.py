@@ -18,11 +18,11 @@ import fsspec
 import numpy as np
 from PIL import Image
 
-from synpref.schemas.config import GeneratorConfig
-from synpref.schemas.records import Lineage
-from synpref.transforms.fileio import read_bytes, write_atomic
-from synpref.transforms.imageio import decode_image
-from synpref.transforms.model_io import json_digest, model_fingerprint
+from ..schemas.config import GeneratorConfig
+from ..schemas.records import Lineage
+from ..core.fileio import read_bytes, write_atomic
+from .imageio import decode_image
+from .model_io import json_digest, model_fingerprint
 
 # Bump when synpref changes how a config turns into pixels (e.g. noise sampling), so old staging is not reused.
 GENERATION_SCHEME = "1"

@@ -20,10 +20,10 @@ import pyarrow.parquet as pq
 import webdataset as wds
 from apache_beam.metrics import Metrics
 
-from synpref.progress import progress
-from synpref.schemas.records import PAIR_INDEX_SCHEMA, RANKED_INDEX_SCHEMA, RankedGroup
-from synpref.transforms.fileio import AtomicFile, read_bytes
-from synpref.transforms.imageio import check_member_name
+from ..core.progress import progress
+from ..schemas.records import PAIR_INDEX_SCHEMA, RANKED_INDEX_SCHEMA, RankedGroup
+from ..core.fileio import AtomicFile, read_bytes
+from .imageio import check_member_name
 
 TAR_MTIME = 0.0  # fixed member mtime: byte-identical shards across runs
 # Bump when the bytes a shard holds change for the same inputs (layout, encoding), so old shards are rewritten.

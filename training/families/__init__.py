@@ -1,5 +1,5 @@
 """Model families for the trainer: one file each, chosen from ``model_index.json`` (see ``base.py``)."""
-from synpref.training.families.base import (
+from .base import (
     FAMILIES,
     ModelFamily,
     available_families,

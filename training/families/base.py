@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import torch
 
-from synpref.registry import Registry
+from ...core.registry import Registry
 
 FAMILIES = Registry("model family")
 
@@ -30,7 +30,7 @@ def available_families() -> list[str]:
 
 
 def _import_builtin_families() -> None:
-    from synpref.training.families import sd, sd3, sdxl  # noqa: F401  (they register themselves)
+    from . import sd, sd3, sdxl  # noqa: F401  (they register themselves)
 
 
 def model_index(pretrained_model: str, revision: str | None = None) -> dict:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from synpref.training.families.base import ModelFamily, register_family
+from .base import ModelFamily, register_family
 
 
 @register_family("StableDiffusionPipeline")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from synpref.training.families.base import ModelFamily, model_index, register_family
+from .base import ModelFamily, model_index, register_family
 
 
 @register_family("StableDiffusion3Pipeline")

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from synpref.training.families.base import register_family
-from synpref.training.families.sd import StableDiffusionFamily
+from .base import register_family
+from .sd import StableDiffusionFamily
 
 
 @register_family("StableDiffusionXLPipeline")

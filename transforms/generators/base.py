@@ -6,9 +6,9 @@ from typing import Sequence
 
 import numpy as np
 
-from synpref.registry import Registry
-from synpref.schemas.config import GeneratorConfig
-from synpref.schemas.records import Lineage
+from ...core.registry import Registry
+from ...schemas.config import GeneratorConfig
+from ...schemas.records import Lineage
 
 GENERATORS = Registry("generator type")
 

@@ -6,8 +6,8 @@ from typing import Sequence
 
 import numpy as np
 
-from synpref.schemas.records import Lineage
-from synpref.transforms.model_io import local_copy, pick_device
+from ...schemas.records import Lineage
+from ..model_io import local_copy, pick_device
 
 from .base import Generator, register_generator
 

@@ -29,7 +29,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from synpref.schemas.records import Lineage
+from ...schemas.records import Lineage
 
 from .base import Generator, register_generator
 

@@ -11,7 +11,7 @@ from typing import Any, ClassVar, Hashable, Optional, Sequence
 
 from PIL import Image
 
-from synpref.registry import Registry
+from ...core.registry import Registry
 
 REWARDS = Registry("reward")
 
@@ -67,7 +67,7 @@ class Reward(abc.ABC):
     def describe(self) -> dict[str, Any]:
         """Name, version, params and a fingerprint of the files it loads: recorded in the manifest, and
         (name, version, fingerprint) in every sample's labels, so a dataset says which judges labelled it."""
-        from synpref.transforms.model_io import json_digest, model_fingerprint
+        from ..model_io import json_digest, model_fingerprint
 
         files = {k: v for k, v in self.files().items() if v}
         info = {"name": self.name, "version": self.version, "params": self.params(),

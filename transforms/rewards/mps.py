@@ -58,7 +58,7 @@ from ..model_io import local_copy, pick_device
 
 if __name__ == "__main__":  # ``python -m ...rewards.mps convert``: the package import already registered this
     # module (runpy warns about that, harmlessly); run its CLI rather than define and register the reward twice
-    from synpref.transforms.rewards.mps import main as _main
+    from .mps import main as _main
 
     sys.exit(_main())
 

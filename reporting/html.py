@@ -17,8 +17,8 @@ from typing import Sequence
 
 import numpy as np
 
-from synpref.jobs.inspect_output import InspectReport, reward_label
-from synpref.transforms.imageio import ImageDecodeError, decode_image
+from .inspect_build import InspectReport, reward_label
+from ..transforms.imageio import ImageDecodeError, decode_image
 
 THUMB = 160  # px, longest side
 
@@ -215,8 +215,8 @@ def _corpus_card(item: dict, rewards: list[str], note: str = "") -> str:
 
 
 def render_filter_html(rep) -> str:
-    """A filter output's report (``synpref.jobs.inspect_filter.FilterReport``) as one HTML document."""
-    from synpref.jobs.inspect_filter import describe_filter
+    """A filter output's report (``synpref.reporting.inspect_filter.FilterReport``) as one HTML document."""
+    from .inspect_filter import describe_filter
 
     m, rewards = rep.manifest, rep.rewards
     kept_mask = rep.scores["kept"].fill_null(False).to_numpy()

@@ -63,10 +63,10 @@ def pipeline_failure(exc: BaseException) -> str:
 
 
 def cmd_build(args, rest) -> int:
-    from synpref.pipelines.build_preferences import build
-    from synpref.pipelines.preflight import preflight
-    from synpref.report import build_summary
-    from synpref.schemas.config import load_build_config
+    from ..pipelines.build_preferences import build
+    from ..pipelines.preflight import preflight
+    from ..reporting.summaries import build_summary
+    from ..schemas.config import load_build_config
 
     try:
         cfg = load_build_config(args.config, args.set)
@@ -87,9 +87,9 @@ def cmd_build(args, rest) -> int:
 
 def cmd_check_models(args, rest) -> int:
     """Every model file, folder or hub id the job loads, and whether it is there; exit 2 if any is not."""
-    from synpref.pipelines.preflight import model_files
-    from synpref.schemas.config import load_build_config
-    from synpref.transforms.model_io import location_status
+    from ..pipelines.preflight import model_files
+    from ..schemas.config import load_build_config
+    from ..transforms.model_io import location_status
 
     try:
         cfg = load_build_config(args.config, args.set)
@@ -106,9 +106,9 @@ def cmd_check_models(args, rest) -> int:
 
 
 def cmd_eval_rewards(args, rest) -> int:
-    from synpref.jobs.eval_rewards import evaluate, format_table, write_json
-    from synpref.schemas.config import load_build_config
-    from synpref.pipelines.preflight import check_models
+    from ..reporting.reward_accuracy import evaluate, format_table, write_json
+    from ..schemas.config import load_build_config
+    from ..pipelines.preflight import check_models
 
     try:
         cfg = load_build_config(args.config, args.set)
@@ -123,10 +123,10 @@ def cmd_eval_rewards(args, rest) -> int:
 
 
 def cmd_train(args, rest) -> int:
-    from synpref.report import train_summary
-    from synpref.training.config import TrainConfig
-    from synpref.training.preflight import preflight_train
-    from synpref.training.train import parse_overrides, train
+    from ..reporting.summaries import train_summary
+    from ..training.config import TrainConfig
+    from ..training.preflight import preflight_train
+    from ..training.train import parse_overrides, train
 
     if rest:
         raise UserError(f"synpref train: unknown arguments {rest}")
@@ -142,7 +142,7 @@ def cmd_train(args, rest) -> int:
 def cmd_inspect(args, rest) -> int:
     import fsspec
 
-    from synpref.jobs.inspect_output import collect_report, format_text
+    from ..reporting.inspect_build import collect_report, format_text
 
     fs, path = fsspec.core.url_to_fs(args.output_dir.rstrip("/") + "/manifest.json")
     if not fs.exists(path):
@@ -154,14 +154,14 @@ def cmd_inspect(args, rest) -> int:
         raise UserError(f"synpref inspect: {' '.join(str(e).split())}") from None
     print(format_text(report))
     if args.html:
-        from synpref.jobs.html_report import write_html
+        from ..reporting.html import write_html
 
         print(f"html report: {write_html(report, args.html)}")
     return 1 if report.findings else 0  # a missing, truncated or corrupt shard is a finding: exit 1
 
 
 def cmd_export(args, rest) -> int:
-    from synpref.jobs.export import ExportError, export
+    from ..formats.export import ExportError, export
 
     try:
         summary = export(args.format, args.build_dir, args.out_dir, pairs=args.pairs,
@@ -181,8 +181,8 @@ def cmd_export(args, rest) -> int:
 
 def cmd_filter(args, rest) -> int:
     """Score and filter a web image-text corpus (img2dataset WebDataset shards) with the build's rewards."""
-    from synpref.pipelines.filter_corpus import filter_corpus, format_summary, preflight_filter
-    from synpref.schemas.filter_config import load_filter_config
+    from ..pipelines.filter_corpus import filter_corpus, format_summary, preflight_filter
+    from ..schemas.filter_config import load_filter_config
 
     try:
         cfg = load_filter_config(args.config, args.set)
@@ -201,8 +201,8 @@ def cmd_filter(args, rest) -> int:
 
 
 def cmd_demo(args, rest) -> int:
-    from synpref.jobs.demo import run_demo
-    from synpref.report import build_summary, train_summary
+    from ..demo.run import run_demo
+    from ..reporting.summaries import build_summary, train_summary
 
     result = run_demo(args.workdir, num_prompts=args.num_prompts, train_steps=args.train_steps, pipeline_args=rest)
     print(build_summary(result["build"]))

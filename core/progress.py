@@ -8,7 +8,7 @@ import logging
 import threading
 import time
 
-log = logging.getLogger("synpref.progress")
+log = logging.getLogger("synpref.core.progress")
 
 _lock = threading.Lock()
 _trackers: dict[str, "Progress"] = {}

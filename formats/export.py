@@ -50,10 +50,10 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from synpref.registry import Registry
-from synpref.transforms.fileio import AtomicFile
-from synpref.transforms.imageio import decode_members
-from synpref.transforms.writing import shard_paths
+from ..core.registry import Registry
+from ..core.fileio import AtomicFile
+from ..transforms.imageio import decode_members
+from ..transforms.writing import shard_paths
 
 if TYPE_CHECKING:
     from PIL import Image

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import fsspec
 import polars as pl
 
-from synpref.jobs.inspect_output import (_READ_ERRORS, _counts_table, _drops_table, _error_text, check_tar,
+from .inspect_build import (_READ_ERRORS, _counts_table, _drops_table, _error_text, check_tar,
                                          iter_tar_samples, kendall_tau_b, ledger_problems, level_lines, reward_label,
                                          table_lines)
 
@@ -156,7 +156,7 @@ def _kept_samples(out: str, manifest: dict, n: int, findings: list[str]) -> list
 
 def _source_reader(manifest: dict):
     """A function (url, member, offset, size) -> image bytes, through the job's own input reader."""
-    from synpref.transforms.corpus_sources import CorpusInput
+    from ..transforms.corpus_sources import CorpusInput
 
     given = manifest["config"]["input"]  # as the job resolved it: format and per-format options
     inputs = CorpusInput(given.get("format", "auto"), {"parquet": given.get("parquet") or {}})

@@ -23,12 +23,12 @@ import fsspec
 import numpy as np
 import pyarrow.parquet as pq
 
-from synpref.schemas.config import BuildConfig
-from synpref.transforms.aggregators import dataset_stats, get_aggregator
-from synpref.transforms.ranking import label_table
-from synpref.transforms.imageio import ImageDecodeError, decode_image
-from synpref.transforms.rewards import create_reward
-from synpref.transforms.scoring import score_ensemble
+from ..schemas.config import BuildConfig
+from ..transforms.aggregators import dataset_stats, get_aggregator
+from ..transforms.ranking import label_table
+from ..transforms.imageio import ImageDecodeError, decode_image
+from ..transforms.rewards import create_reward
+from ..transforms.scoring import score_ensemble
 
 COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
 

@@ -5,7 +5,7 @@ paths the manifest recorded at build time, so a copied or moved build is checked
 that is missing, truncated or not a tar is a *finding* naming the file, never a traceback.
 
 ``collect_report`` gathers the figures once (polars tables: counts, drops by reason, per-reward score
-distribution, reward agreement); ``format_text`` prints them and ``synpref.jobs.html_report`` renders
+distribution, reward agreement); ``format_text`` prints them and ``synpref.reporting.html`` renders
 them as one self-contained HTML file. Nothing is unpickled: tar members are read as bytes, JSON is
 parsed and images go through ``decode_image``.
 """
@@ -21,8 +21,8 @@ import fsspec
 import numpy as np
 import polars as pl
 
-from synpref.transforms.imageio import check_member_name
-from synpref.transforms.writing import shard_paths
+from ..transforms.imageio import check_member_name
+from ..transforms.writing import shard_paths
 
 _READ_ERRORS = (OSError, EOFError, tarfile.TarError, ValueError)
 
@@ -328,7 +328,7 @@ def collect_report(output_dir: str, samples: int | None = None, verify_shards: b
     with fsspec.open(f"{out}/manifest.json", "r") as f:
         manifest = json.load(f)
     if manifest.get("job") == "filter":
-        from synpref.jobs.inspect_filter import collect_filter_report
+        from .inspect_filter import collect_filter_report
 
         return collect_filter_report(out, manifest, 12 if samples is None else samples, verify_shards=verify_shards)
     samples = 2 if samples is None else samples
@@ -362,7 +362,7 @@ def format_table(df: pl.DataFrame, indent: str = "  ") -> list[str]:
 
 def format_text(rep) -> str:
     if getattr(rep, "job", "build") == "filter":
-        from synpref.jobs.inspect_filter import format_filter_text
+        from .inspect_filter import format_filter_text
 
         return format_filter_text(rep)
     m = rep.manifest

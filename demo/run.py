@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import yaml
 
-from synpref.jobs.tiny_models import save_demo_models
+from .tiny_models import save_demo_models
 
 log = logging.getLogger("synpref.demo")
 
@@ -33,10 +33,10 @@ def demo_config(name: str, workdir: str) -> dict:
 
 def run_demo(workdir: str = DEMO_PREFIX, num_prompts: Optional[int] = 64, train_steps: Optional[int] = None,
              pipeline_args: Optional[list[str]] = None, build_overrides: Optional[dict] = None) -> dict[str, Any]:
-    from synpref.pipelines.build_preferences import build
-    from synpref.schemas.config import apply_overrides, build_config_from_dict
-    from synpref.training.config import TrainConfig
-    from synpref.training.train import train
+    from ..pipelines.build_preferences import build
+    from ..schemas.config import apply_overrides, build_config_from_dict
+    from ..training.config import TrainConfig
+    from ..training.train import train
 
     log.info("demo: writing tiny random models under %s/models", workdir)
     save_demo_models(f"{workdir}/models")

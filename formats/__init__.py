@@ -1,0 +1,1 @@
+"""synpref.formats: on-disk dataset formats (WebDataset layouts, Pick-a-Pic parquet) and exporters."""
