@@ -4,9 +4,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import sys
 import warnings
+
+from ..core.errors import UserError, pipeline_failure
 
 
 class _DropNoise(logging.Filter):
@@ -39,27 +40,6 @@ def setup_logging(verbose: bool = False, model_libraries: bool = True) -> None:
 
         diffusers_logging.disable_progress_bar()  # "Loading pipeline components" bars per model load
         transformers_logging.disable_progress_bar()
-
-
-class UserError(Exception):
-    """A bad config or a missing file: reported as one line, without a traceback."""
-
-
-def pipeline_failure(exc: BaseException) -> str:
-    """One line from a failed Beam job: the step that failed and the innermost error.
-
-    Runners wrap a worker's exception (with its whole chain) in their own; the last
-    ``Type: message`` line of that text is the error that stopped the job.
-    """
-    text = str(exc)
-    step = re.findall(r"\[while running '([^']+)'\]", text)
-    text = re.sub(r"\s*\[while running '[^']+'\]", "", text)
-    errors = [ln.strip() for ln in text.splitlines() if re.match(r"^\s*[\w.]+(Error|Exception|Exit)\b.*:", ln)]
-    line = errors[-1] if errors else f"{type(exc).__name__}: {(text.strip().splitlines() or [''])[-1]}"
-    parts = step[-1].split("/") if step else []
-    where = parts[2] if len(parts) > 2 else (parts[-1] if parts else "")  # BuildPreferences/<Stage>/<Step>/...
-    line = " ".join(line.split())
-    return (f"{where} failed: " if where else "") + (line if len(line) <= 400 else line[:397] + "...")
 
 
 def cmd_build(args, rest) -> int:

@@ -1,7 +1,13 @@
 """Atomic writes and whole-file reads over fsspec (local, gs://, s3://, memory://)."""
 from __future__ import annotations
 
+import os
+import re
+import uuid
+
 import fsspec
+
+from .errors import one_line
 
 
 class AtomicFile:
@@ -35,3 +41,28 @@ def write_atomic(uri: str, data: bytes) -> None:
 def read_bytes(uri: str) -> bytes:
     with fsspec.open(uri, "rb") as f:
         return f.read()
+
+
+def check_writable(url: str, what: str) -> None:
+    """Create the folder and write + remove a probe file with fsspec (local, gs://, s3:// alike)."""
+    try:
+        fs, path = fsspec.core.url_to_fs(url)  # inside: a missing gcsfs/s3fs is an ImportError
+        probe = f"{path.rstrip('/')}/.synpref-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        fs.makedirs(path, exist_ok=True)
+        with fs.open(probe, "wb") as f:
+            f.write(b"ok")
+        fs.rm(probe)
+    except Exception as e:  # any failure here (permissions, a file in the way, credentials) means no output
+        raise ValueError(f"{what}: cannot be created or written: {url} ({type(e).__name__}: {one_line(e)}); "
+                         "choose a folder you can write to") from None
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*)?$")
+
+
+def looks_like_hub_id(name: str, bare_names: bool = False) -> bool:
+    """``org/name`` (or, with ``bare_names``, a legacy ``name``) that is not on disk: a hub id, which cannot
+    be checked offline; anything else (a scheme, ``./``, ``/``, deeper paths) is a location."""
+    if "://" in name or os.path.exists(os.path.expanduser(name)) or not _HUB_ID.fullmatch(name):
+        return False
+    return bare_names or name.count("/") == 1

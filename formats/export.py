@@ -51,7 +51,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..core.registry import Registry
-from ..core.fileio import AtomicFile
+from ..core.fileio import AtomicFile, check_writable
 from ..transforms.imageio import decode_members
 from ..transforms.writing import shard_paths
 
@@ -272,12 +272,11 @@ class PickAPicExporter:
                     for old in fs.glob(path + "/data/train-*.parquet*"):  # an earlier export: replace it whole
                         fs.rm(old)
             fs.makedirs(path + "/data", exist_ok=True)
-            probe = path + "/.synpref-write-test"
-            with fs.open(probe, "wb") as f:
-                f.write(b"ok")
-            fs.rm(probe)
+            check_writable(self.out_dir + "/data", "export")
         except ExportError:
             raise
+        except ValueError as e:
+            raise ExportError(f"cannot write to {self.out_dir}: {e}") from None
         except OSError as e:
             raise ExportError(f"cannot write to {self.out_dir}: {e.strerror or e}") from None
 

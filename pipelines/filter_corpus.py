@@ -30,7 +30,7 @@ from ..transforms.accounting import CountDrops, ledger
 from ..transforms.corpus import (DROPPED, READ, ApplyFilters, DedupExact, DedupKeys, DedupNear,
                                        ScoreShards, WriteFiltered, WriteOutcomes)
 from ..transforms.corpus_sources import corpus_input_from_config
-from ..core.fileio import AtomicFile
+from ..core.fileio import AtomicFile, check_writable
 from ..transforms.rewards import create_reward
 
 log = logging.getLogger("synpref.filter")
@@ -47,15 +47,7 @@ def preflight_filter(cfg: FilterJobConfig) -> list[str]:
     shards = corpus_input.list_units(cfg.input.source)
     corpus_input.check(shards)
     out = cfg.output.output_dir.rstrip("/")
-    fs, path = fsspec.core.url_to_fs(out)
-    try:
-        fs.makedirs(path, exist_ok=True)
-        probe = f"{path}/.synpref_write_test"
-        with fs.open(probe, "wb") as f:
-            f.write(b"ok")
-        fs.rm(probe)
-    except OSError as e:
-        raise ValueError(f"output.output_dir {out!r} is not writable: {e}") from None
+    check_writable(out, "output.output_dir")
     return shards
 
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-import uuid
 
 import fsspec
 
+from ..core.errors import one_line
+from ..core.fileio import check_writable
 from ..schemas.config import BuildConfig, PromptsConfig
 from ..transforms.model_io import check_location
 from ..transforms.prompts import BUILTIN, _detect_format
@@ -59,7 +59,7 @@ def check_prompt_source(cfg: PromptsConfig) -> None:
         fs, path = fsspec.core.url_to_fs(src)
     except ImportError as e:
         raise ValueError(f"prompts.source: {src} needs an fsspec filesystem that is not installed "
-                         f"({_one_line(e)})") from None
+                         f"({one_line(e)})") from None
     if not fs.exists(path):
         raise FileNotFoundError(f"prompts.source: {src} does not exist; fix the path or use 'builtin'")
     if fs.isdir(path):
@@ -76,7 +76,7 @@ def check_prompt_source(cfg: PromptsConfig) -> None:
             with fsspec.open(src, "rb") as f:
                 columns = pq.read_schema(f).names
         except Exception as e:  # ArrowInvalid and friends: not a parquet file at all
-            raise ValueError(f"prompts.source: {src} is not a readable parquet file ({_one_line(e)})") from None
+            raise ValueError(f"prompts.source: {src} is not a readable parquet file ({one_line(e)})") from None
     else:
         return  # txt has no columns; jsonl rows without the field are dropped as invalid_row
     if cfg.text_field not in columns:
@@ -84,19 +84,3 @@ def check_prompt_source(cfg: PromptsConfig) -> None:
                          f"(columns: {', '.join(columns) or 'none'}); set prompts.text_field")
 
 
-def check_writable(url: str, what: str) -> None:
-    """Create the folder and write + remove a probe file with fsspec (local, gs://, s3:// alike)."""
-    try:
-        fs, path = fsspec.core.url_to_fs(url)  # inside: a missing gcsfs/s3fs is an ImportError
-        probe = f"{path.rstrip('/')}/.synpref-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        fs.makedirs(path, exist_ok=True)
-        with fs.open(probe, "wb") as f:
-            f.write(b"ok")
-        fs.rm(probe)
-    except Exception as e:  # any failure here (permissions, a file in the way, credentials) means no output
-        raise ValueError(f"{what}: cannot create or write {url} ({type(e).__name__}: {_one_line(e)}); "
-                         "choose a folder you can write to") from None
-
-
-def _one_line(e: Exception) -> str:
-    return " ".join(str(e).split())

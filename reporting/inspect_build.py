@@ -21,15 +21,11 @@ import fsspec
 import numpy as np
 import polars as pl
 
+from ..core.errors import error_text
 from ..transforms.imageio import check_member_name
 from ..transforms.writing import shard_paths
 
 _READ_ERRORS = (OSError, EOFError, tarfile.TarError, ValueError)
-
-
-def _error_text(exn: BaseException) -> str:
-    msg = " ".join(str(exn).split())
-    return f"{type(exn).__name__}: {msg}" if msg else type(exn).__name__
 
 
 def scan_shard(tar_uri: str) -> tuple[int, list[str]]:
@@ -124,7 +120,7 @@ def check_tar(tar: str, samples: int, size: int | None) -> list[str]:
         return [f"{tar}: missing"]
     except _READ_ERRORS as exn:
         now = _file_size(tar)
-        return [f"{tar}: unreadable ({_error_text(exn)})"
+        return [f"{tar}: unreadable ({error_text(exn)})"
                 + (f"; {now} bytes, manifest says {size}" if size is not None and now is not None and now != size
                    else "")]
     problems = [f"{tar}: {u}" for u in unsafe]
@@ -265,7 +261,7 @@ def _drops_table(out: str, findings: list[str]) -> pl.DataFrame:
                     [pl.col(c).cast(pl.Utf8) if c in ("level", "reason", "stage") else pl.lit(None, pl.Utf8).alias(c)
                      for c in ("level", "reason", "stage")]))
         except Exception as exn:  # noqa: BLE001 - any unreadable file is a finding, not a crash
-            findings.append(f"{path}: unreadable dead-letter file ({_error_text(exn)})")
+            findings.append(f"{path}: unreadable dead-letter file ({error_text(exn)})")
     if not frames:
         return pl.DataFrame(schema=_DROP_SCHEMA)
     return (pl.concat(frames).group_by(["level", "reason", "stage"]).agg(pl.len().alias("count"))
@@ -278,7 +274,7 @@ def _scores_table(shards: list[dict], rewards: list[str], findings: list[str]) -
         try:
             index = pl.read_parquet(s["ranked_index"])
         except Exception as exn:  # noqa: BLE001
-            findings.append(f"{s['ranked_index']}: unreadable index ({_error_text(exn)})")
+            findings.append(f"{s['ranked_index']}: unreadable index ({error_text(exn)})")
             continue
         for r in index.iter_rows(named=True):
             for rank, (cid, gen, phi, sc) in enumerate(zip(r["candidate_ids"], r["generator_ids"], r["phi"],
@@ -317,7 +313,7 @@ def _read_samples(shards: list[dict], samples: int, findings: list[str]) -> list
             continue  # verify() reports it
         except _READ_ERRORS as exn:
             if not any(f.startswith(f"{s['ranked_tar']}:") for f in findings):
-                findings.append(f"{s['ranked_tar']}: unreadable ({_error_text(exn)})")
+                findings.append(f"{s['ranked_tar']}: unreadable ({error_text(exn)})")
     return got
 
 

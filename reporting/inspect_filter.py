@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 import fsspec
 import polars as pl
 
-from .inspect_build import (_READ_ERRORS, _counts_table, _drops_table, _error_text, check_tar,
+from ..core.errors import error_text
+from .inspect_build import (_READ_ERRORS, _counts_table, _drops_table, check_tar,
                                          iter_tar_samples, kendall_tau_b, ledger_problems, level_lines, reward_label,
                                          table_lines)
 
@@ -80,7 +81,7 @@ def _index_table(out: str, manifest: dict, rewards: list[str], findings: list[st
         except FileNotFoundError:
             continue  # verify_filter reports it
         except Exception as exn:  # noqa: BLE001 - an unreadable index is a finding, not a crash
-            findings.append(f"{out}/{rel}: unreadable index ({_error_text(exn)})")
+            findings.append(f"{out}/{rel}: unreadable index ({error_text(exn)})")
             continue
         frames.append(df.select(
             [(pl.col(c) if c in df.columns else pl.lit(None)).cast(t).alias(c)
@@ -150,7 +151,7 @@ def _kept_samples(out: str, manifest: dict, n: int, findings: list[str]) -> list
             continue  # verify_filter reports it
         except (*_READ_ERRORS, UnicodeDecodeError) as exn:
             if not any(f.startswith(f"{tar}:") for f in findings):
-                findings.append(f"{tar}: unreadable ({_error_text(exn)})")
+                findings.append(f"{tar}: unreadable ({error_text(exn)})")
     return got
 
 
@@ -190,7 +191,7 @@ def _dropped_samples(out_dir: str, scores: pl.DataFrame, manifest: dict, per_rea
     try:
         read = _source_reader(manifest)
     except Exception as exn:  # noqa: BLE001 - an old or foreign manifest: show the drops without pictures
-        read, why = None, f"input not readable here ({_error_text(exn)})"
+        read, why = None, f"input not readable here ({error_text(exn)})"
     rewards = [r["name"] for r in manifest["rewards"]]
     out: dict[str, list[dict]] = {}
     for row in picked.iter_rows(named=True):
@@ -206,7 +207,7 @@ def _dropped_samples(out_dir: str, scores: pl.DataFrame, manifest: dict, per_rea
             try:
                 item["image"] = read(d["source_shard"], d["image_member"], d["image_offset"], d["image_size"])
             except Exception as exn:  # noqa: BLE001 - a moved or broken input: say so on the card
-                item["why"] = f"input not readable ({_error_text(exn)})"
+                item["why"] = f"input not readable ({error_text(exn)})"
         out.setdefault(row["reason"], []).append(item)
     return out
 

@@ -5,10 +5,10 @@ and every later stage passes ids, scores and the staged image's URI and hash,
 loading pixels only where it needs them (scoring). Memory stays flat as data grows.
 """
 from __future__ import annotations
+from ..core.errors import one_line
 
 import dataclasses
 import json
-import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
@@ -67,11 +67,6 @@ class GenerationRequest:
 
 def candidate_id(prompt_id: str, generator_id: str, index: int) -> str:
     return f"{prompt_id}-{generator_id}-{index}"
-
-
-def one_line(detail: Any, limit: int = 400) -> str:
-    """A drop's detail as one short line, without object addresses (they differ per run: same bytes on rerun)."""
-    return re.sub(r" at 0x[0-9a-fA-F]+", "", " ".join(str(detail).split()))[:limit]
 
 
 @dataclass(frozen=True)

@@ -8,22 +8,15 @@ the first tar header, and writes one probe file into ``output_dir`` (created if 
 from __future__ import annotations
 
 import os
-import re
 import tarfile
 
 import fsspec
 
+from ..core.errors import one_line
+from ..core.fileio import check_writable, looks_like_hub_id
 from .data import READERS, resolve_shards
 
-# "name" or "org/name": what a hub id looks like. Anything else that does not exist is a missing folder.
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*)?$")
 _OFFLINE = ("1", "true", "yes", "on")
-
-
-def _line(exn: BaseException | str) -> str:
-    """One line: whitespace (newlines included) collapsed."""
-    text = exn if isinstance(exn, str) else (str(exn) or type(exn).__name__)
-    return " ".join(text.split())
 
 
 def preflight_train(config) -> list[str]:
@@ -47,7 +40,7 @@ def preflight_train(config) -> list[str]:
         raise ValueError(f"unknown data_format {data_format!r}; valid: {sorted(READERS)}")
     urls = _check_shards(list(config.shards or []), data_format)
     _check_model(str(config.pretrained_model), getattr(config, "revision", None))
-    _check_output_dir(str(config.output_dir))
+    check_writable(str(config.output_dir), "output_dir")
     return urls
 
 
@@ -60,9 +53,9 @@ def _check_shards(entries: list[str], data_format: str) -> list[str]:
         try:
             urls += resolve_shards([entry], ext)
         except FileNotFoundError as exn:
-            raise FileNotFoundError(f"shards: {_line(exn)}") from None
+            raise FileNotFoundError(f"shards: {one_line(exn)}") from None
         except (OSError, ValueError) as exn:
-            raise ValueError(f"shards: cannot list {entry!r}: {_line(exn)}") from None
+            raise ValueError(f"shards: cannot list {entry!r}: {one_line(exn)}") from None
     if not urls:
         raise ValueError(f"shards: {entries} matched no {ext} file")
     if data_format == "pickapic":
@@ -82,7 +75,7 @@ def _check_pickapic(url: str) -> None:
         with fsspec.open(url, "rb") as f:
             names = pq.ParquetFile(f).schema_arrow.names
     except (OSError, ValueError) as exn:
-        raise ValueError(f"shards: {url} is not a readable parquet file: {_line(exn)}") from None
+        raise ValueError(f"shards: {url} is not a readable parquet file: {one_line(exn)}") from None
     missing = [c for c in PICKAPIC_COLUMNS if c not in names]
     if missing:
         raise ValueError(f"shards: {url} is missing column(s) {missing}; data_format pickapic needs "
@@ -129,7 +122,7 @@ def _check_model(name: str, revision: str | None) -> None:
         return
     if os.path.exists(path):
         raise FileNotFoundError(f"model folder {name!r} is a file, not a diffusers model folder")
-    if not _HUB_ID.fullmatch(name):  # an absolute, ./relative or deeper path: only a folder can be meant
+    if not looks_like_hub_id(name, bare_names=True):  # an absolute, ./relative or deeper path: only a folder can be meant
         raise FileNotFoundError(f"model folder {name!r} does not exist (pretrained_model)")
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _OFFLINE and not _in_hub_cache(name, revision):
         raise FileNotFoundError(f"model folder {name!r} does not exist, and no hub model {name!r} is in the "
@@ -150,15 +143,3 @@ def _in_hub_cache(repo_id: str, revision: str | None) -> bool:
     return False
 
 
-def _check_output_dir(output_dir: str) -> None:
-    probe = None
-    try:
-        fs, path = fsspec.core.url_to_fs(output_dir)
-        fs.makedirs(path, exist_ok=True)
-        probe = path.rstrip("/") + f"/.synpref-write-probe-{os.getpid()}"
-        with fs.open(probe, "wb") as f:
-            f.write(b"ok")
-        fs.rm(probe)
-    except Exception as exn:  # remote filesystems raise their own types (auth, HTTP): all mean "cannot write"
-        raise ValueError(f"output_dir {output_dir!r} cannot be created or written: "
-                         f"{type(exn).__name__}: {_line(exn)}") from None

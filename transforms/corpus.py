@@ -43,7 +43,7 @@ from ..schemas.config import RewardConfig
 from ..schemas.records import CorpusRecord
 from .corpus_sources import SHARD_KEY, CorpusInput
 from ..core.fileio import AtomicFile
-from .generation import error_line
+from ..core.errors import error_line
 from .imageio import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageDecodeError, check_member_name, \
     decode_image
 from .perceptual_hash import dhash_hex as dhash, hamming  # dhash: 16 hex digits

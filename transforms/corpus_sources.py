@@ -23,7 +23,7 @@ import fsspec
 import pyarrow.parquet as pq
 
 from ..core.registry import Registry
-from .generation import error_line
+from ..core.errors import error_line
 from .imageio import IMAGE_EXTENSIONS, check_member_name
 
 SHARD_KEY = "__shard__"  # record id of an unreadable remainder of a unit (one outcome for the rest)

@@ -16,6 +16,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import PredictionResult, RunInference
 
 from ..schemas.config import GeneratorConfig
+from ..core.errors import error_line
 from ..schemas.records import Candidate, Drop, GenerationRequest, PromptRecord
 from .generators import Generator, create_generator
 from .inference import PluginModelHandler, Work
@@ -36,17 +37,6 @@ def make_request(prompt: PromptRecord, generator_id: str, k: int, global_seed: i
     seeds = tuple(derive_seed(global_seed, prompt.prompt_id, generator_id, i) for i in range(k))
     return GenerationRequest(prompt=prompt, generator_id=generator_id, candidate_indices=tuple(range(k)),
                              seeds=seeds, image_keys=tuple(generation_key(generator_fp, prompt.prompt, s) for s in seeds))
-
-
-def error_line(exc_info) -> str:
-    """One readable line from Beam's failure tuple (type, repr, traceback lines) or an exception."""
-    if isinstance(exc_info, BaseException):
-        text = f"{type(exc_info).__name__}: {exc_info}"
-    else:
-        exc_type, exc_repr, tb = (tuple(exc_info) + ("", "", ""))[:3]
-        text = tb[-1] if tb else f"{getattr(exc_type, '__name__', exc_type)}: {exc_repr}"
-    text = " ".join(str(text).split())
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 class GenerateAndStage(Work):

@@ -13,6 +13,8 @@ import tempfile
 
 import fsspec
 
+from ..core.fileio import looks_like_hub_id
+
 
 def is_remote(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
@@ -37,12 +39,6 @@ def local_copy(path: str, cache_dir: str = "") -> str:
         fs.get(fs_path, tmp)
     os.replace(tmp, target)
     return target
-
-
-def looks_like_hub_id(path: str) -> bool:
-    """``org/name`` (one slash, no scheme, not on disk) is a hub id; anything else is a location."""
-    return ("://" not in path and path.count("/") == 1 and not path.startswith((".", "/", "~"))
-            and not os.path.exists(path))
 
 
 def location_status(path: str) -> tuple[bool, str]:

@@ -25,7 +25,7 @@ from apache_beam.ml.inference.base import PredictionResult, RunInference
 from ..schemas.config import RewardConfig
 from ..schemas.records import Drop
 from .candidate_filters import image_facts
-from .generation import error_line
+from ..core.errors import error_line
 from .inference import PluginModelHandler, Work
 from .rewards import Reward, create_reward
 from .staging import load_staged_image
