@@ -7,7 +7,9 @@ error users see for a name it lacks.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, TypeVar
+import importlib
+import pkgutil
+from typing import Callable, Iterable, Optional, TypeVar
 
 T = TypeVar("T")
 
@@ -46,3 +48,11 @@ class Registry(dict):
         if name not in self:
             raise ValueError(f"unknown {self.kind} {name!r}; available: {self.names()}")
         return self[name]
+
+    def discover(self, package: str, path: Iterable[str], skip: Iterable[str] = ()) -> None:
+        """Import every module of a plug-in folder, so a new plug-in is one new file with a register
+        decorator: nothing to add by hand (modules in ``skip`` or starting with ``_`` are not plug-ins)."""
+        skip = set(skip)
+        for module in sorted(m.name for m in pkgutil.iter_modules(list(path))):
+            if module not in skip and not module.startswith("_"):
+                importlib.import_module(f"{package}.{module}")

@@ -4,7 +4,7 @@ Formats live in ``EXPORTERS`` (name -> exporter class); an exporter takes the bu
 folder and its options, and ``run()`` returns a summary dict. Today there is one:
 
 ``pickapic``: parquet files in the Pick-a-Pic v2 schema (``PICKAPIC_V2_SCHEMA``, the full column list
-of PAPER_NOTES s.4), which is what Diffusion-DPO trainers read (``caption``, ``jpg_0``, ``jpg_1``,
+of Pick-a-Pic v2, Kirstain et al. 2023, arXiv 2305.01569), which is what Diffusion-DPO trainers read (``caption``, ``jpg_0``, ``jpg_1``,
 ``label_0``, and ``model_0``/``model_1`` in the official code). Rows come from
 
 * ``pairs="all"``: every pair the build kept (``pairs/pairs-*.tar``: ``win.png``/``lose.png``), one row
@@ -58,7 +58,7 @@ from ..transforms.writing import shard_paths
 if TYPE_CHECKING:
     from PIL import Image
 
-# Pick-a-Pic v2, column for column (PAPER_NOTES s.4).
+# Pick-a-Pic v2, column for column (Kirstain et al. 2023, arXiv 2305.01569).
 PICKAPIC_V2_SCHEMA = pa.schema([
     ("caption", pa.string()),
     ("jpg_0", pa.binary()),
@@ -156,6 +156,10 @@ def ranking_id(key: str) -> int:
     return int.from_bytes(_digest(key)[:8], "big") & 0x7FFF_FFFF_FFFF_FFFF
 
 
+EXPORTERS = Registry("export format")  # synpref export --format NAME -> exporter class
+
+
+@EXPORTERS.register("pickapic")
 class PickAPicExporter:
     """Build -> Pick-a-Pic v2 parquet files ``data/train-NNNNN.parquet`` plus ``README.md``."""
 
@@ -405,12 +409,10 @@ Labels are synthetic: they come from reward models aggregated by synpref, not fr
 """
 
 
-EXPORTERS = Registry("export format")
-EXPORTERS.add("pickapic", PickAPicExporter)
 
 
 def export(fmt: str, build_dir: str, out_dir: str, **options) -> dict:
     """Run the exporter registered as ``fmt``; raises ExportError for a bad folder, format or option."""
     if fmt not in EXPORTERS:
-        raise ExportError(f"unknown format {fmt!r}: choose from {', '.join(sorted(EXPORTERS))}")
+        raise ExportError(f"unknown format {fmt!r}: choose from {', '.join(EXPORTERS.names())}")
     return EXPORTERS[fmt](build_dir, out_dir, **options).run()

@@ -119,7 +119,7 @@ def check_thresholds(thresholds, names, where: str) -> None:
 
 @dataclass(frozen=True)
 class RankingConfig:
-    """How candidates are labelled (``synpref.transforms.aggregators``; PAPER_NOTES s.1 and s.5).
+    """How candidates are labelled (``synpref.transforms.aggregators``; docs/math.md s.1).
 
     ``aggregator``: a registered name: ``syn_pic`` (default, the paper's win rate), ``mean_bt``,
     ``mean_zscore``, ``weighted_sum``, ``reliability_weighted``. ``reward_weights``: {reward name:
@@ -138,7 +138,7 @@ class FilterConfig:
     """Noisy-pair filter: keep a pair when agreement - 0.5 > ``min_agreement_margin``, all rewards
     agree (``require_unanimous``) and phi_winner - phi_loser >= ``min_aggregate_gap`` (0: off).
 
-    Agreement is the (weighted) fraction of rewards preferring the winner (PAPER_NOTES s.1, s.5).
+    Agreement is the (weighted) fraction of rewards preferring the winner (docs/math.md s.1).
     """
 
     min_agreement_margin: float = 0.0

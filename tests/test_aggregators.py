@@ -1,4 +1,4 @@
-"""Aggregators (PAPER_NOTES s.5) on small hand-made tables, values worked out independently here;
+"""Aggregators (docs/math.md s.1) on small hand-made tables, values worked out independently here;
 weighted agreement in exact fractions; dataset statistics through Beam; config validation."""
 import math
 import statistics

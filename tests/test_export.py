@@ -12,7 +12,7 @@ import pytest
 
 from conftest import tiny_build_config
 
-# Pick-a-Pic v2, transcribed from PAPER_NOTES s.4 (independently of synpref/jobs/export.py).
+# Pick-a-Pic v2, transcribed from the published parquet (Kirstain et al. 2023, arXiv 2305.01569), independently of formats/export.py.
 PICKAPIC_V2 = [
     ("caption", "string"),
     ("jpg_0", "binary"), ("jpg_1", "binary"),

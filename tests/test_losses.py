@@ -1,4 +1,4 @@
-"""Loss values against arithmetic written out by hand (PAPER_NOTES s.2-3)."""
+"""Loss values against arithmetic written out by hand (docs/math.md s.4-5)."""
 import math
 
 import pytest
@@ -10,7 +10,7 @@ from synpref.training.losses import (
     preference_pairs,
     rankdpo_loss,
     rankdpo_loss_batched,
-    ranked_dpo_loss,
+    pairwise_dpo_loss,
 )
 
 
@@ -120,12 +120,12 @@ def test_preference_pairs_and_ranked_dpo():
     model_err, ref_err = t(0.1, 0.2, 0.3, 0.0, 0.0), t(0.1, 0.1, 0.1, 0.0, 0.0)
     # model_diff - ref_diff: (0,1): -0.1 - 0 = -0.1; (0,2): -0.2 - 0 = -0.2; (1,2): -0.1 - 0 = -0.1; beta = 10
     expected = (neg_log_sigmoid(0.5) + neg_log_sigmoid(1.0) + neg_log_sigmoid(0.5)) / 3
-    assert ranked_dpo_loss(model_err, ref_err, phi, rank, group, beta=10, pairs="all").item() == pytest.approx(expected)
+    assert pairwise_dpo_loss(model_err, ref_err, phi, rank, group, beta=10, pairs="all").item() == pytest.approx(expected)
 
 
 def test_ranked_dpo_without_pairs_is_zero_with_graph():
     model_err = t(0.1, 0.2).requires_grad_()
-    loss = ranked_dpo_loss(model_err, t(0.1, 0.1), t(0.5, 0.5), torch.tensor([1, 2]), torch.tensor([0, 0]), beta=10)
+    loss = pairwise_dpo_loss(model_err, t(0.1, 0.1), t(0.5, 0.5), torch.tensor([1, 2]), torch.tensor([0, 0]), beta=10)
     assert loss.item() == 0.0 and loss.requires_grad
 
 

@@ -1,4 +1,4 @@
-"""Syn-Pic labels (PAPER_NOTES s.1) and the noisy-pair filter, on score tables worked out by hand."""
+"""Syn-Pic labels (arXiv 2410.18013 Alg. 1; docs/math.md s.1) and the noisy-pair filter, on score tables worked out by hand."""
 import apache_beam as beam
 import numpy as np
 import pytest

@@ -278,7 +278,7 @@ def test_pickapic_shares_by_row_with_one_file(tmp_path, decoded):
 
 def test_old_process_arguments_still_work(tmp_path):
     paths, _ = ranked_shards(tmp_path, 1, per_shard=4)
-    data = RankedShards(paths, resolution=8, process_index=1, num_processes=2)
+    data = RankedShards(paths, resolution=8, rank=1, world_size=2)
     assert (data.rank, data.world_size) == (1, 2) and [it.prompt_id for it in data] == ["s0k1", "s0k3"]
     with pytest.raises(ValueError, match="rank < world_size"):
         RankedShards(paths, resolution=8, rank=2, world_size=2)

@@ -260,7 +260,7 @@ def test_lora_file_round_trips_exactly_for_resume(model_dirs, shard_dir, tmp_pat
 
 # ---- pair_mask (min_pair_agreement): the loss branches the trainer feeds from RankedBatch.pair_mask
 def test_pair_mask_removes_pairs_from_both_losses():
-    from synpref.training.losses import preference_pairs, rankdpo_loss, rankdpo_loss_batched, ranked_dpo_loss
+    from synpref.training.losses import preference_pairs, rankdpo_loss, rankdpo_loss_batched, pairwise_dpo_loss
 
     f64 = dict(dtype=torch.float64)
     model_err, ref_err = torch.tensor([0.10, 0.20, 0.30], **f64), torch.tensor([0.12, 0.18, 0.30], **f64)
@@ -284,7 +284,7 @@ def test_pair_mask_removes_pairs_from_both_losses():
     best_worst_masked[0, 2] = best_worst_masked[2, 0] = False
     w, _ = preference_pairs(phi, rank, group, "best_worst", best_worst_masked)
     assert len(w) == 0  # the filtered best-worst pair is dropped, not replaced
-    loss = ranked_dpo_loss(model_err, ref_err, phi, rank, group, beta, "best_worst", best_worst_masked)
+    loss = pairwise_dpo_loss(model_err, ref_err, phi, rank, group, beta, "best_worst", best_worst_masked)
     assert loss.item() == 0.0
 
 

@@ -1,7 +1,7 @@
 """Trainer configuration: YAML -> validated, frozen ``TrainConfig``.
 
 Defaults that the paper does not report (beta, learning rate, optimiser, LoRA
-rank) are stated here, in the field docs (PAPER_NOTES s.2 asks for that).
+rank) are stated here, in the field docs (the paper does not report them).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ ReportTo = Literal["none", "tensorboard"]
 Finetune = Literal["lora", "full"]
 
 # Diffusion-DPO's beta = 5000 multiplies 0.5 * (model_diff - ref_diff); RankDPO's
-# loss has no 0.5, so beta = 2500 puts the same coefficient on each pair (PAPER_NOTES s.3).
+# loss has no 0.5, so beta = 2500 puts the same coefficient on each pair (Wallace et al. 2023, arXiv 2311.12908; docs/math.md s.5).
 DEFAULT_BETA = {"rankdpo": 2500.0, "dpo": 5000.0}
 
 
@@ -41,7 +41,7 @@ class TrainConfig:
         shards: ranked WebDataset shards: paths, globs, directories or fsspec URLs.
         output_dir: where the LoRA weights and ``train_summary.json`` go.
         revision: model revision when ``pretrained_model`` is a hub id.
-        loss: ``rankdpo`` (PAPER_NOTES s.2) or ``dpo`` (Diffusion-DPO on pairs of the ranking, s.3).
+        loss: ``rankdpo`` (arXiv 2410.18013 Eq. 5-7; docs/math.md s.4) or ``dpo`` (Diffusion-DPO on pairs of the ranking, docs/math.md s.5).
         beta: KL strength; ``None`` picks 2500 for rankdpo, 5000 for dpo (the same scale).
         discount_rank: rank tau in the discount, from the labels or the model's current order.
         noise: ``shared`` draws one eps per prompt for all its images (Diffusion-DPO style,

@@ -44,9 +44,12 @@ import torch
 import webdataset as wds
 from PIL import Image, ImageOps
 
+from ..core.registry import Registry
 from ..transforms.imageio import DEFAULT_MAX_PIXELS, ImageDecodeError, check_member_name, decode_image
 
 logger = logging.getLogger("synpref.training")
+
+READERS = Registry("data format")  # training.data_format -> reader class
 
 PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
 
@@ -321,7 +324,6 @@ class _Reader:
             ``world_size`` shards, process r reads shards r, r + world_size, ... (of this epoch's order);
             with fewer, every process reads all shards but keeps only raw samples with
             index % world_size == rank, before decoding anything. Shares are disjoint and cover everything.
-        process_index, num_processes: older names of ``rank``/``world_size`` (accepted, same meaning).
         max_image_pixels: larger images skip their sample as ``too_many_pixels`` (decompression bombs).
         min_pair_agreement: ``None`` or the agreement at or below which pairs leave the loss.
         empty_prompt_rate, empty_prompt_seed: the share of items whose prompt becomes ``""`` (see
@@ -343,15 +345,11 @@ class _Reader:
         shuffle_buffer: int = 100,
         rank: int = 0,
         world_size: int = 1,
-        process_index: int | None = None,
-        num_processes: int | None = None,
         max_image_pixels: int = DEFAULT_MAX_PIXELS,
         min_pair_agreement: float | None = None,
         empty_prompt_rate: float = 0.0,
         empty_prompt_seed: int = 0,
     ):
-        rank = rank if process_index is None else process_index
-        world_size = world_size if num_processes is None else num_processes
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
         self.urls = resolve_shards(shards, self.extension)
@@ -464,6 +462,7 @@ def drops_prompt(seed: int, epoch: int, prompt_id: str, rate: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2.0**64 < rate
 
 
+@READERS.register("ranked", attribute=None)
 class RankedShards(_Reader):
     """Iterable of ``RankedItem`` over synpref ranked shards; iterate again for another epoch (see ``_Reader``).
 
@@ -475,6 +474,7 @@ class RankedShards(_Reader):
         return decode_sample(sample, self.resolution, self.max_image_pixels, self.min_pair_agreement)
 
 
+@READERS.register("pairs", attribute=None)
 class PairShards(_Reader):
     """Iterable of k = 2 ``RankedItem`` over synpref pairs shards (see ``_Reader``, ``decode_pair_sample``)."""
 
@@ -489,6 +489,7 @@ def read_pickapic_schema(url: str) -> list[str]:
     return [c for c in PICKAPIC_COLUMNS if c not in names]
 
 
+@READERS.register("pickapic", attribute=None)
 class PickapicParquet(_Reader):
     """Iterable of k = 2 ``RankedItem`` over Pick-a-Pic v2 parquet files (see ``_Reader``, ``decode_pickapic_row``).
 
@@ -531,15 +532,11 @@ class PickapicParquet(_Reader):
         return decode_pickapic_row(sample, self.resolution, self.max_image_pixels)
 
 
-READERS: dict[str, type[_Reader]] = {"ranked": RankedShards, "pairs": PairShards, "pickapic": PickapicParquet}
 
 
 def open_dataset(config, rank: int = 0, world_size: int = 1) -> _Reader:
     """The reader ``config.data_format`` names, set up from a ``TrainConfig`` for process ``rank`` of ``world_size``."""
-    try:
-        reader = READERS[config.data_format]
-    except KeyError:
-        raise ValueError(f"unknown data_format {config.data_format!r}; valid: {sorted(READERS)}") from None
+    reader = READERS.lookup(config.data_format)
     return reader(
         config.shards,
         config.resolution,

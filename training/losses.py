@@ -1,7 +1,7 @@
 """Preference losses on per-image denoising errors: Diffusion-DPO and RankDPO.
 
 All inputs are per-image errors already reduced to the mean over C, H, W (as the
-Diffusion-DPO code does, PAPER_NOTES s.3), so beta is on Diffusion-DPO's scale.
+Diffusion-DPO code does; Wallace et al. 2023, arXiv 2311.12908; docs/math.md s.5), so beta is on Diffusion-DPO's scale.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def diffusion_dpo_loss(
     ref_err_l: torch.Tensor,
     beta: float,
 ) -> torch.Tensor:
-    """Diffusion-DPO loss per pair (Wallace et al. 2023; PAPER_NOTES s.3).
+    """Diffusion-DPO loss per pair (Wallace et al. 2023, arXiv 2311.12908; docs/math.md s.5).
 
     ``-log sigmoid(-0.5 * beta * ((err_w - err_l) - (ref_err_w - ref_err_l)))``: the loss falls
     when the model denoises the winner better than the frozen reference does, relative to the loser.
@@ -42,7 +42,7 @@ def diffusion_dpo_loss(
 def model_rank(scores: torch.Tensor) -> torch.Tensor:
     """1-based rank of each image by score, lowest first; ties keep index order (stable sort).
 
-    Computed without gradient: the discount only weights pairs (LiPO-lambda, PAPER_NOTES s.2).
+    Computed without gradient: the discount only weights pairs (LiPO-lambda; docs/math.md s.4).
     """
     order = torch.sort(scores.detach(), stable=True).indices
     rank = torch.empty_like(order)
@@ -59,7 +59,7 @@ def rankdpo_loss(
     discount_rank: Literal["label", "model"] = "label",
     pair_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """RankDPO loss for ONE prompt (paper Eq. 5-7, Algorithm 2; PAPER_NOTES s.2).
+    """RankDPO loss for ONE prompt (arXiv 2410.18013 Eq. 5-7, Algorithm 2; docs/math.md s.4).
 
     s_i = model_err_i - ref_err_i, G_i = 2^phi_i - 1, D(tau) = ln(1 + tau),
     Delta_ij = |G_i - G_j| * |1/D(tau_i) - 1/D(tau_j)|, and the loss is the sum over pairs
@@ -127,7 +127,7 @@ def rankdpo_loss_batched(
         pair_mask: optional [N, N] bool (block-diagonal, ``RankedBatch.pair_mask``); see ``rankdpo_loss``.
 
     Returns:
-        Scalar: per-prompt sums averaged over the B prompts (PAPER_NOTES s.2, "Reduction").
+        Scalar: per-prompt sums averaged over the B prompts (docs/math.md s.4, "Reduction").
     """
     if discount_rank not in DISCOUNT_RANKS:
         raise ValueError(f"discount_rank must be one of {list(DISCOUNT_RANKS)}, got {discount_rank!r}")
@@ -193,7 +193,7 @@ def preference_pairs(
     return w, l
 
 
-def ranked_dpo_loss(
+def pairwise_dpo_loss(
     model_err: torch.Tensor,
     ref_err: torch.Tensor,
     phi: torch.Tensor,

@@ -4,7 +4,7 @@ Flat, in the diffusers training-script style: ``parse_args`` -> ``main``, which 
 ``train(config)``. One loop for every model family; what differs (SD1.x/2.x, SDXL, SD3:
 prompt encoding, noising and target, conditioning extras, LoRA saving) is a plug-in in
 ``training/families/``, chosen from ``model_index.json``. The reference model is the same
-denoiser with its LoRA adapter disabled (PAPER_NOTES s.3), so there is no second copy; with
+denoiser with its LoRA adapter disabled (Wallace et al. 2023, arXiv 2311.12908; docs/math.md s.5), so there is no second copy; with
 ``finetune: full`` every denoiser weight trains and the reference is a frozen copy made before training.
 ``eval_every`` generates and scores fixed prompts during training (``evaluation.py``).
 The math is in ``losses.py``.
@@ -38,7 +38,7 @@ from .caching import EncoderCache
 from .config import TrainConfig
 from .data import RankedBatch, iter_batches, open_dataset, prefetch
 from .families import ModelFamily, family_for
-from .losses import implicit_accuracy, preference_pairs, ranked_dpo_loss, rankdpo_loss_batched
+from .losses import implicit_accuracy, preference_pairs, pairwise_dpo_loss, rankdpo_loss_batched
 
 logger = logging.getLogger("synpref.training")
 
@@ -79,7 +79,6 @@ def main(argv: list[str] | None = None) -> dict:
     return train(TrainConfig.from_yaml(args.config, overrides=parse_overrides(args.set)))
 
 
-Models = ModelFamily  # the loaded models of one family (kept under its old name for callers)
 
 METRICS = ("implicit_acc", "model_err", "ref_err")  # logged beside the loss, as diffusers' DPO script
 LOG_COLUMNS = ["step", "loss", *METRICS, "lr"]
@@ -241,7 +240,7 @@ def compute_step(
         loss = rankdpo_loss_batched(model_err, ref_err, phi, rank, group, config.beta, config.discount_rank, mask)
         w, l = preference_pairs(phi, rank, group, "all", mask)
     else:
-        loss = ranked_dpo_loss(model_err, ref_err, phi, rank, group, config.beta, config.dpo_pairs, mask)
+        loss = pairwise_dpo_loss(model_err, ref_err, phi, rank, group, config.beta, config.dpo_pairs, mask)
         w, l = preference_pairs(phi, rank, group, config.dpo_pairs, mask)
     stats = torch.stack([implicit_accuracy(model_err, ref_err, w, l).to(device), model_err.detach().mean(),
                          ref_err.detach().mean()]).double()
@@ -255,7 +254,7 @@ def compute_loss(models: ModelFamily, batch: RankedBatch, config: TrainConfig, g
 
 # ---- checkpoints (diffusers' names: checkpoint-<step> folders under output_dir)
 def config_key(config: TrainConfig) -> str:
-    """Hash of every field that changes what a step computes (STYLE lesson 13)."""
+    """Hash of every field that changes what a step computes."""
     values = {k: v for k, v in config.to_dict().items()
               if k not in RESUME_FREE_FIELDS and not (k in NEW_FIELD_DEFAULTS and v == NEW_FIELD_DEFAULTS[k])}
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]

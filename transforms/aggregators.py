@@ -1,7 +1,7 @@
 """Aggregators turn a (k candidates x n rewards) score table into one label per candidate (higher = better).
 
-``syn_pic`` is the paper's Algorithm 1 (PAPER_NOTES s.1) and the default. The others are options under
-their own names (PAPER_NOTES s.5); none of them is "Syn-Pic". Every aggregator returns, per candidate,
+``syn_pic`` is the paper's Algorithm 1 (arXiv 2410.18013 Alg. 1; docs/math.md s.1) and the default. The others are options under
+their own names (docs/math.md s.1); none of them is "Syn-Pic". Every aggregator returns, per candidate,
 its raw aggregate ``a`` and its label ``phi`` in [0, 1] (phi ranks the candidates and feeds RankDPO's gain).
 
 Notation: ``r[i, l]`` is reward l's score of candidate i, ``w_l`` the reward weights (config

@@ -1,4 +1,4 @@
-"""Noisy-pair filtering: keep pairs the reward ensemble agrees on (PAPER_NOTES s.1)."""
+"""Noisy-pair filtering: keep pairs the reward ensemble agrees on (arXiv 2410.18013 Alg. 1; docs/math.md s.1)."""
 from __future__ import annotations
 
 import dataclasses
@@ -33,11 +33,8 @@ def keep_pair(pair: PreferencePair, cfg: FilterConfig) -> Union[bool, tuple[bool
         return False, "tied_phi"
     if cfg.min_aggregate_gap and abs(pair.phi_winner - pair.phi_loser) < cfg.min_aggregate_gap:
         return False, "small_gap"
-    if pair.n_rewards:
-        agreement = Fraction(pair.wins, pair.n_rewards)
-        unanimous = pair.wins == pair.n_rewards
-    else:  # a pair built without counts (older callers): fall back to the float
-        agreement, unanimous = Fraction(pair.agreement), pair.agreement >= 1.0
+    agreement = Fraction(pair.wins, pair.n_rewards)
+    unanimous = pair.wins == pair.n_rewards
     if agreement - Fraction(1, 2) <= Fraction(str(cfg.min_agreement_margin)):
         return False, "low_agreement"
     if cfg.require_unanimous and not unanimous:

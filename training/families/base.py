@@ -1,4 +1,4 @@
-"""What differs between text-to-image model families, behind one small interface (STYLE lesson 9).
+"""What differs between text-to-image model families, behind one small interface.
 
 The training loop (``training/train.py``) is family-agnostic: it asks the family to encode
 prompts and images, draw timesteps, noise the latents, name the regression target, run the

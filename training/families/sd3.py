@@ -1,6 +1,6 @@
 """Stable Diffusion 3 class: rectified-flow (flow-matching) transformer with CLIP-L, CLIP-G and T5 encoders.
 
-RankDPO on flow matching (PAPER_NOTES s.2): the per-image error is against the flow target
+RankDPO on flow matching (arXiv 2410.18013 Eq. 5-7; docs/math.md s.4): the per-image error is against the flow target
 (noise - x_0) at one sigma per prompt, instead of the eps error; timesteps are drawn as in
 diffusers' SD3 training scripts (``weighting_scheme``, default ``logit_normal``), whose loss
 weighting multiplies the squared error (all ones for ``logit_normal``).

@@ -14,7 +14,7 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
 
     The data reader resizes and centre-crops every image to ``resolution``, so the time ids
     are the fixed (res, res, 0, 0, res, res) the official Diffusion-DPO SDXL code uses
-    (PAPER_NOTES s.3). The VAE stays in fp32 whatever ``mixed_precision`` says: SDXL's VAE
+    (Wallace et al. 2023, arXiv 2311.12908; docs/math.md s.5). The VAE stays in fp32 whatever ``mixed_precision`` says: SDXL's VAE
     overflows in fp16 (NaN latents), as diffusers' SDXL scripts note; only its latents are cast.
     """
 
