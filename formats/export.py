@@ -163,7 +163,6 @@ EXPORTERS = Registry("export format")  # synpref export --format NAME -> exporte
 class PickAPicExporter:
     """Build -> Pick-a-Pic v2 parquet files ``data/train-NNNNN.parquet`` plus ``README.md``."""
 
-    name = "pickapic"
     schema = PICKAPIC_V2_SCHEMA
 
     def __init__(self, build_dir: str, out_dir: str, pairs: str = "all", jpeg_quality: int = 95,

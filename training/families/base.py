@@ -25,12 +25,7 @@ def register_family(*pipeline_classes: str):
 
 def available_families() -> list[str]:
     """Pipeline class names the trainer can train."""
-    _import_builtin_families()
     return FAMILIES.names()
-
-
-def _import_builtin_families() -> None:
-    from . import sd, sd3, sdxl  # noqa: F401  (they register themselves)
 
 
 def model_index(pretrained_model: str, revision: str | None = None) -> dict:
@@ -56,7 +51,6 @@ def family_for(pretrained_model: str, revision: str | None = None) -> type["Mode
     Raises:
         ValueError: the pipeline class has no family; the message lists the ones that do.
     """
-    _import_builtin_families()
     name = pipeline_class_name(pretrained_model, revision)
     if name not in FAMILIES:
         raise ValueError(
