@@ -54,31 +54,11 @@ from ..core.registry import Registry
 from ..core.fileio import AtomicFile, check_writable
 from ..transforms.imageio import decode_members
 from ..transforms.writing import shard_paths
+from .pickapic import PICKAPIC_V2_SCHEMA
 
 if TYPE_CHECKING:
     from PIL import Image
 
-# Pick-a-Pic v2, column for column (Kirstain et al. 2023, arXiv 2305.01569).
-PICKAPIC_V2_SCHEMA = pa.schema([
-    ("caption", pa.string()),
-    ("jpg_0", pa.binary()),
-    ("jpg_1", pa.binary()),
-    ("label_0", pa.float64()),
-    ("label_1", pa.float64()),
-    ("model_0", pa.string()),
-    ("model_1", pa.string()),
-    ("image_0_uid", pa.string()),
-    ("image_1_uid", pa.string()),
-    ("image_0_url", pa.string()),
-    ("image_1_url", pa.string()),
-    ("best_image_uid", pa.string()),
-    ("are_different", pa.bool_()),
-    ("has_label", pa.bool_()),
-    ("ranking_id", pa.int64()),
-    ("user_id", pa.int64()),
-    ("num_example_per_prompt", pa.int64()),
-    ("created_at", pa.timestamp("ns")),
-])
 
 EXPORT_FORMAT_VERSION = "1"  # bump when the bytes an export writes change for the same build
 ROW_GROUP = 64

@@ -23,6 +23,7 @@ import fsspec
 import numpy as np
 import pyarrow.parquet as pq
 
+from ..formats.pickapic import PICKAPIC_COLUMNS, image_bytes
 from ..schemas.config import BuildConfig
 from ..transforms.aggregators import dataset_stats, get_aggregator
 from ..transforms.ranking import label_table
@@ -30,12 +31,7 @@ from ..transforms.imageio import ImageDecodeError, decode_image
 from ..transforms.rewards import create_reward
 from ..transforms.scoring import score_ensemble
 
-COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
-
-
-def _image_bytes(value) -> bytes:
-    """Pick-a-Pic stores bytes; HF image columns store {"bytes": ..., "path": ...}."""
-    return value.get("bytes") if isinstance(value, dict) else value
+COLUMNS = PICKAPIC_COLUMNS
 
 
 def read_pairs(path: str, batch_rows: int = 64) -> Iterator[list[dict[str, Any]]]:
@@ -80,7 +76,7 @@ def evaluate(cfg: BuildConfig, pairs_path: str, batch_rows: int = 64) -> dict[st
                 skipped["bad_label"] += 1
                 continue
             try:
-                pair = [decode_image(_image_bytes(row[k])) for k in ("jpg_0", "jpg_1")]
+                pair = [decode_image(image_bytes(row[k])) for k in ("jpg_0", "jpg_1")]
             except (ImageDecodeError, TypeError):
                 skipped["bad_image"] += 1
                 continue

@@ -45,13 +45,13 @@ import webdataset as wds
 from PIL import Image, ImageOps
 
 from ..core.registry import Registry
+from ..formats.pickapic import PICKAPIC_COLUMNS, image_bytes
 from ..transforms.imageio import DEFAULT_MAX_PIXELS, ImageDecodeError, check_member_name, decode_image
 
 logger = logging.getLogger("synpref.training")
 
 READERS = Registry("data format")  # training.data_format -> reader class
 
-PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
 
 
 @dataclass
@@ -266,11 +266,6 @@ def decode_pair_sample(
     return _pair_item(meta.get("prompt_id", sample["__key__"]), prompt, images, min_pair_agreement is not None)
 
 
-def _image_bytes(value):
-    """Pick-a-Pic stores bytes; HF image columns store {"bytes": ..., "path": ...}."""
-    return value.get("bytes") if isinstance(value, dict) else value
-
-
 def decode_pickapic_row(row: dict, resolution: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> RankedItem:
     """One Pick-a-Pic row -> k = 2 item, preferred image first. Labels are checked before any decoding.
 
@@ -286,7 +281,7 @@ def decode_pickapic_row(row: dict, resolution: int, max_pixels: int = DEFAULT_MA
     order = ("jpg_0", "jpg_1") if label == 1 else ("jpg_1", "jpg_0")
     images = []
     for col in order:
-        data = _image_bytes(row.get(col))
+        data = image_bytes(row.get(col))
         if not isinstance(data, (bytes, bytearray)) or not data:
             raise BadSample("missing_image", col)
         try:

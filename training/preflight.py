@@ -69,7 +69,7 @@ def _check_shards(entries: list[str], data_format: str) -> list[str]:
 def _check_pickapic(url: str) -> None:
     import pyarrow.parquet as pq
 
-    from .data import PICKAPIC_COLUMNS
+    from ..formats.pickapic import PICKAPIC_COLUMNS
 
     try:
         with fsspec.open(url, "rb") as f:
