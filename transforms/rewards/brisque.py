@@ -1,25 +1,6 @@
 """BRISQUE, a no-reference image-quality score (Mittal, Moorthy & Bovik, IEEE TIP 2012), as a reward.
 
-Higher = better quality: the reward is **minus** the BRISQUE score (BRISQUE itself is about 0 for a
-pristine photograph and grows with distortion, roughly to 100). It ignores the prompt. No weights are
-downloaded: the regressor is the authors' own (LIVE lab's released ``allmodel``/``allrange``, an RBF
-epsilon-SVR trained on the LIVE IQA database), shipped with this package as ``brisque_live.npz``;
-``bench/make_brisque_model.py`` says where it comes from and converts it.
-
-The features follow the authors' MATLAB reference (``brisque_feature.m``) on the grey image in 0..255:
-MSCN coefficients (I - mu) / (sigma + 1) with a 7x7 Gaussian window (sigma 7/6, zero padding), a GGD
-fit to them (shape, variance) and an asymmetric GGD fit (shape, mean, left and right variance) to their
-products with the 4 neighbours (horizontal, vertical, two diagonals; circular shift), by table look-up
-over shapes 0.2:0.001:10; all of it at full and half size: 36 features. Where this cannot be MATLAB's
-own call it is Pillow's: grey = ``convert("L")`` (rgb2gray's weights to 3 decimals) and half size =
-bicubic, antialiased ``resize`` (imresize 0.5). Only numpy and Pillow run here (no libsvm, OpenCV or
-scipy). Not checked against MATLAB itself; against the PyPI ``brisque`` 0.2.0 port (same model, its
-own feature shortcuts) the scores correlate at 0.97 on the test's 80 damaged photographs.
-
-BRISQUE is defined for photographs: it orders blur, noise and JPEG damage of one image well (see
-``tests/test_weight_free_rewards.py``) but knows nothing of content, aesthetics or the prompt. An image
-whose statistics are undefined (constant, or with no positive or no negative neighbour products) or
-smaller than 16 pixels on a side scores NaN, which the pipeline drops as ``nan_score``.
+How it is built, its checkpoint format and how it was checked: docs/rewards.md, `brisque`.
 """
 from __future__ import annotations
 

@@ -1,45 +1,6 @@
 """HPSv3 (Ma et al. 2025, "HPSv3: Towards Wide-Spectrum Human Preference Score"): Qwen2-VL-7B with a reward token.
 
-Architecture, as in the authors' ``Qwen2VLRewardModelBT`` (github MizzenAI/HPSv3, ``hpsv3/model/qwen2vl_trainer.py``,
-config ``hpsv3/config/HPSv3_7B.yaml``: ``rm_head_type: ranknet``, ``output_dim: 2``, ``reward_token: special``):
-
-* the tokenizer gets one added special token ``<|Reward|>`` (so its id is the base vocabulary's length, 151657 for
-  Qwen2-VL-7B, and the embedding matrix is resized to ``len(tokenizer)`` = 151658 rows);
-* the image is embedded by the Qwen2-VL vision tower and scattered into the ``<|image_pad|>`` slots of the text
-  embeddings; the language model runs on those embeddings **without** the multimodal (M-RoPE) positions: the
-  authors call the decoder with ``input_ids=None`` and no ``position_ids``, so every token, image tokens included,
-  gets its plain 1-D text position (0..n-1 over the real tokens) on all three rotary axes. This reward passes
-  exactly those positions (the attention-mask cumsum, so left padding does not move them);
-* the last layer's (final-norm) hidden state **at the ``<|Reward|>`` token** goes through the head
-  ``Linear(hidden, 1024) - ReLU - Dropout(0.05) - Linear(1024, 16) - ReLU - Linear(16, 2)`` in float32, giving
-  ``(mu, sigma)`` (the uncertainty-aware ranking loss's mean and spread). **score = mu** (the authors' inference
-  prints ``rewards[i][0]``); only the order matters.
-
-Prompt (the authors' ``INSTRUCTION.format(text_prompt=prompt) + prompt_with_special_token``, from
-``hpsv3/dataset/data_collator_qwen.py``), given as one user turn ``[image, text]`` rendered by the processor's chat
-template with ``add_generation_prompt=True`` (Qwen2-VL-Instruct's default system prompt included). The reward token
-is therefore inside the user turn, followed by ``\\n\\nEND\\n<|im_end|>...`` which the causal model never sees from it.
-A prompt that itself contains ``<|Reward|>`` would add a second reward token (the authors' code then fails); this
-reward reads the last one, the template's own.
-
-Pixels: as the authors' ``prepare_batch``: RGB, resized with Qwen's ``smart_resize`` to ``min_pixels = max_pixels =
-pixels`` (default 256*28*28 = 200704, i.e. 448x448 for a square image, 256 visual tokens), factor 28, PIL bicubic;
-the processor then only rescales, normalises and patchifies (``do_resize=False``). An image whose aspect ratio is
-above 200 is rejected by ``smart_resize``; it scores NaN here.
-
-Files (``files()``): ``checkpoint`` ``HPSv3.safetensors`` from the hub repo ``MizzenAI/HPSv3`` (every weight:
-vision tower, language model, resized embeddings, ``lm_head``, ``rm_head``); ``base_model``, whose ``config.json``
-gives the architecture (``Qwen/Qwen2-VL-7B-Instruct``; its weights are not read); ``processor``, the Qwen2-VL
-tokenizer, image processor and chat template (default: ``base_model``). The release's key names are those of
-transformers < 4.52 (``visual.*``, ``model.*`` for the language model, ``lm_head.weight``, ``rm_head.{0,3,5}.*``);
-they are mapped explicitly onto transformers' ``Qwen2VLModel`` (``visual.*``, ``language_model.*``), and the newer
-layout (``model.visual.*``, ``model.language_model.*``) is accepted too. ``lm_head.weight`` is not needed for the
-score and is skipped; any other unmatched or missing key fails loading with one line naming them.
-
-Precision: ``dtype`` ``bfloat16`` (default, as the authors: the whole backbone, rotary buffers included, is cast to
-bf16), ``float32`` or ``float16``; the head always runs in float32 on the float32-cast hidden state (the authors'
-``rm_head.to(float32)`` under a float32 autocast). Attention is SDPA (the authors' config disables flash-attn).
-Batches are left-padded (``batch_size`` images per forward pass).
+How it is built, its checkpoint format and how it was checked: docs/rewards.md, `hpsv3`.
 """
 from __future__ import annotations
 

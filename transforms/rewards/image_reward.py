@@ -1,22 +1,6 @@
 """ImageReward v1.0 (Xu et al. 2023, THUDM/ImageReward), loaded into clean transformers modules.
 
-The release is a BLIP ViT-L/16 image encoder, a BERT-base text encoder whose every layer
-cross-attends to the image tokens (BLIP's ``med`` BertModel, ``add_cross_attention``), and an MLP
-768-1024-128-64-16-1 (linear layers only: the release has its ReLUs commented out). Scoring, as the
-authors' ``ImageReward.score``::
-
-    tokens  = bert-base-uncased + [DEC] / [ENC] special tokens, padded / truncated to 35
-    image   = ViT(224 bicubic, centre crop, CLIP mean/std)           # all tokens, final LayerNorm
-    text    = BERT(tokens, self-attention mask = padding, cross-attention to image, all-ones mask)
-    score   = (MLP(text[:, 0]) - 0.16717362830052426) / 1.0333394966054072
-
-Here ``transformers.BlipVisionModel`` is the ViT and ``transformers.BlipTextModel`` (the port of
-BLIP's ``med`` BertModel) is the text encoder; the release's state dict (``ImageReward.pt``,
-pickled, or a safetensors conversion of it) is renamed key by key by ``rename_key``. Unlike the
-authors' loader (``load_state_dict(strict=False)``), a key that matches nothing, a missing weight
-or a wrong shape is an error. All images of a call are scored in one batch (the original scores
-one prompt per call). Files: ``checkpoint`` and ``med_config`` from the ``THUDM/ImageReward``
-model repo, and the ``bert-base-uncased`` tokenizer (the hidden second download), all configurable.
+How it is built, its checkpoint format and how it was checked: docs/rewards.md, `image_reward`.
 """
 from __future__ import annotations
 

@@ -1,49 +1,6 @@
 """MPS "overall" (Zhang et al., CVPR 2024, Kwai-Kolors/MPS): multi-dimensional human preference score.
 
-Architecture (the authors' ``trainer/models/clip_model.py`` and ``cross_modeling.py``):
-
-* a CLIP ViT-H/14 (transformers ``CLIPModel``, LAION CLIP-H config) giving *token* features: the text
-  projection applied to every token of the text encoder's last hidden state (after its final layer norm),
-  the visual projection applied to every token of the vision encoder's last hidden state (before the
-  post layer norm); the prompt feature is the projected EOS token (first ``argmax`` of the ids, as the
-  transformers of the time pooled it);
-* a fusion module of 4 layers, each a cross-attention (image tokens attend to the prompt tokens:
-  multi-query attention, 16 heads of 64, one shared key/value head, pre-LayerNorm with a frozen zero bias,
-  a parallel SwiGLU feed-forward, residual) followed by a PaLM-style parallel block (self-attention with
-  rotary position embeddings on the queries and the shared key, parallel SwiGLU feed-forward, residual);
-* a **condition mask**: each prompt token's similarity to the tokens of a fixed condition sentence (for
-  "overall": ``CONDITION_OVERALL``) is its maximum over the condition tokens, divided by the prompt's
-  largest; prompt tokens at or below ``mask_threshold`` (0.3, the authors' evaluation scripts) get -inf
-  in the cross-attention.
-
-Score: ``logit_scale.exp() * cos(fused image CLS token, prompt EOS feature)``, as the authors' evaluation
-(``eval_overall_mps_on_*.py``) computes it per image; a softmax over one prompt's candidates gives the
-preference probabilities of their README.
-
-Weights. The authors release a *whole pickled module* (``MPS_overall_checkpoint.pth``), which
-``torch.load(weights_only=True)`` refuses by design. Either use the safetensors re-pack of its state dict
-(ModelScope ``DiffSynth-Studio/QualityMetric_reward_pretrained``, ``MPS_overall_checkpoint`` folder), or
-convert the release once, on a trusted machine, with the authors' repository importable (the pickle names
-its classes ``trainer.models.clip_model.CLIPModel`` etc.; einops installed)::
-
-    PYTHONPATH=/path/to/Kwai-Kolors/MPS python -m synpref.transforms.rewards.mps convert \\
-        MPS_overall_checkpoint.pth MPS_overall.safetensors
-
-That command is the only place a full pickle is ever un-pickled (``weights_only=False``). Either file has
-the release's state-dict keys (``model.*`` = transformers CLIPModel, ``cross_model.layers.*`` = fusion);
-``RELEASE_TO_MODULE`` maps them onto this module's names, and any key left unmatched fails the load in one
-line. The CLIP *architecture* comes from ``config`` (default: the processor location, whose
-``config.json`` is the LAION CLIP-H one, as the authors built the model from it): the 3.9 GB LAION
-weights are never downloaded.
-
-Two downloads, both params and both in ``files()``: ``checkpoint`` and ``processor`` (tokenizer + image
-processor + config, ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``).
-
-Differences from the authors' code (deliberate, documented):
-* runs in float32 by default (the released module runs in float16; ``dtype: float16`` on CUDA to match);
-* the mask normalisation divides by each prompt's own maximum. The authors' evaluation scores one image
-  per call, so this is what it computes; their batched training ``forward`` divides by the batch maximum
-  (and thresholds at 0.01), which makes a score depend on its batch-mates.
+How it is built, its checkpoint format and how it was checked: docs/rewards.md, `mps`.
 """
 from __future__ import annotations
 

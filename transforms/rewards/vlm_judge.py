@@ -1,46 +1,6 @@
 """VLM judges: ask an image-text-to-text model (Qwen2-VL, Qwen2.5-VL, ...) about the candidates.
 
-Two rewards share one mechanism, :class:`VLMChat` (load the model and processor, render a chat with
-images through the processor's chat template, then either read the next-token distribution over two
-answer tokens in one batched forward pass, or generate greedily):
-
-``vlm_judge`` (pointwise, one image at a time)
-    ``mode: yes_prob`` (default): ``question_template`` (default ``Does this image show: "{prompt}"?
-    Answer Yes or No.``) is asked with the image, and the score is P("Yes") = softmax over the
-    next-token logits restricted to the "Yes" and "No" tokens (VQAScore's recipe, with any chat VLM).
-    ``mode: likert``: ``likert_template`` asks for a 1..``scale`` rating, the answer is generated
-    greedily (``max_new_tokens``, default 8) and :func:`parse_likert` reads it; an answer without a
-    usable number scores NaN, which the pipeline drops as ``nan_score`` with the reward's name.
-
-``vlm_pairwise_judge`` (pairwise, within one prompt)
-    For the candidates of one prompt, every ordered pair (X, Y) is shown as ``Image A:`` X
-    ``Image B:`` Y followed by ``pairwise_template`` (default ``Which image better matches
-    "{prompt}"? Answer A or B.``), and P_XY(A) is read from the "A"/"B" logits. Both orders are
-    asked and averaged, P(X beats Y) = (P_XY(A) + P_YX(B)) / 2, so a constant position bias cancels
-    (and P(X beats Y) + P(Y beats X) = 1 exactly). An image's score is its mean win probability over
-    the other images of its prompt, in [0, 1] (scores of a group of K sum to K/2). Cost: K(K-1)
-    forward passes with two images each per prompt (56 for K=8), run ``batch_size`` at a time.
-    Images of a call are grouped by prompt; the pipeline's unit is the candidates of one prompt *and
-    generator*, so with ``units_per_call: 1`` a candidate is compared with the other candidates of its
-    generator (scores of different generators' candidates are win rates against different opponents),
-    and with more units per call the opponents are whatever candidates of the prompt share the call.
-    A prompt with a single image in the call has no opponent: its score is NaN (so use
-    ``candidates_per_generator >= 2``). Within a group the pairs are ordered by a hash of the pixels,
-    so the result does not depend on the order the candidates arrive in, to the bit.
-
-Answer tokens. "Yes"/"No" and "A"/"B" are found by encoding each word with the tokenizer, without
-special tokens and without a leading space (the model's first answer token directly follows
-``<|im_start|>assistant\\n`` in Qwen's template); each must encode to exactly one token, otherwise
-loading fails with an error naming the word. The templates must ask for exactly these answers.
-
-Params shared by both: ``model`` (hub id, local folder or fsspec URL copied to ``cache_dir``),
-``processor`` (default: ``model``), ``device`` (``auto``: next GPU, else CPU), ``dtype`` (``auto`` =
-the checkpoint's, ``float32``, ``bfloat16``, ``float16``; logits are turned into probabilities in
-float32), ``trust_remote_code`` (default False, and False is passed explicitly: a checkpoint that
-needs its own code fails to load instead of running it), ``max_pixels`` (the processor's pixel
-budget per image, Qwen-style processors only; 0 keeps the processor's own), ``batch_size``
-(conversations per forward pass). Module-level imports stay light: torch and transformers are
-imported in ``load()``.
+How it is built, its checkpoint format and how it was checked: docs/rewards.md, `vlm_judge`.
 """
 from __future__ import annotations
 

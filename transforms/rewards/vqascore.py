@@ -1,64 +1,6 @@
 """VQAScore (Lin et al. 2024) with CLIP-FlanT5: how likely a VQA model answers "Yes" to "does this show the prompt?".
 
-Model (as in t2v_metrics <= 3.0, ``clip_t5``): a CLIP ViT-L/14-336 vision tower (transformers
-``CLIPVisionModel``) whose penultimate layer's patch tokens (CLS dropped) go through an ``mlp2x_gelu``
-projector (Linear(1024, d_model), GELU, Linear(d_model, d_model)) into FlanT5's embedding space; the
-projected tokens replace the ``<image>`` marker in the T5 encoder input. Built here from transformers
-``CLIPVisionModel`` + :class:`Projector` + ``T5ForConditionalGeneration``; nothing from t2v_metrics is imported.
-
-Prompt (``t5_chat`` conversation, the released models' style)::
-
-    <system message> USER: <image>\\n<question> ASSISTANT:
-
-with ``question = question_template.format(prompt)`` (default ``Does this figure show "{}"? Please answer
-yes or no.``) and ``answer = answer_template.format(prompt)`` (default ``Yes``). As in the original, the
-text on each side of ``<image>`` is tokenized separately, each piece with the tokenizer's own special tokens
-(T5 appends ``</s>``: the input carries an ``</s>`` just before the image), and the answer is tokenized the
-same way (``Yes`` -> ``▁Yes </s>``). Token ids are cut at 2048 (t2v_metrics' context length) before the image
-is spliced in.
-
-Score, exactly as the original computes it: the decoder is teacher-forced on the answer tokens (labels,
-``</s>`` included; decoder input = labels shifted right after T5's start token), and the score is
-``exp(-mean cross-entropy)`` = exp(**mean** of the answer tokens' log-probabilities), i.e. the geometric mean
-of the per-token probabilities, over the vocabulary of ``len(tokenizer)`` tokens (the original resizes
-FlanT5's 32128-row embeddings to the tokenizer's 32100). With the default answer that is
-``sqrt(P(Yes) * P(</s> | Yes))``, not the joint probability. ``reduction: sum`` gives the joint probability
-exp(sum) instead (not the published score). Log-probabilities are taken in float32.
-
-Checkpoint (``checkpoint``): the release's state dict (``zhiqiulin/clip-flant5-xl`` ``pytorch_model.bin``,
-pickled bf16; safetensors after ``python -m synpref.transforms.checkpoints``), keys as the original
-``CLIPT5ForConditionalGeneration`` names them, mapped explicitly (:func:`map_release_keys`):
-
-=========================================  ===============================================
-release key                                 here
-=========================================  ===============================================
-``vision_tower.vision_tower.<rest>``        ``CLIPVisionModel`` ``<rest>`` (``vision_model.*``)
-``mm_projector.0.{weight,bias}``            ``Projector.linear_1``
-``mm_projector.2.{weight,bias}``            ``Projector.linear_2``
-``embed_tokens.weight`` (alias)             ``T5ForConditionalGeneration`` ``shared.weight``
-``shared.*``, ``encoder.*``, ``decoder.*``,  the same names in ``T5ForConditionalGeneration``
-``lm_head.weight``
-=========================================  ===============================================
-
-An optional leading ``model.`` (LLaVA-style) or ``module.`` is ignored. Missing tied copies
-(``encoder/decoder.embed_tokens``, and ``lm_head`` when the T5 config ties it) are taken from
-``shared.weight``. If the checkpoint has no vision-tower keys, the tower's weights come from
-``vision_tower`` (what the original's constructor loads before the checkpoint overrides it); a partial set
-is an error. Any key that matches nothing, is missing or has the wrong shape fails loading with one line.
-
-Other locations (hidden downloads in the original, params here, all in ``files()``): ``t5_config`` (FlanT5
-``config.json`` folder / hub id, default ``google/flan-t5-xl``; ``google/flan-t5-xxl`` for the XXL release),
-``tokenizer`` (default ``google/flan-t5-xl``), ``vision_tower`` (config and, if needed, weights; default
-``openai/clip-vit-large-patch14-336``).
-
-Preprocessing (:func:`expand2square_clip`): the original pads the image to a square at its own resolution
-with the CLIP mean colour ``(122, 116, 104)`` (``int(mean * 255)``), then runs the (PIL) CLIP image
-processor at 336: bicubic resize to 336x336, (no-op) centre crop, CLIP mean/std. ``preprocess.clip_pad_square``
-resizes first and pads after (different border pixels and fill), so it is not used.
-
-dtype: ``auto`` = bfloat16 on CUDA (the original runs bf16 weights under bf16 autocast) and float32
-elsewhere; ``float32``; ``bfloat16`` (CUDA only, float32 with a warning on CPU). float16 is refused: T5
-overflows in it.
+How it is built, its checkpoint format and how it was checked: docs/rewards.md, `vqascore`.
 """
 from __future__ import annotations
 
