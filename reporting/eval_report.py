@@ -193,8 +193,10 @@ def evaluation_summary(samples_parquet_path: str, models: list[str], judges: lis
         syn["per_model"] = [{"model": model, **mean_with_interval(s.prompt_ids[complete], phi[complete, m],
                                                                   seed=seed, n_boot=n_boot)}
                             for m, model in enumerate(models)]
-        syn["comparisons"], syn["by_category"] = _comparisons(s, phi, SYN_PIC, lambda m: bool(gamed_by),
-                                                              seed=seed, n_boot=n_boot)
+        # Syn-Pic of one comparison is gameable when a judge in it was a training reward of either side
+        syn["comparisons"], syn["by_category"] = _comparisons(
+            s, phi, SYN_PIC, lambda m: bool((trained[s.models[m]] | trained[s.models[0]]) & set(judges)),
+            seed=seed, n_boot=n_boot)
     cats = sorted(set(s.categories.tolist()))
     order = _order(models, judges)
     comparisons.sort(key=order)
@@ -303,18 +305,18 @@ def format_evaluation(summary: dict) -> str:
 # -- HTML ----------------------------------------------------------------------------------------------------
 
 FOREST_CSS = """
-.forest text{font-size:12px} .gamed{color:#c05a00} td.best{font-weight:bold}
+.forest text{font-size:12px} .gamed{color:#c05a00} td.best{font-weight:bold} table.cmp td{white-space:nowrap}
 .group{display:flex;flex-wrap:wrap;gap:10px;align-items:flex-start;margin:4px 0 10px}
 .seed{font-size:12px;color:#555;width:60px}
 """
 
 
-def forest_svg(rows: list[dict], width: int = 760) -> str:
+def forest_svg(rows: list[dict], width: int = 840) -> str:
     """Inline SVG forest plot: per comparison the win rate with ties as half and its interval, on [0, 1].
 
     0.5 (dashed) is no difference whatever the share of ties; gamed judges are drawn orange.
     """
-    label_w, text_w, row_h, top = 230, 170, 22, 22
+    label_w, text_w, row_h, top = 230, 230, 22, 22
     x0, x1 = label_w + 10, width - text_w
     height = top + row_h * len(rows) + 24
 
@@ -368,7 +370,7 @@ def _comparison_table(rows: list[dict], category: bool = False) -> str:
             f"<td>{_p(c['p_value'])}</td>",
             f"<td>{_f(c['mean_diff'], '+.4g')} {_ci_html(c['mean_diff_ci'], '+.4g')}</td>"]
         body.append("<tr>" + "".join(cells) + "</tr>")
-    return ("<table><thead><tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr></thead><tbody>"
+    return ('<table class="cmp"><thead><tr>' + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr></thead><tbody>"
             + "".join(body) + "</tbody></table>")
 
 

@@ -181,7 +181,7 @@ def test_syn_pic_over_all_judges_matches_the_labelling_aggregator(evaluated):
         d = [p[model] - p["base"] for p in phi.values()]
         assert (c["wins"], c["losses"], c["ties"], c["missing_pairs"]) == (
             sum(x > 0 for x in d), sum(x < 0 for x in d), sum(x == 0 for x in d), 3)
-        assert c["judge"] == "Syn-Pic" and c["gamed"] is True
+        assert c["judge"] == "Syn-Pic" and c["gamed"] is (model == "tuned")  # brisque, a judge, trained tuned
     assert len(syn["by_category"]) == 2 * 3
 
 
