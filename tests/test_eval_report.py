@@ -224,7 +224,12 @@ def test_all_ties_no_categories_and_one_model(tmp_path):
     solo = evaluation_summary(str(tmp_path / "samples.parquet"), ["base"], JUDGES, training_rewards={}, n_boot=50)
     assert solo["comparisons"] == [] and solo["syn_pic"]["per_model"] == [] and len(solo["scores"]) == 2
     assert len(rows) == 18
-    format_evaluation(solo)
+    assert "paired vs" not in format_evaluation(solo)
+    page = render_evaluation_html(solo, str(tmp_path))
+    assert "one model: nothing to compare" in page and page.count("<img ") == 6  # 3 prompts x 2 seeds
+    pl.read_parquet(tmp_path / "samples.parquet").head(10).write_parquet(tmp_path / "samples.parquet")
+    with pytest.raises(ValueError, match="the summary is stale"):
+        render_evaluation_html(solo, str(tmp_path))
 
 
 def test_format_evaluation_lines(evaluated):
