@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 CONFIDENCE = 0.95
-_CHUNK = 256  # bootstrap resamples handled at once (bounds the n_boot x P count matrix's memory)
+_CHUNK = 256  # bootstrap resamples handled at once (bounds the [chunk, prompts, statistics] gather in memory)
 
 
 def sign_test_p(wins: int, losses: int) -> Optional[float]:
