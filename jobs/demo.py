@@ -34,7 +34,8 @@ def demo_config(name: str, workdir: str) -> dict:
 def run_demo(workdir: str = DEMO_PREFIX, num_prompts: Optional[int] = 64, train_steps: Optional[int] = None,
              pipeline_args: Optional[list[str]] = None, build_overrides: Optional[dict] = None) -> dict[str, Any]:
     from synpref.pipelines.build_preferences import build
-    from synpref.schemas.config import apply_overrides, build_config_from_dict
+    from synpref.schemas.config import build_config_from_dict
+    from synpref.schemas.loading import apply_overrides
     from synpref.training.config import TrainConfig
     from synpref.training.train import train
 
