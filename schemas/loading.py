@@ -8,7 +8,6 @@ got 0``), which the CLI prints with exit 2. ``dump_config`` is the resolved conf
 """
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import math
 import typing
@@ -29,34 +28,26 @@ class ConfigModel(BaseModel):
     def __init__(self, **data: Any):
         if _VALIDATING.get():  # a nested section: its errors reach the outermost call with their key path
             super().__init__(**data)
-            return
-        check_finite(data, ROOT)
-        with _validating():
-            try:
-                super().__init__(**data)
-            except ValidationError as e:
-                raise ValueError(error_line(e, type(self))) from None
+        else:
+            _one_line_errors(type(self), data, lambda: super(ConfigModel, self).__init__(**data))
 
     @classmethod
     def from_dict(cls: type[M], data: Any) -> M:
         """Validate a plain mapping (as YAML gives it); one-line ``ValueError`` on any mistake."""
-        check_finite(data, ROOT)
-        with _validating():
-            try:
-                return cls.model_validate(data)
-            except ValidationError as e:
-                raise ValueError(error_line(e, cls)) from None
+        return _one_line_errors(cls, data, lambda: cls.model_validate(data))
 
 
 # pydantic runs a custom __init__ for nested models too: only the outermost call turns errors into one line.
 _VALIDATING = contextvars.ContextVar("synpref_config_validating", default=False)
 
 
-@contextlib.contextmanager
-def _validating():
+def _one_line_errors(cls: type[BaseModel], data: Any, validate):
+    check_finite(data, ROOT)
     token = _VALIDATING.set(True)
     try:
-        yield
+        return validate()
+    except ValidationError as e:
+        raise ValueError(error_line(e, cls)) from None
     finally:
         _VALIDATING.reset(token)
 
