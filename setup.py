@@ -50,6 +50,7 @@ setup(
         "safetensors>=0.4",
         "pillow>=10",
         "numpy>=1.24",
+        "pydantic>=2.7",
     ],
     extras_require={
         "gcp": ["apache-beam[gcp]", "gcsfs"],

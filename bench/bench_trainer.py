@@ -28,7 +28,6 @@ machine is shared; only ratios from the same invocation mean anything).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import io
 import json
 import math
@@ -73,6 +72,7 @@ def child_ours(config_path: str, threads: int, result_path: str) -> None:
     import torch
 
     torch.set_num_threads(threads)
+    from synpref.schemas.loading import load_config
     from synpref.training.config import TrainConfig
     from synpref.training.train import train
 
@@ -87,7 +87,7 @@ def child_ours(config_path: str, threads: int, result_path: str) -> None:
     log.setLevel(logging.INFO)
     log.addHandler(StepClock())
     t0 = time.perf_counter()
-    summary = train(TrainConfig.from_yaml(config_path))
+    summary = train(load_config(TrainConfig, config_path))
     result = {
         "stamps": stamps, "steps": summary["steps"], "wall_s": time.perf_counter() - t0,
         "peak_rss_mib": peak_rss_mib(), "last_loss": summary["last_loss"], "skipped": summary["skipped"],
@@ -215,7 +215,7 @@ def aggregate(runs: list[dict]) -> dict:
 def train_config_fields() -> set[str]:
     from synpref.training.config import TrainConfig
 
-    return {f.name for f in dataclasses.fields(TrainConfig)}
+    return set(TrainConfig.model_fields)
 
 
 def main(argv=None):

@@ -42,14 +42,21 @@ def setup_logging(verbose: bool = False, model_libraries: bool = True) -> None:
         transformers_logging.disable_progress_bar()
 
 
+def load(args, model_cls):
+    """The command's config from ``--config`` and ``--set`` (the same grammar for every command)."""
+    from ..schemas.loading import load_config
+
+    return load_config(model_cls, args.config, args.set)
+
+
 def cmd_build(args, rest) -> int:
     from ..pipelines.build_preferences import build
     from ..pipelines.preflight import preflight
     from ..reporting.summaries import build_summary
-    from ..schemas.config import load_build_config
+    from ..schemas.config import BuildConfig
 
     try:
-        cfg = load_build_config(args.config, args.set)
+        cfg = load(args, BuildConfig)
         preflight(cfg)
     except (ValueError, FileNotFoundError) as e:
         raise UserError(f"synpref build: {e}") from None
@@ -67,12 +74,13 @@ def cmd_build(args, rest) -> int:
 
 def cmd_check_models(args, rest) -> int:
     """Every model file, folder or hub id the job loads, and whether it is there; exit 2 if any is not."""
-    from ..pipelines.preflight import model_files
-    from ..schemas.config import load_build_config
+    from ..pipelines.preflight import check_plugins, model_files
+    from ..schemas.config import BuildConfig
     from ..transforms.model_io import location_status
 
     try:
-        cfg = load_build_config(args.config, args.set)
+        cfg = load(args, BuildConfig)
+        check_plugins(cfg)
         files = model_files(cfg)
     except (ValueError, FileNotFoundError) as e:
         raise UserError(f"synpref check-models: {e}") from None
@@ -87,11 +95,12 @@ def cmd_check_models(args, rest) -> int:
 
 def cmd_eval_rewards(args, rest) -> int:
     from ..reporting.reward_accuracy import evaluate, format_table, write_json
-    from ..schemas.config import load_build_config
-    from ..pipelines.preflight import check_models
+    from ..pipelines.preflight import check_models, check_plugins
+    from ..schemas.config import BuildConfig
 
     try:
-        cfg = load_build_config(args.config, args.set)
+        cfg = load(args, BuildConfig)
+        check_plugins(cfg)
         check_models(cfg)
         report = evaluate(cfg, args.pairs)
     except (ValueError, FileNotFoundError) as e:
@@ -106,12 +115,12 @@ def cmd_train(args, rest) -> int:
     from ..reporting.summaries import train_summary
     from ..training.config import TrainConfig
     from ..training.preflight import preflight_train
-    from ..training.train import parse_overrides, train
+    from ..training.train import train
 
     if rest:
         raise UserError(f"synpref train: unknown arguments {rest}")
     try:
-        config = TrainConfig.from_yaml(args.config, overrides=parse_overrides(args.set))
+        config = load(args, TrainConfig)
         preflight_train(config)  # paths, shards, output folder, model files: before the first step
     except (ValueError, FileNotFoundError) as e:
         raise UserError(f"synpref train: {' '.join(str(e).split())}") from None
@@ -162,10 +171,10 @@ def cmd_export(args, rest) -> int:
 def cmd_filter(args, rest) -> int:
     """Score and filter a web image-text corpus (img2dataset WebDataset shards) with the build's rewards."""
     from ..pipelines.filter_corpus import filter_corpus, format_summary, preflight_filter
-    from ..schemas.filter_config import load_filter_config
+    from ..schemas.filter_config import FilterJobConfig
 
     try:
-        cfg = load_filter_config(args.config, args.set)
+        cfg = load(args, FilterJobConfig)
         preflight_filter(cfg)
     except (ValueError, FileNotFoundError) as e:
         raise UserError(f"synpref filter: {' '.join(str(e).split())}") from None
@@ -193,33 +202,29 @@ def cmd_demo(args, rest) -> int:
 
 
 def main(argv=None) -> int:
+    from ..schemas.loading import add_config_args
+
     parser = argparse.ArgumentParser(prog="synpref", description="Synthetic ranked preference data and RankDPO.")
     parser.add_argument("-v", "--verbose", action="store_true", help="show library logs too")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    b = sub.add_parser("build", help="run the build pipeline (unknown flags go to Beam: --runner, --setup_file...)")
-    b.add_argument("--config", required=True, help="YAML job config, e.g. jobs/demo_build.yaml")
-    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
-    b.set_defaults(fn=cmd_build)
+    def job(name: str, example: str, fn, **kw) -> argparse.ArgumentParser:
+        """A command that runs a job config: ``--config`` and ``--set``, declared in one place."""
+        p = sub.add_parser(name, **kw)
+        add_config_args(p, example)
+        p.set_defaults(fn=fn)
+        return p
 
-    c = sub.add_parser("check-models", help="list every model file the job needs (hidden downloads too) and "
-                                            "which are missing")
-    c.add_argument("--config", required=True, help="YAML job config")
-    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
-    c.set_defaults(fn=cmd_check_models)
-
-    e = sub.add_parser("eval-rewards", help="pairwise accuracy of each reward and of their aggregate on a "
-                                            "human-labelled set (Pick-a-Pic v2 parquet schema)")
-    e.add_argument("--config", required=True, help="YAML build config whose rewards and aggregator are evaluated")
+    job("build", "jobs/demo_build.yaml", cmd_build,
+        help="run the build pipeline (unknown flags go to Beam: --runner, --setup_file...)")
+    job("check-models", "jobs/demo_build.yaml", cmd_check_models,
+        help="list every model file the job needs (hidden downloads too) and which are missing")
+    e = job("eval-rewards", "jobs/demo_build.yaml (its rewards and aggregator are evaluated)", cmd_eval_rewards,
+            help="pairwise accuracy of each reward and of their aggregate on a human-labelled set "
+                 "(Pick-a-Pic v2 parquet schema)")
     e.add_argument("--pairs", required=True, help="parquet with caption, jpg_0, jpg_1, label_0 (local or fsspec URL)")
     e.add_argument("--json", default="", help="also write the figures here")
-    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
-    e.set_defaults(fn=cmd_eval_rewards)
-
-    t = sub.add_parser("train", help="RankDPO / Diffusion-DPO LoRA training on ranked shards")
-    t.add_argument("--config", required=True, help="YAML train config, e.g. jobs/demo_train.yaml")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
-    t.set_defaults(fn=cmd_train)
+    job("train", "jobs/demo_train.yaml", cmd_train, help="RankDPO / Diffusion-DPO LoRA training on ranked shards")
 
     i = sub.add_parser("inspect", help="summarise and verify a build or filter output directory")
     i.add_argument("output_dir")
@@ -241,11 +246,9 @@ def main(argv=None) -> int:
     x.add_argument("--rows-per-file", type=int, default=1000, help="rows per parquet file")
     x.set_defaults(fn=cmd_export)
 
-    f = sub.add_parser("filter", help="score and filter a web image-text corpus (img2dataset WebDataset shards) "
-                                      "with the rewards; unknown flags go to Beam")
-    f.add_argument("--config", required=True, help="YAML filter job, e.g. jobs/demo_filter.yaml")
-    f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
-    f.set_defaults(fn=cmd_filter)
+    job("filter", "jobs/demo_filter.yaml", cmd_filter,
+        help="score and filter a web image-text corpus (img2dataset WebDataset shards) with the rewards; "
+             "unknown flags go to Beam")
 
     d = sub.add_parser("demo", help="tiny offline models -> build -> train, end to end")
     d.add_argument("--workdir", default="out/demo")

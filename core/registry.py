@@ -43,10 +43,12 @@ class Registry(dict):
     def names(self) -> list[str]:
         return sorted(self)
 
-    def lookup(self, name: str):
-        """The plug-in registered as ``name``; ValueError naming the choices otherwise."""
+    def lookup(self, name: str, where: str = ""):
+        """The plug-in registered as ``name``; ValueError naming the choices otherwise (after ``where``,
+        the config key that names it, when given)."""
         if name not in self:
-            raise ValueError(f"unknown {self.kind} {name!r}; available: {self.names()}")
+            raise ValueError(f"{where + ': ' if where else ''}unknown {self.kind} {name!r}; "
+                             f"available: {self.names()}")
         return self[name]
 
     def discover(self, package: str, path: Iterable[str], skip: Iterable[str] = ()) -> None:

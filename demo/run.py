@@ -34,7 +34,8 @@ def demo_config(name: str, workdir: str) -> dict:
 def run_demo(workdir: str = DEMO_PREFIX, num_prompts: Optional[int] = 64, train_steps: Optional[int] = None,
              pipeline_args: Optional[list[str]] = None, build_overrides: Optional[dict] = None) -> dict[str, Any]:
     from ..pipelines.build_preferences import build
-    from ..schemas.config import apply_overrides, build_config_from_dict
+    from ..schemas.config import build_config_from_dict
+    from ..schemas.loading import apply_overrides
     from ..training.config import TrainConfig
     from ..training.train import train
 

@@ -21,7 +21,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from ..core import __version__
 from ..core import progress
-from ..schemas.config import BuildConfig, config_to_dict, load_build_config
+from ..schemas.config import BuildConfig, load_build_config
+from ..schemas.loading import add_config_args, dump_config
 from ..transforms.accounting import CountAs, WriteDeadLetters, WriteManifest
 from ..transforms.filtering import FilterPairs
 from ..transforms.generation import GenerateCandidates
@@ -51,7 +52,7 @@ def run_fingerprint(cfg: BuildConfig) -> str:
                 resources.files("synpref.jobs").joinpath("builtin_prompts.jsonl").read_bytes()).hexdigest()
         return model_fingerprint(location) if location and not location.startswith("hf://") else location
 
-    config = config_to_dict(cfg)
+    config = dump_config(cfg)
     config.pop("beam_options")
     for where in ("output_dir", "staging_dir", "staging"):  # where things go, not what they hold
         config["output"].pop(where)
@@ -78,8 +79,8 @@ def manifest_header(cfg: BuildConfig) -> dict[str, Any]:
         "aggregator": cfg.ranking.aggregator,
         "max_candidates": len(cfg.generators) * cfg.candidates_per_generator,
         "rewards": [{**d, "rank": r.rank} for r, d in zip(cfg.rewards, describe_rewards(cfg))],
-        "generators": [config_to_dict(g) for g in cfg.generators],
-        "config": config_to_dict(cfg),
+        "generators": [dump_config(g) for g in cfg.generators],
+        "config": dump_config(cfg),
     }
 
 
@@ -202,7 +203,7 @@ def _remove_staging(cfg: BuildConfig) -> str:
 def build(cfg: BuildConfig, pipeline_args: Optional[list[str]] = None, test_pipeline=None) -> dict[str, Any]:
     """Run the build and return the manifest plus a run summary (also written to run_summary.json)."""
     out = cfg.output.output_dir.rstrip("/")
-    log.info("build config: %s", json.dumps(config_to_dict(cfg), sort_keys=True))
+    log.info("build config: %s", json.dumps(dump_config(cfg), sort_keys=True))
     preflight(cfg)
     done = _up_to_date(out, run_fingerprint(cfg))
     if done is not None:
@@ -238,9 +239,7 @@ def build(cfg: BuildConfig, pipeline_args: Optional[list[str]] = None, test_pipe
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML job config (see jobs/demo_build.yaml)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set output.output_dir=gs://bucket/run1")
+    add_config_args(parser, "jobs/demo_build.yaml")
     return parser.parse_known_args(argv)
 
 

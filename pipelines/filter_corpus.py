@@ -25,13 +25,14 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from ..core import __version__
 from ..core import progress
-from ..schemas.filter_config import FilterJobConfig, filter_config_to_dict, load_filter_config
+from ..schemas.filter_config import FilterJobConfig, load_filter_config
+from ..schemas.loading import add_config_args, dump_config
 from ..transforms.accounting import CountDrops, ledger
 from ..transforms.corpus import (DROPPED, READ, ApplyFilters, DedupExact, DedupKeys, DedupNear,
                                        ScoreShards, WriteFiltered, WriteOutcomes)
-from ..transforms.corpus_sources import corpus_input_from_config
+from ..transforms.corpus_sources import available_sources, corpus_input_from_config
 from ..core.fileio import AtomicFile, check_writable
-from ..transforms.rewards import create_reward
+from ..transforms.rewards import check_rewards, create_reward
 
 log = logging.getLogger("synpref.filter")
 FILTER_LEVELS = (("samples", "sample"),)  # the filter's ledger: every input sample is written or dropped
@@ -42,7 +43,11 @@ _OUR_FILES = {"shards": re.compile(r"^filtered-\d{5}\.tar(\.tmp)?$"),
 
 def preflight_filter(cfg: FilterJobConfig) -> list[str]:
     """The input units (raises FileNotFoundError if a source has none, ValueError if the first Parquet table
-    lacks the configured columns) after checking the output is writable."""
+    lacks the configured columns) after checking the plug-ins the config names and that the output is writable."""
+    if cfg.input.format != "auto" and cfg.input.format not in available_sources():
+        raise ValueError(f"config.input.format must be auto or one of {available_sources()}, "
+                         f"got {cfg.input.format!r}")
+    check_rewards(cfg.rewards)
     corpus_input = corpus_input_from_config(cfg.input)
     shards = corpus_input.list_units(cfg.input.source)
     corpus_input.check(shards)
@@ -133,7 +138,7 @@ class FilterCorpus(beam.PTransform):
 
 
 def manifest_header(cfg: FilterJobConfig, shards: list[str]) -> dict[str, Any]:
-    config = filter_config_to_dict(cfg)
+    config = dump_config(cfg)
     config.pop("beam_options")
     config["output"].pop("output_dir")
     rewards = [create_reward(r.name, r.params).describe() for r in cfg.rewards]
@@ -207,8 +212,7 @@ def format_summary(result: dict[str, Any]) -> str:
 
 def run(argv=None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    add_config_args(parser, "jobs/demo_filter.yaml")
     args, rest = parser.parse_known_args(argv)
     return filter_corpus(load_filter_config(args.config, args.set), rest)
 

@@ -19,12 +19,29 @@ from ..transforms.prompts import BUILTIN, _detect_format
 
 
 def preflight(cfg: BuildConfig) -> None:
-    """Check models, the prompt source and the output folders; cheap, and writes only a probe file."""
+    """Check plug-ins, models, the prompt source and the output folders; cheap, and writes only a probe file."""
+    check_plugins(cfg)
     check_models(cfg)
     check_prompt_source(cfg.prompts)
     check_writable(cfg.output.output_dir, "output.output_dir")
     if cfg.output.staging_dir:
         check_writable(cfg.output.staging_dir, "output.staging_dir")
+
+
+def check_plugins(cfg: BuildConfig) -> None:
+    """The plug-ins the config names (rewards, generator types, the aggregator) are registered, and take
+    its options: reward params, a generator's own settings (a diffusers scheduler that exists), weights."""
+    from ..transforms.aggregators import AGGREGATORS
+    from ..transforms.generators import GENERATORS
+    from ..transforms.rewards import check_rewards
+
+    for i, g in enumerate(cfg.generators):
+        GENERATORS.lookup(g.type, f"config.generators.{i}.type")(g).check()
+    check_rewards(cfg.rewards)
+    aggregator = AGGREGATORS.lookup(cfg.ranking.aggregator, "config.ranking.aggregator")
+    if cfg.ranking.reward_weights and not aggregator.uses_config_weights:
+        raise ValueError(f"config.ranking.aggregator {aggregator.name!r} estimates its own reward weights: "
+                         "leave ranking.reward_weights empty")
 
 
 def model_files(cfg: BuildConfig) -> list[tuple[str, str]]:

@@ -11,7 +11,8 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from synpref.demo.run import demo_config
-from synpref.schemas.config import FilterConfig, apply_overrides, build_config_from_dict
+from synpref.schemas.config import FilterConfig, build_config_from_dict
+from synpref.schemas.loading import apply_overrides
 from synpref.schemas.records import Candidate, Lineage, PromptRecord
 from synpref.transforms.aggregators import available_aggregators, dataset_stats, get_aggregator
 from synpref.transforms.filtering import FilterPairs, keep_pair
@@ -210,18 +211,28 @@ def base():
 
 
 @pytest.mark.parametrize("override, message", [
-    ({"ranking.aggregator": "borda"}, "unknown ranking.aggregator 'borda'"),
     ({"ranking.reward_weights": {"hps": 2}}, "names unknown reward(s) ['hps']"),
     ({"ranking.reward_weights": {"clip_score": -1}}, "must be a finite number >= 0"),
     ({"ranking.reward_weights": {"clip_score": 0, "brisque": 0, "sharpness": 0}}, "at least one reward"),
-    ({"ranking.aggregator": "reliability_weighted", "ranking.reward_weights": {"clip_score": 2}},
-     "estimates its own reward weights"),
     ({"ranking.zscore_scope": "batch"}, "is not one of ['dataset', 'prompt']"),
     ({"filter.min_aggregate_gap": 1.5}, "min_aggregate_gap must be in [0, 1]"),
 ])
 def test_bad_ranking_configs_raise(override, message):
     with pytest.raises(ValueError) as err:
         build_config_from_dict(apply_overrides(base(), override))
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"ranking.aggregator": "borda"}, "config.ranking.aggregator: unknown aggregator 'borda'"),
+    ({"ranking.aggregator": "reliability_weighted", "ranking.reward_weights": {"clip_score": 2}},
+     "estimates its own reward weights"),
+])
+def test_aggregator_plugin_settings_are_checked_at_preflight(override, message):
+    from synpref.pipelines.preflight import check_plugins
+
+    with pytest.raises(ValueError) as err:
+        check_plugins(build_config_from_dict(apply_overrides(base(), override)))
     assert message in str(err.value)
 
 

@@ -1,7 +1,9 @@
 """Config errors say what is wrong and what is allowed."""
 import pytest
 
-from synpref.schemas.config import apply_overrides, build_config_from_dict, load_build_config
+from synpref.pipelines.preflight import check_plugins
+from synpref.schemas.config import build_config_from_dict, load_build_config
+from synpref.schemas.loading import apply_overrides
 from synpref.demo.run import demo_config
 
 
@@ -19,7 +21,6 @@ def test_demo_config_parses_and_rebases_paths():
 
 @pytest.mark.parametrize("override, message", [
     ({"prompts.nmu_prompts": 3}, "unknown key(s) ['nmu_prompts']"),
-    ({"rewards.0.name": "hpsv9"}, "unknown reward 'hpsv9'; available: "),
     ({"generators.0.dtype": "float8"}, "is not one of ['float32', 'float16', 'bfloat16']"),
     ({"generators.1.id": "tiny-sd-a"}, "generator ids must be unique"),
     ({"generators.0.id": "sd.xl"}, "may only use letters, digits"),
@@ -28,6 +29,18 @@ def test_demo_config_parses_and_rebases_paths():
 def test_bad_configs_raise_clear_errors(override, message):
     with pytest.raises(ValueError) as err:
         build_config_from_dict(apply_overrides(base(), override))
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"rewards.0.name": "hpsv9"}, "config.rewards.0.name: unknown reward 'hpsv9'; available: "),
+    ({"generators.0.type": "comfy"}, "config.generators.0.type: unknown generator type 'comfy'; available: "),
+    ({"generators.1.scheduler": "NoSuchScheduler"}, "generator tiny-sd-b: unknown diffusers scheduler 'NoSuchScheduler'"),
+])
+def test_plugin_names_are_checked_where_the_pipeline_is_built(override, message):
+    cfg = build_config_from_dict(apply_overrides(base(), override))  # the config module knows no plug-ins
+    with pytest.raises(ValueError) as err:
+        check_plugins(cfg)
     assert message in str(err.value)
 
 

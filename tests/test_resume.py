@@ -18,7 +18,7 @@ import yaml
 
 from conftest import tiny_build_config
 from synpref.pipelines.build_preferences import build
-from synpref.schemas.config import BuildConfig, build_config_from_dict, from_dict
+from synpref.schemas.config import BuildConfig, build_config_from_dict
 from test_build_e2e import digests
 
 KEEP = {"samples_per_shard": 4, "staging": "keep"}
@@ -138,9 +138,9 @@ def test_changed_prompt_file_is_not_up_to_date(demo_models, tmp_path):
 
 def test_a_generator_failing_every_call_fails_the_run(demo_models, tmp_path):
     """Height 60 passes no diffusers call. Validation refuses it; bypassed here to test the runtime guard."""
-    cfg = tiny_build_config(demo_models, tmp_path / "out")
-    cfg["generators"][1]["height"] = 60
-    result = build(from_dict(BuildConfig, cfg))
+    cfg = BuildConfig.from_dict(tiny_build_config(demo_models, tmp_path / "out"))
+    bad = cfg.generators[1].model_copy(update={"height": 60})  # model_copy does not validate
+    result = build(cfg.model_copy(update={"generators": (cfg.generators[0], bad)}))
     problems = result["summary"]["problems"]
     assert len(problems) == 1 and problems[0].startswith("generator tiny-sd-b: 12 of 12 images failed")
     drops = [json.loads(line) for f in glob.glob(f"{tmp_path}/out/dead_letter/*.jsonl") for line in open(f)]

@@ -12,6 +12,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from synpref.schemas.loading import load_config
 from synpref.training.config import TrainConfig
 from synpref.training.data import RankedShards, collate_ranked
 from synpref.training.train import add_lora, compute_loss, load_models, main, train
@@ -167,13 +168,13 @@ def test_training_is_deterministic(model_dir, shard_dir, tmp_path):
 def test_config_validation_and_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("pretrained_model: m\nshards: s.tar\noutput_dir: o\nlearning_rate: 1e-4\n")
-    cfg = TrainConfig.from_yaml(path, {"max_steps": "7", "shuffle": "true", "loss": "dpo"})
+    cfg = load_config(TrainConfig, path, ["max_steps=7", "shuffle=true", "loss=dpo"])
     assert (cfg.shards, cfg.learning_rate, cfg.max_steps, cfg.shuffle, cfg.beta) == (["s.tar"], 1e-4, 7, True, 5000.0)
     with pytest.raises(ValueError, match=r"loss: 'ipo' is not one of \['rankdpo', 'dpo'\]"):
-        TrainConfig.from_yaml(path, {"loss": "ipo"})
+        load_config(TrainConfig, path, ["loss=ipo"])
     with pytest.raises(ValueError, match="quote it"):
-        TrainConfig.from_yaml(path, {"mixed_precision": False})
+        load_config(TrainConfig, path, ["mixed_precision=no"])
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['betta'\]"):
-        TrainConfig.from_yaml(path, {"betta": 1})
+        load_config(TrainConfig, path, ["betta=1"])
     with pytest.raises(ValueError, match="max_steps: must be int"):
-        TrainConfig.from_yaml(path, {"max_steps": "ten"})
+        load_config(TrainConfig, path, ["max_steps=ten"])

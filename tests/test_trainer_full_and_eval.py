@@ -9,7 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 import synpref.training.train as train_mod
+from synpref.schemas.loading import dump_config
 from synpref.training.config import TrainConfig
+from synpref.training.preflight import preflight_train
 from synpref.training.evaluation import load_eval_prompts, read_eval_log
 from synpref.training.train import train
 from trainer_fixtures import model_dir, one_thread, write_ranked_shard  # noqa: F401 (fixtures)
@@ -181,14 +183,14 @@ def test_eval_config_is_checked():
         TrainConfig(**base, eval_every=2, eval_rewards=EVAL_REWARDS)
     with pytest.raises(ValueError, match="eval_rewards"):
         TrainConfig(**base, eval_every=2, eval_prompts=EVAL_PROMPTS)
-    with pytest.raises(ValueError, match="unknown reward"):
-        TrainConfig(**base, eval_every=2, eval_prompts=EVAL_PROMPTS, eval_rewards=[{"name": "nope"}])
+    with pytest.raises(ValueError, match="config.eval_rewards.0.name: unknown reward 'nope'"):  # a plug-in name:
+        preflight_train(TrainConfig(**base, eval_every=2, eval_prompts=EVAL_PROMPTS, eval_rewards=[{"name": "nope"}]))
     with pytest.raises(ValueError, match="eval_every"):
         TrainConfig(**base, eval_every=-1)
     with pytest.raises(ValueError, match="finetune"):
         TrainConfig(**base, finetune="partial")
     cfg = TrainConfig(**base, eval_every=2, eval_prompts=EVAL_PROMPTS, eval_rewards=EVAL_REWARDS)
-    assert json.loads(json.dumps(cfg.to_dict()))["eval_rewards"][0]["name"] == "sharpness"
+    assert json.loads(json.dumps(dump_config(cfg)))["eval_rewards"][0]["name"] == "sharpness"
     # eval settings do not change what a step computes: a checkpoint resumes under other values
     assert train_mod.config_key(cfg) == train_mod.config_key(TrainConfig(**base))
     assert train_mod.config_key(TrainConfig(**base, finetune="full")) != train_mod.config_key(TrainConfig(**base))

@@ -1,5 +1,4 @@
 """preflight_train: every bad training config fails before the first step, with one line naming the culprit."""
-import dataclasses
 import json
 
 import pyarrow as pa
@@ -169,4 +168,4 @@ def test_from_dict_rejects_unknown_keys_in_one_line(setup):
     with pytest.raises(ValueError) as e:
         make(min_pair_agreement="high")
     assert "min_pair_agreement: must be float, got 'high'" in one_line(e)
-    assert dataclasses.replace(make(), min_pair_agreement=0.2).min_pair_agreement == 0.2
+    assert make().model_copy(update={"min_pair_agreement": 0.2}).min_pair_agreement == 0.2

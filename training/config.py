@@ -1,227 +1,157 @@
-"""Trainer configuration: YAML -> validated, frozen ``TrainConfig``.
+"""Trainer configuration: one pydantic model, loaded like every config (``schemas/loading.py``).
 
-Defaults that the paper does not report (beta, learning rate, optimiser, LoRA
-rank) are stated here, in the field docs (the paper does not report them).
+Defaults that the paper (arXiv 2410.18013) does not report (beta, learning rate, optimiser, LoRA rank)
+are stated in the field docs. Reward names in ``eval_rewards`` are plug-ins, checked by ``preflight_train``.
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
-import typing
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Optional
 
-from ..schemas.config import RewardConfig, coerce, from_dict, load_yaml
-from ..transforms.imageio import DEFAULT_MAX_PIXELS
+from pydantic import BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
-Loss = Literal["rankdpo", "dpo"]
-DiscountRank = Literal["label", "model"]
-Noise = Literal["shared", "per_image"]
-DpoPairs = Literal["best_worst", "all"]
-MixedPrecision = Literal["no", "fp16", "bf16"]
-WeightingScheme = Literal["logit_normal", "mode", "cosmap", "sigma_sqrt", "none"]
-LrScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine"]
-DataFormat = Literal["ranked", "pairs", "pickapic"]
-ReportTo = Literal["none", "tensorboard"]
-Finetune = Literal["lora", "full"]
+from ..schemas.config import DEFAULT_MAX_PIXELS, Location, RewardConfig
+from ..schemas.loading import ConfigModel, one_or_many
 
-# Diffusion-DPO's beta = 5000 multiplies 0.5 * (model_diff - ref_diff); RankDPO's
-# loss has no 0.5, so beta = 2500 puts the same coefficient on each pair (Wallace et al. 2023, arXiv 2311.12908; docs/math.md s.5).
+# Diffusion-DPO's beta = 5000 multiplies 0.5 * (model_diff - ref_diff); RankDPO's loss has no 0.5,
+# so beta = 2500 puts the same coefficient on each pair (docs/math.md s.4-5).
 DEFAULT_BETA = {"rankdpo": 2500.0, "dpo": 5000.0}
+Positive = Annotated[int, Field(gt=0)]
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything one RankDPO / Diffusion-DPO LoRA run needs.
+class TrainConfig(ConfigModel):
+    """Everything one RankDPO / Diffusion-DPO run needs (each field's docstring says what it does)."""
 
-    Args:
-        pretrained_model: a diffusers pipeline folder or hub id; its ``model_index.json`` picks the
-            model family (``training/families/``: SD1.x/2.x, SDXL, SD3-class flow matching).
-        shards: ranked WebDataset shards: paths, globs, directories or fsspec URLs.
-        output_dir: where the LoRA weights and ``train_summary.json`` go.
-        revision: model revision when ``pretrained_model`` is a hub id.
-        loss: ``rankdpo`` (arXiv 2410.18013 Eq. 5-7; docs/math.md s.4) or ``dpo`` (Diffusion-DPO on pairs of the ranking, docs/math.md s.5).
-        beta: KL strength; ``None`` picks 2500 for rankdpo, 5000 for dpo (the same scale).
-        discount_rank: rank tau in the discount, from the labels or the model's current order.
-        noise: ``shared`` draws one eps per prompt for all its images (Diffusion-DPO style,
-            lower variance); ``per_image`` draws eps per image. The timestep is per prompt in both.
-        dpo_pairs: for ``loss: dpo``, train on (rank 1, rank k) only, or on every pair
-            with different phi (averaged over pairs, as if exported to Pick-a-Pic pairs).
-        lora_rank / lora_alpha: LoRA size and scale; ``lora_alpha`` ``None`` means equal to the rank.
-        learning_rate: AdamW learning rate; 1e-4 is diffusers' LoRA default and suits the tiny demo.
-        adam_*: AdamW settings (diffusers' training-script defaults).
-        max_grad_norm: gradient clipping norm.
-        max_steps: optimiser steps; the shards are repeated as often as needed.
-        batch_size: prompts per micro-batch (each with all its k images).
-        gradient_accumulation_steps: micro-batches per optimiser step.
-        resolution: square training resolution in pixels (images are resized and centre-cropped).
-        seed: seeds LoRA init, noise, timesteps, VAE sampling and shuffling.
-        shuffle: shuffle shard order and samples (seeded); off by default for reproducible order.
-        shuffle_buffer: sample shuffle buffer size when ``shuffle`` is on.
-        mixed_precision: passed to accelerate's ``Accelerator``; the frozen weights are stored in that dtype
-            (the LoRA trains in fp32). ``bf16`` also runs on CPU; ``fp16`` needs a CUDA GPU (refused on CPU).
-        log_every: log loss, speed and ETA every this many optimiser steps.
-        torch_threads: torch intra-op threads on CPU; 0 leaves torch's default. On small
-            CPU machines 1 is much faster than oversubscribing (measured 0.25 s vs 9 s per
-            tiny step on 2 busy cores).
-        max_image_pixels: an image with more pixels skips its sample as ``too_many_pixels``, refused
-            from the header before decoding (a decompression bomb in a shard must not kill a run).
-        data_format: what ``shards`` holds: ``ranked`` (synpref ranked tars, k images per prompt),
-            ``pairs`` (synpref pairs tars, each read as k = 2: winner phi 1 rank 1, loser phi 0 rank 2)
-            or ``pickapic`` (Pick-a-Pic v2 parquet: ``caption``, ``jpg_0``, ``jpg_1``, ``label_0``;
-            a directory means its ``*.parquet``; ties are skipped as ``tie``). See ``training/data.py``.
-        min_pair_agreement: ``None`` (off) or a value in [0, 1): pairs whose reward agreement (fraction
-            of rewards scoring the higher-phi image strictly higher, as the build computes it) is at or
-            below it leave the loss (``RankedItem.pair_mask``); pairs shards drop such samples as
-            ``low_agreement``. Needs reward scores, so not with ``pickapic``.
-        weighting_scheme: flow-matching (SD3-class) models only: timestep density and loss weighting,
-            as diffusers' SD3 scripts (``logit_normal`` default; ``sigma_sqrt`` and ``cosmap`` also
-            weight the loss; ``mode`` uses ``mode_scale``; ``none`` is uniform).
-        logit_mean / logit_std / mode_scale: parameters of those densities (diffusers' defaults).
-        lr_scheduler / lr_warmup_steps: diffusers' ``get_scheduler`` name and warmup steps over
-            ``max_steps``; ``constant`` keeps the learning rate fixed.
-        checkpointing_steps: every this many optimiser steps save ``output_dir/checkpoint-<step>``
-            (LoRA weights, optimiser, LR scheduler, RNG states, data position); ``None`` never.
-        checkpoints_total_limit: keep at most this many checkpoints (oldest removed); ``None`` keeps all.
-        resume_from_checkpoint: ``latest`` (newest ``checkpoint-*`` in ``output_dir``; starts fresh when
-            there is none) or a checkpoint folder; resuming continues exactly where it stopped.
-        gradient_checkpointing: recompute the denoiser's activations in the backward pass (diffusers'
-            ``enable_gradient_checkpointing``): less memory, about 30% slower, same loss and gradients.
-        use_8bit_adam: bitsandbytes' 8-bit AdamW instead of torch's (smaller optimiser state; needs
-            ``pip install bitsandbytes``, refused at config time when it is not installed).
-        cache_latents: encode each image with the VAE once and keep its latent distribution in host
-            memory (keyed by sample key, image index and pixel hash); latents are still sampled every step,
-            so losses equal an uncached run. Costs 2 x C x (resolution/8)^2 values per image (128 KiB fp32
-            per SD1.x image at 512). See ``training/caching.py``.
-        cache_text_embeddings: encode each prompt with the text encoder(s) once and keep the embeddings in
-            host memory (keyed by prompt text); SD1.x ~230 KiB, SDXL ~620 KiB, SD3 several MiB per prompt.
-        report_to: ``none`` or ``tensorboard``: log the ``train_log.csv`` metrics per step through
-            accelerate's trackers to ``output_dir/logs`` (needs ``pip install tensorboard``).
-        finetune: ``lora`` (default: a LoRA adapter; the reference is the denoiser with the adapter
-            disabled) or ``full`` (every denoiser weight trains, in fp32; the reference is a frozen copy of
-            the denoiser made before training, in the frozen weights' dtype). ``full`` saves the denoiser with
-            diffusers' ``save_pretrained`` to ``output_dir/unet`` (``transformer`` for SD3), loadable with
-            ``UNet2DConditionModel.from_pretrained``; its checkpoints hold the full denoiser (accelerate's
-            ``model.safetensors``). ``lora_*`` fields are ignored with ``full``.
-        eval_every: every this many optimiser steps (and after the last one) generate one image per
-            ``eval_prompts`` entry with the current model, score it with ``eval_rewards`` and append the mean
-            per reward to ``output_dir/eval_log.csv`` (step, reward, mean); 0 (default) is off. Evaluation
-            uses its own seeded generators and no gradients: training is the same with it on or off.
-        eval_prompts: the prompts, or one path to a text file (one prompt a line) or a ``.jsonl`` file
-            (``prompt`` field per line).
-        eval_rewards: ``[{name, params}]`` as the build's ``rewards`` (``synpref.transforms.rewards``);
-            scored together with the build's ``score_ensemble``.
-        eval_seed: prompt i is generated with a generator seeded ``eval_seed + i`` (same noise at every eval).
-        eval_steps: inference steps per eval image.
-        eval_resolution: eval image size in pixels; ``None`` uses ``resolution``.
-        eval_guidance_scale: classifier-free guidance for eval images; ``None`` keeps the pipeline's default.
-        proportion_empty_prompts: share of samples trained with an empty prompt (all k images of the
-            prompt), so the model keeps an unconditional prediction for classifier-free guidance; diffusers'
-            name; the official SDXL recipe uses 0.2. Drawn per sample and epoch from ``seed`` (a hash, so the
-            same on any number of processes and after a resume). 0 (default) is off.
-    """
+    model_config = ConfigDict(use_attribute_docstrings=True)
 
-    pretrained_model: str
-    shards: list[str]
-    output_dir: str
-    revision: str | None = None
-    loss: Loss = "rankdpo"
-    beta: float | None = None
-    discount_rank: DiscountRank = "label"
-    noise: Noise = "shared"
-    dpo_pairs: DpoPairs = "best_worst"
-    lora_rank: int = 4
-    lora_alpha: float | None = None
-    learning_rate: float = 1e-4
+    pretrained_model: Location
+    """A diffusers pipeline folder or hub id; its ``model_index.json`` picks the model family
+    (``training/families/``: SD1.x/2.x, SDXL, SD3-class flow matching)."""
+    shards: Annotated[list[str], BeforeValidator(one_or_many)]
+    """Ranked WebDataset shards: paths, globs, directories or fsspec URLs."""
+    output_dir: Location
+    """Where the LoRA weights, ``train_summary.json`` and checkpoints go."""
+    revision: Optional[str] = None
+    """Model revision when ``pretrained_model`` is a hub id."""
+    loss: Literal["rankdpo", "dpo"] = "rankdpo"
+    """``rankdpo`` (docs/math.md s.4) or ``dpo`` (Diffusion-DPO on pairs of the ranking, s.5)."""
+    beta: Optional[float] = Field(None, gt=0)
+    """KL strength; null picks 2500 for rankdpo, 5000 for dpo (the same scale)."""
+    discount_rank: Literal["label", "model"] = "label"
+    """Rank tau in the discount, from the labels or the model's current order."""
+    noise: Literal["shared", "per_image"] = "shared"
+    """``shared``: one eps per prompt for all its images (Diffusion-DPO style, lower variance);
+    ``per_image``: eps per image. The timestep is per prompt in both."""
+    dpo_pairs: Literal["best_worst", "all"] = "best_worst"
+    """For ``loss: dpo``: (rank 1, rank k) only, or every pair with different phi (averaged over pairs)."""
+    lora_rank: Positive = 4
+    lora_alpha: Optional[float] = None
+    """LoRA scale numerator (scale = alpha / rank); null means equal to the rank."""
+    learning_rate: float = Field(1e-4, gt=0)
+    """AdamW learning rate; 1e-4 is diffusers' LoRA default and suits the tiny demo."""
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_weight_decay: float = 1e-2
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
-    max_steps: int = 10
-    batch_size: int = 4
-    gradient_accumulation_steps: int = 1
-    resolution: int = 512
+    max_steps: Positive = 10
+    """Optimiser steps; the shards are repeated as often as needed."""
+    batch_size: Positive = 4
+    """Prompts per micro-batch (each with all its k images)."""
+    gradient_accumulation_steps: Positive = 1
+    resolution: Positive = 512
+    """Square training resolution in pixels (resized and centre-cropped); a multiple of 8 (the VAE's factor)."""
     seed: int = 0
+    """Seeds LoRA init, noise, timesteps, VAE sampling and shuffling."""
     shuffle: bool = False
-    shuffle_buffer: int = 100
-    mixed_precision: MixedPrecision = "no"
-    log_every: int = 1
-    torch_threads: int = 0
-    max_image_pixels: int = DEFAULT_MAX_PIXELS
-    weighting_scheme: WeightingScheme = "logit_normal"
+    """Shuffle shard order and samples (seeded); off by default for reproducible order."""
+    shuffle_buffer: Positive = 100
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    """Passed to accelerate's ``Accelerator``; the frozen weights are stored in that dtype (the LoRA trains
+    in fp32). ``bf16`` also runs on CPU; ``fp16`` needs a CUDA GPU (refused on CPU)."""
+    log_every: Positive = 1
+    torch_threads: int = Field(0, ge=0)
+    """Torch intra-op threads on CPU; 0 leaves torch's default (1 is much faster on small busy CPUs)."""
+    max_image_pixels: Positive = DEFAULT_MAX_PIXELS
+    """An image with more pixels skips its sample as ``too_many_pixels``, refused from the header."""
+    weighting_scheme: Literal["logit_normal", "mode", "cosmap", "sigma_sqrt", "none"] = "logit_normal"
+    """Flow-matching (SD3-class) models only: timestep density and loss weighting, as diffusers' SD3 scripts."""
     logit_mean: float = 0.0
     logit_std: float = 1.0
     mode_scale: float = 1.29
-    lr_scheduler: LrScheduler = "constant"
-    lr_warmup_steps: int = 0
-    checkpointing_steps: int | None = None
-    checkpoints_total_limit: int | None = None
-    resume_from_checkpoint: str | None = None
-    data_format: DataFormat = "ranked"
-    min_pair_agreement: float | None = None
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
+    lr_warmup_steps: int = Field(0, ge=0)
+    checkpointing_steps: Optional[int] = Field(None, gt=0)
+    """Every this many optimiser steps save ``output_dir/checkpoint-<step>``; null never."""
+    checkpoints_total_limit: Optional[int] = Field(None, gt=0)
+    """Keep at most this many checkpoints (oldest removed); null keeps all."""
+    resume_from_checkpoint: Optional[str] = None
+    """``latest`` (newest ``checkpoint-*`` in ``output_dir``; starts fresh when there is none) or a folder."""
+    data_format: Literal["ranked", "pairs", "pickapic"] = "ranked"
+    """``ranked`` (synpref ranked tars), ``pairs`` (synpref pairs tars, read as k = 2) or ``pickapic``
+    (Pick-a-Pic v2 parquet: ``caption``, ``jpg_0``, ``jpg_1``, ``label_0``). See ``training/data.py``."""
+    min_pair_agreement: Optional[float] = Field(None, ge=0, lt=1)
+    """Pairs whose reward agreement is at or below this leave the loss (null: off); not with ``pickapic``."""
     gradient_checkpointing: bool = False
     use_8bit_adam: bool = False
+    """bitsandbytes' 8-bit AdamW (refused at config time when bitsandbytes is not installed)."""
     cache_latents: bool = False
+    """Encode each image with the VAE once and keep its latent distribution in host memory
+    (``training/caching.py``); losses equal an uncached run."""
     cache_text_embeddings: bool = False
-    report_to: ReportTo = "none"
-    finetune: Finetune = "lora"
-    eval_every: int = 0
-    eval_prompts: list[str] = dataclasses.field(default_factory=list)
-    eval_rewards: list[RewardConfig] = dataclasses.field(default_factory=list)
+    report_to: Literal["none", "tensorboard"] = "none"
+    finetune: Literal["lora", "full"] = "lora"
+    """``lora`` (an adapter; the reference is the denoiser with it disabled) or ``full`` (every denoiser
+    weight trains; the reference is a frozen copy; saved to ``output_dir/unet`` or ``transformer``)."""
+    eval_every: int = Field(0, ge=0)
+    """Every this many optimiser steps (and after the last) generate one image per ``eval_prompts`` entry,
+    score it with ``eval_rewards`` and append the means to ``output_dir/eval_log.csv``; 0 is off."""
+    eval_prompts: Annotated[list[str], BeforeValidator(one_or_many)] = []
+    """The prompts, or one path to a text file (one prompt a line) or a ``.jsonl`` file."""
+    eval_rewards: list[RewardConfig] = []
+    """``[{name, params}]`` as the build's ``rewards``."""
     eval_seed: int = 0
-    eval_steps: int = 20
-    eval_resolution: int | None = None
-    eval_guidance_scale: float | None = None
-    proportion_empty_prompts: float = 0.0
+    eval_steps: Positive = 20
+    eval_resolution: Optional[int] = Field(None, gt=0)
+    """Eval image size in pixels; null uses ``resolution``."""
+    eval_guidance_scale: Optional[float] = None
+    proportion_empty_prompts: float = Field(0.0, ge=0, le=1)
+    """Share of samples trained with an empty prompt (classifier-free guidance); the SDXL recipe uses 0.2."""
 
-    def __post_init__(self):
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            object.__setattr__(self, f.name, coerce(hints[f.name], getattr(self, f.name), f.name))
-        if self.beta is None:
-            object.__setattr__(self, "beta", DEFAULT_BETA[self.loss])
-        if self.lora_alpha is None:
-            object.__setattr__(self, "lora_alpha", float(self.lora_rank))
-        for name in ("beta", "learning_rate", "lora_rank", "max_steps", "batch_size", "gradient_accumulation_steps",
-                     "resolution", "log_every", "shuffle_buffer", "max_image_pixels"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        if self.min_pair_agreement is not None and not 0.0 <= self.min_pair_agreement < 1.0:
-            raise ValueError(f"min_pair_agreement must be in [0, 1) or null, got {self.min_pair_agreement!r}")
-        if not 0.0 <= self.proportion_empty_prompts <= 1.0:
-            raise ValueError(f"proportion_empty_prompts must be in [0, 1], got {self.proportion_empty_prompts!r}")
-        if self.min_pair_agreement is not None and self.data_format == "pickapic":
-            raise ValueError("min_pair_agreement needs reward scores; data_format pickapic has none: set it to null")
-        for name in ("checkpointing_steps", "checkpoints_total_limit"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0 or null, got {getattr(self, name)!r}")
+    @model_validator(mode="before")
+    @classmethod
+    def _derived_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = dict(data)
+            if data.get("beta") is None:
+                data["beta"] = DEFAULT_BETA.get(data.get("loss", "rankdpo"), DEFAULT_BETA["rankdpo"])
+            if data.get("lora_alpha") is None:
+                data["lora_alpha"] = data.get("lora_rank", 4)
+        return data
+
+    @field_validator("resolution", "eval_resolution")
+    @classmethod
+    def _vae_multiple(cls, value: Optional[int]) -> Optional[int]:
+        if value is not None and value % 8:
+            raise ValueError(f"must be a multiple of 8 (the VAE downsamples by 8), got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainConfig":
         if not self.shards:
             raise ValueError("shards is empty: give shard paths, globs, directories or URLs")
-        self._check_eval()
+        if self.min_pair_agreement is not None and self.data_format == "pickapic":
+            raise ValueError("min_pair_agreement needs reward scores; data_format pickapic has none: set it to null")
+        if self.eval_every:
+            if not self.eval_prompts:
+                raise ValueError("eval_every > 0 needs eval_prompts (a list of prompts or a prompt file)")
+            if not self.eval_rewards:
+                raise ValueError("eval_every > 0 needs eval_rewards ([{name, params}] as the build's rewards)")
+            names = [r.name for r in self.eval_rewards]
+            if len(set(names)) != len(names):
+                raise ValueError(f"eval_rewards: a reward is named twice in {names}")
         self.check_environment()
-
-    def _check_eval(self) -> None:
-        if self.eval_every < 0:
-            raise ValueError(f"eval_every must be >= 0 (0 is off), got {self.eval_every!r}")
-        for name in ("eval_steps",) + (("eval_resolution",) if self.eval_resolution is not None else ()):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        if not self.eval_every:
-            return
-        if not self.eval_prompts:
-            raise ValueError("eval_every > 0 needs eval_prompts (a list of prompts or a prompt file)")
-        if not self.eval_rewards:
-            raise ValueError("eval_every > 0 needs eval_rewards ([{name, params}] as the build's rewards)")
-        from ..transforms.rewards import available_rewards
-
-        unknown = [r.name for r in self.eval_rewards if r.name not in available_rewards()]
-        if unknown:
-            raise ValueError(f"eval_rewards: unknown reward(s) {unknown}; available: {available_rewards()}")
-        names = [r.name for r in self.eval_rewards]
-        if len(set(names)) != len(names):
-            raise ValueError(f"eval_rewards: a reward is named twice in {names}")
+        return self
 
     def check_environment(self) -> None:
         """Refuse settings this machine cannot run, with one line each (checked at config time and by ``train``).
@@ -241,30 +171,3 @@ class TrainConfig:
         if self.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
             raise ValueError("report_to: tensorboard needs tensorboard, which is not installed: pip install tensorboard "
                              "(or set report_to: none)")
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
-        """Build from a plain dict, rejecting unknown keys with the list of valid ones."""
-        missing = sorted(n for n in ("pretrained_model", "shards", "output_dir") if values.get(n) is None)
-        if missing:
-            raise ValueError(f"missing required config keys {missing}")
-        return from_dict(cls, values, "train")
-
-    @classmethod
-    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "TrainConfig":
-        """Load a YAML mapping, then apply ``overrides`` (e.g. from ``--set key=value``; strings are coerced)."""
-        values = load_yaml(str(path))
-        if not isinstance(values, dict):
-            raise ValueError(f"{path}: expected a YAML mapping of config keys, got {type(values).__name__}")
-        return cls.from_dict({**values, **(overrides or {})})
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready view (for logs and ``train_summary.json``)."""
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
-
-
-def _plain(value: Any) -> Any:
-    """Dataclass values (``eval_rewards``' ``RewardConfig``) as plain dicts, for JSON."""
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value

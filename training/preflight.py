@@ -22,7 +22,7 @@ _OFFLINE = ("1", "true", "yes", "on")
 def preflight_train(config) -> list[str]:
     """Validate ``config`` (a ``TrainConfig``) before the first step; return the resolved shard list.
 
-    Checks, in order: ``max_steps >= 1``; ``data_format`` is known; every ``shards`` entry matches
+    Checks, in order: ``eval_rewards`` are registered rewards taking their params; ``max_steps >= 1``; ``data_format`` is known; every ``shards`` entry matches
     something and the list is not empty; ranked/pairs tars look like the layout ``data_format`` names
     (first sample of the first shard); every Pick-a-Pic parquet has ``caption``, ``jpg_0``, ``jpg_1``,
     ``label_0``; a local ``pretrained_model`` folder exists (a hub id must be cached when
@@ -32,6 +32,10 @@ def preflight_train(config) -> list[str]:
         ValueError: a bad value, a malformed input file or an unwritable ``output_dir`` (one line).
         FileNotFoundError: a shard entry matching nothing or a missing model folder (one line).
     """
+    if config.eval_every:
+        from ..transforms.rewards import check_rewards
+
+        check_rewards(config.eval_rewards, "config.eval_rewards")
     max_steps = getattr(config, "max_steps", None)
     if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1:
         raise ValueError(f"max_steps must be an integer >= 1, got {max_steps!r}")

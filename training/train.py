@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
+from ..schemas.loading import add_config_args, dump_config, load_config
 from .caching import EncoderCache
 from .config import TrainConfig
 from .data import RankedBatch, iter_batches, open_dataset, prefetch
@@ -47,36 +47,17 @@ WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
-    """Parse ``--config PATH`` and repeated ``--set KEY=VALUE``."""
+    """Parse ``--config PATH`` and repeated ``--set KEY=VALUE`` (the grammar of every synpref command)."""
     parser = argparse.ArgumentParser(description="RankDPO / Diffusion-DPO LoRA training on ranked shards.")
-    parser.add_argument("--config", required=True, help="YAML file with TrainConfig fields (see jobs/demo_train.yaml).")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="Override one config field, e.g. --set max_steps=20; repeatable. "
-        "Lists as YAML: --set 'shards=[a.tar, b.tar]'.",
-    )
+    add_config_args(parser, "jobs/demo_train.yaml")
     return parser.parse_args(input_args)
-
-
-def parse_overrides(pairs: list[str]) -> dict[str, object]:
-    """``["k=v", ...]`` -> dict; values stay strings (TrainConfig coerces) except ``[...]`` YAML lists."""
-    overrides = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--set expects KEY=VALUE, got {pair!r}")
-        overrides[key.strip()] = yaml.safe_load(value) if value.lstrip().startswith("[") else value
-    return overrides
 
 
 def main(argv: list[str] | None = None) -> dict:
     """CLI entry point: load the config, train, return the summary."""
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    return train(TrainConfig.from_yaml(args.config, overrides=parse_overrides(args.set)))
+    return train(load_config(TrainConfig, args.config, args.set))
 
 
 
@@ -255,7 +236,7 @@ def compute_loss(models: ModelFamily, batch: RankedBatch, config: TrainConfig, g
 # ---- checkpoints (diffusers' names: checkpoint-<step> folders under output_dir)
 def config_key(config: TrainConfig) -> str:
     """Hash of every field that changes what a step computes."""
-    values = {k: v for k, v in config.to_dict().items()
+    values = {k: v for k, v in dump_config(config).items()
               if k not in RESUME_FREE_FIELDS and not (k in NEW_FIELD_DEFAULTS and v == NEW_FIELD_DEFAULTS[k])}
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -301,7 +282,7 @@ def _log_with(config: TrainConfig):
 
 def _tracker_config(config: TrainConfig) -> dict:
     """The config as tracker hyperparameters (scalars and strings only: TensorBoard's hparams refuse lists/None)."""
-    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.to_dict().items()}
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in dump_config(config).items()}
 
 
 def _make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -357,7 +338,7 @@ def train(config: TrainConfig) -> dict:
     if launched > 1 and accelerator.num_processes != launched:  # each process would train alone on all the data
         raise ValueError(f"launched as {launched} processes (WORLD_SIZE) but accelerate sees "
                          f"{accelerator.num_processes}; on CPU set ACCELERATE_USE_CPU=true (torchrun + gloo)")
-    logger.info("train config: %s", json.dumps(config.to_dict()))
+    logger.info("train config: %s", json.dumps(dump_config(config)))
     set_seed(config.seed)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -560,7 +541,7 @@ def train(config: TrainConfig) -> dict:
         "metrics": step_metrics,
         "seconds": seconds,
         "skipped": dict(dataset.skipped),
-        "config": config.to_dict(),
+        "config": dump_config(config),
         "family": models.pipeline_class,
         "finetune": config.finetune,
         "lora_path": None if full else str(out / LORA_WEIGHT_NAME_SAFE),

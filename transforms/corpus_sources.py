@@ -12,7 +12,6 @@ the source's own terms; ``problem`` is a ``(reason, detail)`` for a sample that 
 from __future__ import annotations
 
 import bisect
-import dataclasses
 import json
 import posixpath
 import re
@@ -437,4 +436,4 @@ class CorpusInput:
 
 def corpus_input_from_config(cfg) -> CorpusInput:
     """The ``CorpusInput`` of a ``CorpusInputConfig`` (format + per-format options)."""
-    return CorpusInput(cfg.format, {"parquet": dataclasses.asdict(cfg.parquet)})
+    return CorpusInput(cfg.format, {"parquet": cfg.parquet.model_dump()})

@@ -18,8 +18,7 @@ from typing import Any
 
 from PIL import Image
 
-# 64 megapixels: far above any T2I output (SDXL/SD3 are ~1 MP, 4K is 8.3 MP), far below a bomb.
-DEFAULT_MAX_PIXELS = 64_000_000
+from ..schemas.config import DEFAULT_MAX_PIXELS  # noqa: F401  (a config default; decoders use it here)
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 # What synpref writes and reads. Limiting PIL's format sniffing keeps odd decoders (EPS runs

@@ -8,7 +8,6 @@ image's sha256 and its lineage: no sidecar, or a hash mismatch, means regenerate
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import json
@@ -71,7 +70,7 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
 def generator_fingerprint(config: GeneratorConfig, encoding: str = "png") -> str:
     """Everything about a generator that decides the staged bytes, except the prompt and the seed:
     its pixels and the ``encoding`` (``encoding_tag``). PNG keeps the fingerprint it always had."""
-    fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in _NOT_PIXEL_FIELDS}
+    fields = {k: v for k, v in config.model_dump().items() if k not in _NOT_PIXEL_FIELDS}
     doc = {"scheme": GENERATION_SCHEME, "config": fields, "model": model_fingerprint(config.model, config.revision)}
     if encoding != "png":
         doc["encoding"] = encoding

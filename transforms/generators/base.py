@@ -44,6 +44,9 @@ class Generator(abc.ABC):
     def lineage(self, seed: int) -> Lineage:
         ...
 
+    def check(self) -> None:
+        """Refuse settings this generator cannot run, in one line (run at preflight, before any work)."""
+
     def files(self) -> dict[str, str]:
         """Every file, folder or hub id the generator loads (checked before a build starts)."""
         return {"model": self.config.model}

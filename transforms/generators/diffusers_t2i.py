@@ -18,6 +18,16 @@ log = logging.getLogger(__name__)
 class DiffusersGenerator(Generator):
     """Seeds drive CPU ``torch.Generator``s, so a seed gives the same initial noise on any device."""
 
+    def check(self) -> None:
+        c = self.config
+        if c.scheduler:
+            import diffusers
+
+            cls = getattr(diffusers, c.scheduler, None)
+            if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
+                raise ValueError(f"generator {c.id}: unknown diffusers scheduler {c.scheduler!r} "
+                                 "(a scheduler class name, e.g. EulerDiscreteScheduler)")
+
     def load(self) -> None:
         import diffusers
         import torch
@@ -34,10 +44,8 @@ class DiffusersGenerator(Generator):
         pipe = diffusers.DiffusionPipeline.from_pretrained(
             local_copy(c.model, c.cache_dir), revision=c.revision or None, torch_dtype=dtype)
         if c.scheduler:
-            sched_cls = getattr(diffusers, c.scheduler, None)
-            if sched_cls is None:
-                raise ValueError(f"generator {c.id}: unknown diffusers scheduler {c.scheduler!r}")
-            pipe.scheduler = sched_cls.from_config(pipe.scheduler.config)
+            self.check()
+            pipe.scheduler = getattr(diffusers, c.scheduler).from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe.to(device)
         self.device, self.dtype = device, dtype

@@ -29,6 +29,16 @@ def create_reward(name: str, params: dict[str, Any] | None = None) -> "Reward":
     return REWARDS.lookup(name)(**(params or {}))
 
 
+def check_rewards(rewards, where: str = "config.rewards") -> None:
+    """Every reward config names a registered reward that accepts its params (run before any work)."""
+    for i, r in enumerate(rewards):
+        cls = REWARDS.lookup(r.name, f"{where}.{i}.name")
+        try:
+            cls(**r.params)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}.{i}.params: reward {r.name}: {' '.join(str(e).split())}") from None
+
+
 class Reward(abc.ABC):
     """Scores a batch of images; higher is better. Only the order within one reward matters to Syn-Pic."""
 
