@@ -201,6 +201,28 @@ def cmd_demo(args, rest) -> int:
     return 0
 
 
+def cmd_run(args, rest) -> int:
+    from ..pipelines.run_loop import StageFailed, format_run_loop, preflight_run, run_loop
+    from ..schemas.run_config import RunConfig
+
+    try:
+        cfg = load(args, RunConfig)
+        preflight_run(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        raise UserError(f"synpref run: {e}") from None
+    try:
+        result = run_loop(cfg, rest)
+    except Exception as e:  # a stage failed: name it; finished stages are kept and skipped on a rerun
+        if args.verbose:
+            raise
+        line = " ".join(str(e).split()) if isinstance(e, StageFailed) else pipeline_failure(e)
+        print(f"synpref run: {line}\n(-v shows the traceback; finished stages are kept: rerun the same command "
+              "to resume)", file=sys.stderr)
+        return 1
+    print(format_run_loop(result))
+    return 0
+
+
 def main(argv=None) -> int:
     from ..schemas.loading import add_config_args
 
@@ -250,6 +272,9 @@ def main(argv=None) -> int:
         help="score and filter a web image-text corpus (img2dataset WebDataset shards) with the rewards; "
              "unknown flags go to Beam")
 
+    job("run", "jobs/demo_run.yaml", cmd_run,
+        help="build -> train -> evaluate in one resumable job (rounds: on-policy); unknown flags go to Beam")
+
     d = sub.add_parser("demo", help="tiny offline models -> build -> train, end to end")
     d.add_argument("--workdir", default="out/demo")
     d.add_argument("--num-prompts", type=int, default=64)
@@ -257,7 +282,7 @@ def main(argv=None) -> int:
     d.set_defaults(fn=cmd_demo)
 
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command not in ("build", "demo", "train", "filter"):
+    if rest and args.command not in ("build", "demo", "train", "filter", "run"):
         parser.error(f"unrecognized arguments: {rest}")
     setup_logging(args.verbose, model_libraries=args.command not in ("inspect", "check-models"))
     try:

@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional
 
 import fsspec
 
+from ..core.errors import pipeline_failure
 from ..core.fileio import write_atomic
 from ..schemas.run_config import RunConfig
 
@@ -94,7 +95,12 @@ def run_stage(stage: Stage) -> tuple[dict[str, Any], bool]:
     if fs.exists(path):  # made for another key: while this stage runs, nothing claims it is done
         fs.rm(path)
     log.info("%s: running (key %s)", stage.name, stage.key[:12])
-    outcome = stage.make()
+    try:
+        outcome = stage.make()
+    except StageFailed as e:
+        raise StageFailed(f"{stage.name} failed: {e}") from e
+    except Exception as e:  # the stage's own job failed: one line naming the stage and the error
+        raise StageFailed(f"{stage.name} failed: {pipeline_failure(e)}") from e
     write_atomic(_record_path(stage), json.dumps({"key": stage.key, "stage": stage.name, "outcome": outcome},
                                                  indent=2, sort_keys=True, allow_nan=False).encode())
     return outcome, False

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, field_validator
+
+from .loading import ConfigModel
 
 
-class RunConfig(BaseModel):
+class RunConfig(ConfigModel):
     """The whole ``synpref run`` job."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     base_model: str = Field(min_length=1)  # diffusers pipeline: generates round 1, is trained, is the baseline
     output_dir: str = Field(min_length=1)  # round-<r>/{build,train,eval} go under it
@@ -40,15 +40,3 @@ class RunConfig(BaseModel):
         if info.field_name == "build" and "output_dir" in (section.get("output") or {}):
             raise ValueError("output.output_dir is set by synpref run (round-<r>/build under output_dir)")
         return section
-
-
-def run_config_from_dict(data: Any) -> RunConfig:
-    if not isinstance(data, dict):
-        raise ValueError(f"config: expected a mapping, got {type(data).__name__}")
-    try:
-        return RunConfig.model_validate(data)
-    except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "config"
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
-        raise ValueError(" ".join(f"config.{where}: {msg}".split())) from None
