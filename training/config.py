@@ -87,6 +87,10 @@ class TrainConfig(ConfigModel):
     """Keep at most this many checkpoints (oldest removed); null keeps all."""
     resume_from_checkpoint: Optional[str] = None
     """``latest`` (newest ``checkpoint-*`` in ``output_dir``; starts fresh when there is none) or a folder."""
+    init_lora: Optional[str] = None
+    """A folder with ``pytorch_lora_weights.safetensors`` (as this trainer writes) to start the LoRA from
+    instead of its random init, e.g. the previous round's (``synpref run``, ``train_from: previous``); the
+    DPO reference stays the base model. Same ``lora_rank`` as when it was trained."""
     data_format: Literal["ranked", "pairs", "pickapic"] = "ranked"
     """``ranked`` (synpref ranked tars), ``pairs`` (synpref pairs tars, read as k = 2) or ``pickapic``
     (Pick-a-Pic v2 parquet: ``caption``, ``jpg_0``, ``jpg_1``, ``label_0``). See ``training/data.py``."""
@@ -142,6 +146,8 @@ class TrainConfig(ConfigModel):
             raise ValueError("shards is empty: give shard paths, globs, directories or URLs")
         if self.min_pair_agreement is not None and self.data_format == "pickapic":
             raise ValueError("min_pair_agreement needs reward scores; data_format pickapic has none: set it to null")
+        if self.init_lora and self.finetune == "full":
+            raise ValueError("init_lora starts a LoRA; finetune: full trains the whole denoiser: use one of them")
         if self.eval_every:
             if not self.eval_prompts:
                 raise ValueError("eval_every > 0 needs eval_prompts (a list of prompts or a prompt file)")

@@ -44,6 +44,9 @@ def preflight_train(config) -> list[str]:
         raise ValueError(f"unknown data_format {data_format!r}; valid: {sorted(READERS)}")
     urls = _check_shards(list(config.shards or []), data_format)
     _check_model(str(config.pretrained_model), getattr(config, "revision", None))
+    init = getattr(config, "init_lora", None)
+    if init and not os.path.isfile(os.path.join(os.path.expanduser(init), "pytorch_lora_weights.safetensors")):
+        raise FileNotFoundError(f"init_lora: no pytorch_lora_weights.safetensors in {init!r}")
     check_writable(str(config.output_dir), "output_dir")
     return urls
 

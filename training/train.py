@@ -347,6 +347,8 @@ def train(config: TrainConfig) -> dict:
     logger.info("model family: %s (%s)", type(models).__name__, models.pipeline_class)
     full = config.finetune == "full"
     params = make_full_finetune(models) if full else add_lora(models.denoiser, config, models.lora_target_modules)
+    if config.init_lora and not full:
+        models.load_lora(config.init_lora, models.denoiser)  # start from earlier weights (e.g. the last round's)
     if config.gradient_checkpointing:
         models.denoiser.enable_gradient_checkpointing()  # recompute activations in backward: less memory
     optimizer = _make_optimizer(config, params)
