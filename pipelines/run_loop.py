@@ -156,9 +156,12 @@ def _build(data: dict[str, Any], beam_args: list[str]) -> dict[str, Any]:
 
 def _train(data: dict[str, Any]) -> dict[str, Any]:
     from ..training.config import TrainConfig
+    from ..training.preflight import preflight_train
     from ..training.train import train
 
-    summary = train(TrainConfig.from_dict(data))
+    cfg = TrainConfig.from_dict(data)
+    preflight_train(cfg)
+    summary = train(cfg)
     if not summary["steps"]:
         raise StageFailed("no training step ran")
     return {"weights_sha256": weights_checksum(data["output_dir"]), "steps": summary["steps"],
