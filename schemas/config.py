@@ -66,6 +66,11 @@ class GeneratorConfig:
     # Beam resource hint for this stage, e.g. "type:nvidia-l4;count:1;install-nvidia-driver", so a
     # runner with right-fitting (Dataflow) runs only generation and scoring on GPU workers.
     accelerator: str = ""
+    # A LoRA folder (``pytorch_lora_weights.safetensors``, as ``synpref train`` writes) applied with
+    # ``load_lora_weights`` at load, or a fully fine-tuned denoiser folder (``unet``/``transformer``)
+    # loaded in place of the model's own. Their file checksums are part of the staging key.
+    lora: str = ""
+    denoiser: str = ""
 
 
 @dataclass(frozen=True)
@@ -239,6 +244,8 @@ class BuildConfig:
         if len(self.generators) * self.candidates_per_generator < 2:
             raise ValueError("need at least 2 candidates per prompt (generators x candidates_per_generator)")
         for g in self.generators:
+            if g.lora and g.denoiser:
+                raise ValueError(f"generator {g.id}: give lora or denoiser, not both")
             if g.batch_size < 1 or g.model_copies < 0:
                 raise ValueError(f"generator {g.id}: batch_size must be >= 1 and model_copies >= 0")
         for r in self.rewards:

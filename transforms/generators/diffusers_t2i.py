@@ -10,6 +10,7 @@ from synpref.schemas.records import Lineage
 from synpref.transforms.model_io import local_copy, pick_device
 
 from .base import Generator, register_generator
+from .weights import LORA_FILE, denoiser_component, denoiser_folder, lora_file
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +32,17 @@ class DiffusersGenerator(Generator):
         if device == "cpu" and dtype != torch.float32:
             log.warning("generator %s: %s on CPU is slow or unsupported; using float32", c.id, c.dtype)
             dtype = torch.float32
+        extra = {}
+        if c.denoiser:  # a fully fine-tuned unet/transformer replaces the model's own
+            component, cls_name = denoiser_component(c.model, c.cache_dir)
+            extra[component] = getattr(diffusers, cls_name).from_pretrained(
+                denoiser_folder(c.denoiser, component), torch_dtype=dtype)
         pipe = diffusers.DiffusionPipeline.from_pretrained(
-            local_copy(c.model, c.cache_dir), revision=c.revision or None, torch_dtype=dtype)
+            local_copy(c.model, c.cache_dir), revision=c.revision or None, torch_dtype=dtype, **extra)
+        if c.lora:
+            # Not fused: peft adds scale * B(A(x)) beside the untouched base weights, exactly as the trainer
+            # computed it, and without rounding the merged weights in fp16/bf16.
+            pipe.load_lora_weights(local_copy(c.lora, c.cache_dir), weight_name=LORA_FILE)
         if c.scheduler:
             sched_cls = getattr(diffusers, c.scheduler, None)
             if sched_cls is None:
@@ -69,3 +79,12 @@ class DiffusersGenerator(Generator):
             num_inference_steps=c.num_inference_steps, guidance_scale=float(c.guidance_scale),
             height=c.height, width=c.width, dtype=str(self.dtype).replace("torch.", ""), seed=int(seed),
             negative_prompt=c.negative_prompt)
+
+    def files(self) -> dict[str, str]:
+        c = self.config
+        out = {"model": c.model}
+        if c.lora:
+            out["lora"] = lora_file(c.lora)
+        if c.denoiser:
+            out["denoiser"] = c.denoiser
+        return out
