@@ -1,4 +1,4 @@
-"""The ``synpref`` command: build, train, inspect, demo."""
+"""The ``synpref`` command: build, train, evaluate, inspect, demo."""
 from __future__ import annotations
 
 import argparse
@@ -83,6 +83,29 @@ def cmd_build(args, rest) -> int:
         return 1
     print(build_summary(result))
     return 1 if result["summary"]["problems"] else 0
+
+
+def cmd_evaluate(args, rest) -> int:
+    """Compare models (the first is the baseline) on the same prompts and seeds with the judges."""
+    from synpref.pipelines.eval_preflight import preflight_evaluate
+    from synpref.pipelines.evaluate import evaluate, format_run
+    from synpref.schemas.eval_config import load_eval_config
+
+    try:
+        cfg = load_eval_config(args.config, args.set)
+        preflight_evaluate(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        raise UserError(f"synpref evaluate: {' '.join(str(e).split())}") from None
+    try:
+        result = evaluate(cfg, rest)
+    except Exception as e:  # the job itself failed (a model that does not load, a full disk...)
+        if args.verbose:
+            raise
+        print(f"synpref evaluate: {pipeline_failure(e)}\n(-v shows the traceback; staged images are kept: "
+              "rerun the same command to reuse them)", file=sys.stderr)
+        return 1
+    print(format_run(result))
+    return 1 if result["run"]["problems"] else 0
 
 
 def cmd_check_models(args, rest) -> int:
@@ -209,7 +232,10 @@ def cmd_demo(args, rest) -> int:
     if result["train"] is None:
         return 1
     print(train_summary(result["train"]))
-    return 0
+    from synpref.pipelines.evaluate import format_run
+
+    print(format_run(result["evaluate"]))
+    return 1 if result["evaluate"]["run"]["problems"] else 0
 
 
 def main(argv=None) -> int:
@@ -221,6 +247,13 @@ def main(argv=None) -> int:
     b.add_argument("--config", required=True, help="YAML job config, e.g. jobs/demo_build.yaml")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     b.set_defaults(fn=cmd_build)
+
+    v = sub.add_parser("evaluate", help="compare models (base, + LoRA, fine-tuned) on the same prompts and seeds "
+                                        "with judges: samples.parquet + report; unknown flags go to Beam")
+    v.add_argument("--config", required=True, help="YAML evaluation config, e.g. jobs/demo_eval.yaml")
+    v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. models.1.lora=out/train2")
+    v.set_defaults(fn=cmd_evaluate)
 
     c = sub.add_parser("check-models", help="list every model file the job needs (hidden downloads too) and "
                                             "which are missing")
@@ -267,14 +300,14 @@ def main(argv=None) -> int:
     f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     f.set_defaults(fn=cmd_filter)
 
-    d = sub.add_parser("demo", help="tiny offline models -> build -> train, end to end")
+    d = sub.add_parser("demo", help="tiny offline models -> build -> train -> evaluate, end to end")
     d.add_argument("--workdir", default="out/demo")
     d.add_argument("--num-prompts", type=int, default=64)
     d.add_argument("--train-steps", type=int, default=None, help="default: jobs/demo_train.yaml's max_steps")
     d.set_defaults(fn=cmd_demo)
 
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command not in ("build", "demo", "train", "filter"):
+    if rest and args.command not in ("build", "demo", "train", "filter", "evaluate"):
         parser.error(f"unrecognized arguments: {rest}")
     setup_logging(args.verbose, model_libraries=args.command not in ("inspect", "check-models"))
     try:
