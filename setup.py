@@ -17,6 +17,7 @@ PACKAGES = {
     "synpref.jobs": "jobs",
     "synpref.training": "training",
     "synpref.training.families": "training/families",
+    "synpref.reporting": "reporting",
 }
 
 setup(

@@ -58,11 +58,12 @@ def _table(df, classes: str = "") -> str:
 
 
 def histogram_svg(values: np.ndarray, bins: int = 20, width: int = 320, height: int = 120, kept=None,
-                  marks: Sequence[tuple[float, str]] = ()) -> str:
+                  marks: Sequence[tuple[float, str]] = (), value_range: tuple[float, float] | None = None) -> str:
     """Inline SVG bar histogram with min / max labels and a count per bar as a tooltip.
 
     ``kept``: a boolean mask over ``values``; the kept part of each bar is drawn darker over the whole.
     ``marks``: ``(score, label)`` vertical lines (a filter's thresholds and top-fraction cutoff).
+    ``value_range``: (lo, hi) the x axis covers at least, so histograms side by side share one scale.
     """
     values = np.asarray(values, dtype=float)
     finite = np.isfinite(values)
@@ -73,6 +74,8 @@ def histogram_svg(values: np.ndarray, bins: int = 20, width: int = 320, height: 
     marks = [(float(v), label) for v, label in marks if math.isfinite(v)]
     lo = min([float(values.min())] + [v for v, _ in marks])
     hi = max([float(values.max())] + [v for v, _ in marks])
+    if value_range is not None:
+        lo, hi = min(lo, float(value_range[0])), max(hi, float(value_range[1]))
     if hi == lo:
         lo, hi = lo - 0.5, hi + 0.5
     counts, edges = np.histogram(values, bins=bins, range=(lo, hi))

@@ -1,0 +1,1 @@
+"""Measuring what training did: paired statistics and the report of ``synpref evaluate``."""
