@@ -229,11 +229,10 @@ def training_rewards(cfg: EvalConfig) -> tuple[dict[str, list[str]], list[str]]:
 def _report_modules():
     """The report helpers, when this install has them (``synpref.reporting``)."""
     try:
-        from synpref.reporting.eval_report import format_evaluation, write_evaluation_html
-        from synpref.reporting.eval_stats import evaluation_summary
+        from synpref.reporting import eval_report
     except ImportError:
         return None
-    return evaluation_summary, format_evaluation, write_evaluation_html
+    return eval_report.evaluation_summary, eval_report.format_evaluation, eval_report.write_evaluation_html
 
 
 def write_report(cfg: EvalConfig, samples_path: str) -> tuple[Optional[dict], str]:
@@ -251,10 +250,14 @@ def write_report(cfg: EvalConfig, samples_path: str) -> tuple[Optional[dict], st
     return summary, format_evaluation(summary)
 
 
-def evaluate(cfg: EvalConfig, pipeline_args: Optional[list[str]] = None, test_pipeline=None) -> dict[str, Any]:
-    """Run the evaluation and write its outputs; returns ``{"samples", "run", "summary", "text"}``."""
+def evaluate(cfg: EvalConfig, pipeline_args: Optional[list[str]] = None, test_pipeline=None,
+             preflight: bool = True) -> dict[str, Any]:
+    """Run the evaluation and write its outputs; returns ``{"samples", "run", "summary", "text"}``.
+
+    ``preflight=False`` when the caller has just run ``preflight_evaluate`` (it loads every judge)."""
     out = cfg.output_dir.rstrip("/")
-    preflight_evaluate(cfg)
+    if preflight:
+        preflight_evaluate(cfg)
     resolved = cfg.resolved()
     log.info("evaluate config: %s", json.dumps(resolved, sort_keys=True))
     write_atomic(f"{out}/eval_config.json", json.dumps(resolved, indent=2, sort_keys=True, allow_nan=False).encode())
@@ -293,8 +296,9 @@ def format_run(result: dict[str, Any]) -> str:
              f"images     {written} (generated {run['counters'].get('images_generated', 0)}, "
              f"reused {run['counters'].get('images_reused', 0)})",
              f"samples    {result['samples']}"]
-    if run["dropped"]:
-        lines.append("dropped    " + ", ".join(f"{k}={v}" for k, v in run["dropped"].items()) + " (dead_letter.jsonl)")
+    dropped = {k: v for k, v in run["dropped"].items() if k != "prompt:not_sampled"}  # num_prompts did that
+    if dropped:
+        lines.append("dropped    " + ", ".join(f"{k}={v}" for k, v in dropped.items()) + " (dead_letter.jsonl)")
     if run["training_rewards_unknown"]:
         lines.append("untraced   no train_summary.json/manifest.json for " + ", ".join(run["training_rewards_unknown"])
                      + ": the report cannot say which judges they were trained on")

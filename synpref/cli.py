@@ -97,7 +97,7 @@ def cmd_evaluate(args, rest) -> int:
     except (ValueError, FileNotFoundError) as e:
         raise UserError(f"synpref evaluate: {' '.join(str(e).split())}") from None
     try:
-        result = evaluate(cfg, rest)
+        result = evaluate(cfg, rest, preflight=False)
     except Exception as e:  # the job itself failed (a model that does not load, a full disk...)
         if args.verbose:
             raise
