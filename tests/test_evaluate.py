@@ -224,3 +224,30 @@ def test_set_overrides_use_key_paths_and_bad_ones_name_the_key(demo_models, lora
                                                "(the VAE downsamples by 8), got 65")
     assert main(["evaluate", "--config", path, "--set", "models.0.steps=3"]) == 2
     assert capsys.readouterr().err.strip() == "synpref evaluate: models.0.steps: unknown key"
+
+
+def test_a_generator_lora_is_in_the_staging_key_by_content_not_path(demo_models, lora, tmp_path):
+    from synpref.schemas.config import GeneratorConfig
+    from synpref.transforms.staging import generator_fingerprint
+
+    plain = GeneratorConfig(id="g", model=demo_models["tiny-sd-a"])
+    with_lora = GeneratorConfig(id="g", model=demo_models["tiny-sd-a"], lora=lora)
+    moved = GeneratorConfig(id="g", model=demo_models["tiny-sd-a"], lora=str(shutil.copytree(lora, tmp_path / "moved")))
+    assert generator_fingerprint(with_lora) != generator_fingerprint(plain)
+    assert generator_fingerprint(moved) == generator_fingerprint(with_lora)  # same weights elsewhere: same images
+    path = tmp_path / "moved" / "pytorch_lora_weights.safetensors"
+    weights = load_file(path)
+    save_file({k: v + 1e-3 if ".down." in k else v for k, v in weights.items()}, str(path), metadata={"format": "pt"})
+    assert generator_fingerprint(moved) != generator_fingerprint(with_lora)
+
+
+def test_a_build_with_a_lora_that_does_not_fit_stops_in_preflight(demo_models, tmp_path):
+    from conftest import tiny_build_config
+    from synpref.pipelines.preflight import preflight
+    from synpref.schemas.config import build_config_from_dict
+
+    other = save_peft_lora(f"{demo_models['tiny-sd-a']}/unet", tmp_path / "other", seed=1, cross_attention_dim=16)
+    cfg = tiny_build_config(demo_models, tmp_path / "out")
+    cfg["generators"][0]["lora"] = other
+    with pytest.raises(ValueError, match="generator tiny-sd-a: lora .* does not fit"):
+        preflight(build_config_from_dict(cfg))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Sequence
 
 import numpy as np
@@ -10,7 +11,7 @@ from synpref.schemas.records import Lineage
 from synpref.transforms.model_io import local_copy, pick_device
 
 from .base import Generator, register_generator
-from .weights import LORA_FILE, denoiser_component, denoiser_folder, lora_file
+from .weights import denoiser_component, denoiser_folder, lora_file
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,8 @@ class DiffusersGenerator(Generator):
         if c.lora:
             # Not fused: peft adds scale * B(A(x)) beside the untouched base weights, exactly as the trainer
             # computed it, and without rounding the merged weights in fp16/bf16.
-            pipe.load_lora_weights(local_copy(c.lora, c.cache_dir), weight_name=LORA_FILE)
+            path = local_copy(lora_file(c.lora), c.cache_dir)  # folder + file name: the adapter metadata is read
+            pipe.load_lora_weights(os.path.dirname(path) or ".", weight_name=os.path.basename(path))
         if c.scheduler:
             sched_cls = getattr(diffusers, c.scheduler, None)
             if sched_cls is None:
