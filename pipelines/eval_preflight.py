@@ -19,9 +19,15 @@ def _one_line(e: BaseException) -> str:
 
 
 def check_eval_models(cfg: EvalConfig) -> None:
+    import diffusers
+
     for i, m in enumerate(cfg.models):
         where = f"models.{i} ({m.name})"
         check_location(m.model, f"{where}.model")
+        scheduler = cfg.sampling(m)["scheduler"]
+        if scheduler and not isinstance(getattr(diffusers, scheduler, None), type):
+            raise ValueError(f"{where}.scheduler: {scheduler!r} is not a diffusers scheduler class "
+                             "(e.g. DDIMScheduler, EulerDiscreteScheduler)")
         local_model = not (looks_like_hub_id(m.model) or is_remote(m.model))
         if m.lora:
             check_location(m.lora, f"{where}.lora")

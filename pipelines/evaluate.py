@@ -261,7 +261,8 @@ def evaluate(cfg: EvalConfig, pipeline_args: Optional[list[str]] = None, test_pi
     resolved = cfg.resolved()
     log.info("evaluate config: %s", json.dumps(resolved, sort_keys=True))
     write_atomic(f"{out}/eval_config.json", json.dumps(resolved, indent=2, sort_keys=True, allow_nan=False).encode())
-    for stale in (f"{out}/{SAMPLES}", f"{out}/summary.json", f"{out}/report.html"):  # nothing claims to be done
+    for stale in (f"{out}/{SAMPLES}", f"{out}/summary.json", f"{out}/report.html", f"{out}/run_summary.json"):
+        # while this run works, nothing in the folder claims to be its result
         fs, p = fsspec.core.url_to_fs(stale)
         if fs.exists(p):
             fs.rm(p)

@@ -203,6 +203,7 @@ def _write_config(tmp_path, data) -> str:
     (lambda d, m, t: d["judges"].append({"name": "clip_score", "params": {**m["clip"], "checkpoint": _garbage(t)}}),
      "judges.2 (clip_score): does not load"),
     (lambda d, m, t: d["models"][2].update(name="base"), "model names must be unique; repeated: base"),
+    (lambda d, m, t: d["models"][0].update(scheduler="NoSuchScheduler"), "models.0 (base).scheduler:"),
 ])
 def test_bad_input_is_one_line_exit_2_before_any_image(demo_models, lora, tmp_path, capsys, change, message):
     save_peft_lora(f"{demo_models['tiny-sd-a']}/unet", tmp_path / "other_lora", seed=1, cross_attention_dim=16)
@@ -251,3 +252,13 @@ def test_a_build_with_a_lora_that_does_not_fit_stops_in_preflight(demo_models, t
     cfg["generators"][0]["lora"] = other
     with pytest.raises(ValueError, match="generator tiny-sd-a: lora .* does not fit"):
         preflight(build_config_from_dict(cfg))
+
+
+def test_a_model_that_fails_on_the_workers_is_exit_1_naming_the_step(demo_models, lora, tmp_path, capsys):
+    broken = shutil.copytree(demo_models["tiny-sd-a"], tmp_path / "broken")
+    (broken / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not weights")  # config fine, weights not
+    data = eval_dict(demo_models, lora, tmp_path / "out", prompts={"source": "builtin", "num_prompts": 1})
+    data["models"] = [data["models"][0], {"name": "broken", "model": str(broken)}]
+    assert main(["evaluate", "--config", _write_config(tmp_path, data)]) == 1
+    first, hint = capsys.readouterr().err.strip().splitlines()
+    assert first.startswith("synpref evaluate: Generate[broken] failed: ") and hint.startswith("(-v shows")
