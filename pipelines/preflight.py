@@ -49,7 +49,7 @@ def check_models(cfg: BuildConfig) -> None:
     for what, location in model_files(cfg):
         check_location(location, what)
     for g in cfg.generators:
-        if g.lora and not (looks_like_hub_id(g.model) or is_remote(g.model)):
+        if g.lora and g.type == "diffusers" and not (looks_like_hub_id(g.model) or is_remote(g.model)):
             misfit = lora_misfit(g.model, g.lora, g.cache_dir)
             if misfit:
                 raise ValueError(f"generator {g.id}: lora {g.lora} does not fit {g.model}: {misfit}")

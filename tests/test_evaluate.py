@@ -262,3 +262,21 @@ def test_a_model_that_fails_on_the_workers_is_exit_1_naming_the_step(demo_models
     assert main(["evaluate", "--config", _write_config(tmp_path, data)]) == 1
     first, hint = capsys.readouterr().err.strip().splitlines()
     assert first.startswith("synpref evaluate: Generate[broken] failed: ") and hint.startswith("(-v shows")
+
+
+def test_a_denoiser_is_keyed_by_its_own_folder_not_what_lies_beside_it(demo_models, tmp_path):
+    from synpref.schemas.config import GeneratorConfig
+    from synpref.transforms.staging import generator_fingerprint
+
+    train_out = tmp_path / "train"
+    shutil.copytree(f"{demo_models['tiny-sd-b']}/unet", train_out / "unet")
+    (train_out / "train_log.csv").write_text("step,loss\n1,0.5\n")
+
+    def key(denoiser):
+        return generator_fingerprint(GeneratorConfig(id="g", model=demo_models["tiny-sd-a"], denoiser=str(denoiser)))
+
+    assert key(train_out) == key(train_out / "unet") == key(f"{demo_models['tiny-sd-b']}/unet")
+    (train_out / "train_log.csv").write_text("step,loss\n1,0.5\n2,0.4\n")
+    assert key(train_out) == key(train_out / "unet")
+    (train_out / "unet" / "config.json").write_text((train_out / "unet" / "config.json").read_text() + " ")
+    assert key(train_out) != key(f"{demo_models['tiny-sd-b']}/unet")

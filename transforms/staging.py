@@ -22,7 +22,7 @@ from synpref.schemas.config import GeneratorConfig
 from synpref.schemas.records import Lineage
 from synpref.transforms.fileio import read_bytes, write_atomic
 from synpref.transforms.imageio import decode_image
-from synpref.transforms.generators.weights import files_checksum, lora_file
+from synpref.transforms.generators.weights import denoiser_weights, files_checksum, lora_file
 from synpref.transforms.model_io import json_digest, model_fingerprint
 
 # Bump when synpref changes how a config turns into pixels (e.g. noise sampling), so old staging is not reused.
@@ -78,7 +78,7 @@ def generator_fingerprint(config: GeneratorConfig, encoding: str = "png") -> str
     doc = {"scheme": GENERATION_SCHEME, "config": fields, "model": model_fingerprint(config.model, config.revision)}
     for name in _WEIGHT_FIELDS:  # trained weights by content, not by path; absent ones leave old keys unchanged
         if getattr(config, name, ""):
-            doc[name] = files_checksum(lora_file(config.lora) if name == "lora" else config.denoiser)
+            doc[name] = files_checksum(lora_file(config.lora) if name == "lora" else denoiser_weights(config.denoiser))
     if encoding != "png":
         doc["encoding"] = encoding
     return json_digest(doc)

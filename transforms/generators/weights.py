@@ -75,6 +75,17 @@ def denoiser_folder(location: str, component: str) -> str:
     return os.path.join(local, component)
 
 
+def denoiser_weights(location: str) -> str:
+    """The denoiser's own folder inside ``location`` (itself, or its ``unet``/``transformer`` subfolder), so a
+    checksum covers the weights and not the training logs and checkpoints beside them."""
+    fs, path = fsspec.core.url_to_fs(location[len("file://"):] if location.startswith("file://") else location)
+    for sub in ("", *DENOISERS):
+        folder = f"{path.rstrip('/')}/{sub}" if sub else path
+        if fs.exists(f"{folder.rstrip('/')}/config.json"):
+            return f"{location.rstrip('/')}/{sub}" if sub else location
+    return location
+
+
 def check_denoiser(model: str, denoiser: str, cache_dir: str = "") -> None:
     """A denoiser folder must exist, hold a config and be the base pipeline's denoiser class."""
     component, cls = denoiser_component(model, cache_dir)
