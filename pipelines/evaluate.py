@@ -62,8 +62,9 @@ class _SaveImage(beam.DoFn):
         model, index = c.lineage.generator_id, int(c.candidate_id.rsplit("-", 1)[1])
         name = image_name(model, c.prompt_id, index)
         write_atomic(f"{self.output_dir}/{name}", read_bytes(c.image_uri))  # PNG bytes, as staged
-        yield {"model": model, "prompt_id": c.prompt_id, "prompt": c.prompt, "category": categories.get(c.prompt_id, ""),
-               "seed": int(c.lineage.seed), "image": name, **{j: float(c.scores[j]) for j in self.judges}}
+        yield {"model": model, "prompt_id": c.prompt_id, "prompt": c.prompt,
+               "category": categories.get(c.prompt_id, ""), "seed": int(c.lineage.seed), "image": name,
+               **{j: float(c.scores[j]) for j in self.judges}}
 
 
 def sort_rows(rows: list[dict], models: list[str]) -> list[dict]:
@@ -235,14 +236,13 @@ def _report_modules():
     return eval_report.evaluation_summary, eval_report.format_evaluation, eval_report.write_evaluation_html
 
 
-def write_report(cfg: EvalConfig, samples_path: str) -> tuple[Optional[dict], str]:
+def write_report(cfg: EvalConfig, samples_path: str, trained: dict[str, list[str]]) -> tuple[Optional[dict], str]:
     """summary.json, report.html and the terminal text from samples.parquet (None, note without the helpers)."""
     out = cfg.output_dir.rstrip("/")
     modules = _report_modules()
     if modules is None:
         return None, "(no report: synpref.reporting is not installed in this version)"
     evaluation_summary, format_evaluation, write_evaluation_html = modules
-    trained, _ = training_rewards(cfg)
     summary = evaluation_summary(samples_path, [m.name for m in cfg.models], [j.name for j in cfg.judges],
                                  training_rewards=trained, seed=cfg.seed, n_boot=cfg.bootstrap_samples)
     write_atomic(f"{out}/summary.json", json.dumps(summary, indent=2, sort_keys=True, allow_nan=False).encode())
@@ -285,7 +285,8 @@ def evaluate(cfg: EvalConfig, pipeline_args: Optional[list[str]] = None, test_pi
     trained, untraced = training_rewards(cfg)
     run.update(training_rewards=trained, training_rewards_unknown=untraced)
     write_atomic(f"{out}/run_summary.json", json.dumps(run, indent=2, sort_keys=True, allow_nan=False).encode())
-    summary, text = write_report(cfg, samples_path) if table.num_rows else (None, "(no report: no image was scored)")
+    summary, text = (write_report(cfg, samples_path, trained) if table.num_rows
+                     else (None, "(no report: no image was scored)"))
     return {"samples": samples_path, "run": run, "summary": summary, "text": text}
 
 

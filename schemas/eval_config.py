@@ -176,7 +176,7 @@ def _error_line(e: ValidationError) -> str:
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         msg = "unknown key"
-    elif err["type"] not in ("value_error", "assertion_error") and "input" in err and not isinstance(err["input"], dict):
+    elif err["type"] not in ("value_error", "assertion_error") and not isinstance(err.get("input", {}), dict):
         msg += f" (got {err['input']!r})"
     extra = f" (and {e.error_count() - 1} more problem(s))" if e.error_count() > 1 else ""
     return " ".join(f"{where}: {msg}{extra}".split())

@@ -102,7 +102,8 @@ def test_the_report_is_written_from_the_samples(evaluated):
 
 def test_every_model_gets_the_same_seeds_for_a_prompt(evaluated):
     _, _, _, rows = evaluated
-    seeds = {m: sorted((r["prompt_id"], r["seed"]) for r in rows if r["model"] == m) for m in ("base", "tuned", "swapped")}
+    seeds = {m: sorted((r["prompt_id"], r["seed"]) for r in rows if r["model"] == m)
+             for m in ("base", "tuned", "swapped")}
     assert seeds["base"] == seeds["tuned"] == seeds["swapped"]
     per_prompt = {}
     for pid, seed in seeds["base"]:
