@@ -46,6 +46,7 @@ class Samples:
     prompts: dict  # prompt_id -> text
     scores: np.ndarray  # [keys, models, judges] float, NaN where no row or no finite score
     images: np.ndarray  # [keys, models] object: relative PNG path or None
+    present: np.ndarray  # [keys, models] bool: the model has a row for this (prompt, seed)
     rows: int  # rows of the listed models
     rows_ignored: int  # rows of models not listed
 
@@ -95,12 +96,15 @@ def load_samples(samples_parquet_path: str, models: list[str], judges: list[str]
     scores[k, mi] = np.where(np.isfinite(values), values, np.nan)  # inf counts as missing, like null
     images = np.full((n_keys, len(models)), None, dtype=object)
     images[k, mi] = np.array(listed["image"].to_list(), dtype=object)
+    present = np.zeros((n_keys, len(models)), dtype=bool)
+    present[k, mi] = True
     category = dict(zip(per_prompt["prompt_id"].to_list(), per_prompt["category"].to_list()))
     prompt_ids = keys["prompt_id"].to_numpy().astype(str)
     return Samples(models=list(models), judges=list(judges), prompt_ids=prompt_ids,
                    seeds=keys["seed"].to_numpy(), categories=np.array([category[p] for p in prompt_ids], dtype=str),
                    prompts=dict(zip(per_prompt["prompt_id"].to_list(), per_prompt["prompt"].to_list())),
-                   scores=scores, images=images, rows=listed.height, rows_ignored=df.height - listed.height)
+                   scores=scores, images=images, present=present, rows=listed.height,
+                   rows_ignored=df.height - listed.height)
 
 
 def _stat(x) -> float | None:
@@ -113,8 +117,8 @@ def _score_table(s: Samples) -> list[dict]:
         for m, model in enumerate(s.models):
             v = s.scores[:, m, j]
             v = v[np.isfinite(v)]
-            has_row = np.array([i is not None for i in s.images[:, m]])
-            out.append({"model": model, "judge": judge, "n": int(v.size), "missing_scores": int(has_row.sum() - v.size),
+            out.append({"model": model, "judge": judge, "n": int(v.size),
+                        "missing_scores": int(s.present[:, m].sum() - v.size),
                         "mean": _stat(v.mean()) if v.size else None, "sd": _stat(v.std()) if v.size else None,
                         "min": _stat(v.min()) if v.size else None, "max": _stat(v.max()) if v.size else None})
     return out
@@ -193,8 +197,10 @@ def evaluation_summary(samples_parquet_path: str, models: list[str], judges: lis
         syn["per_model"] = [{"model": model, **mean_with_interval(s.prompt_ids[complete], phi[complete, m],
                                                                   seed=seed, n_boot=n_boot)}
                             for m, model in enumerate(models)]
-        syn["comparisons"], syn["by_category"] = _comparisons(s, phi, SYN_PIC, lambda m: bool(gamed_by),
-                                                              seed=seed, n_boot=n_boot)
+        # Syn-Pic of one comparison is gameable when a judge in it was a training reward of either side
+        syn["comparisons"], syn["by_category"] = _comparisons(
+            s, phi, SYN_PIC, lambda m: bool((trained[s.models[m]] | trained[s.models[0]]) & set(judges)),
+            seed=seed, n_boot=n_boot)
     cats = sorted(set(s.categories.tolist()))
     order = _order(models, judges)
     comparisons.sort(key=order)
@@ -210,8 +216,7 @@ def evaluation_summary(samples_parquet_path: str, models: list[str], judges: lis
         "counts": {"rows": s.rows, "rows_ignored": s.rows_ignored, "pairs": len(s.prompt_ids),
                    "prompts": len(set(s.prompt_ids.tolist())), "seeds": len(set(s.seeds.tolist())),
                    "categories": cats if cats != [""] else [],
-                   "images_per_model": {m: int(sum(i is not None for i in s.images[:, k]))
-                                        for k, m in enumerate(models)}},
+                   "images_per_model": {m: int(s.present[:, k].sum()) for k, m in enumerate(models)}},
         "scores": _score_table(s),
         "comparisons": comparisons,
         "by_category": by_category,
@@ -270,8 +275,8 @@ def format_evaluation(summary: dict) -> str:
     every = summary["comparisons"] + syn["comparisons"] + summary["by_category"] + syn["by_category"]
     width = (max([len(f"{c['model']} vs {c['baseline']}") for c in every] + [0]),
              max([len(c["judge"]) + 1 for c in every] + [0]))
-    lines = [f"evaluation  {len(summary['models'])} models x {len(summary['judges'])} judges, {cnt['prompts']} prompts, "
-             f"{cnt['pairs']} (prompt, seed) pairs, baseline {summary['baseline']}",
+    lines = [f"evaluation  {len(summary['models'])} models x {len(summary['judges'])} judges, "
+             f"{cnt['prompts']} prompts, {cnt['pairs']} (prompt, seed) pairs, baseline {summary['baseline']}",
              f"method      {n['confidence']:.0%} intervals: bootstrap over prompts ({n['n_boot']} resamples, seed "
              f"{n['seed']}); p: sign test, ties dropped; win = wins / pairs"]
     score_w = max(len(m) for m in summary["models"])
@@ -303,18 +308,18 @@ def format_evaluation(summary: dict) -> str:
 # -- HTML ----------------------------------------------------------------------------------------------------
 
 FOREST_CSS = """
-.forest text{font-size:12px} .gamed{color:#c05a00} td.best{font-weight:bold}
+.forest text{font-size:12px} .gamed{color:#c05a00} td.best{font-weight:bold} table.cmp td{white-space:nowrap}
 .group{display:flex;flex-wrap:wrap;gap:10px;align-items:flex-start;margin:4px 0 10px}
 .seed{font-size:12px;color:#555;width:60px}
 """
 
 
-def forest_svg(rows: list[dict], width: int = 760) -> str:
+def forest_svg(rows: list[dict], width: int = 840) -> str:
     """Inline SVG forest plot: per comparison the win rate with ties as half and its interval, on [0, 1].
 
     0.5 (dashed) is no difference whatever the share of ties; gamed judges are drawn orange.
     """
-    label_w, text_w, row_h, top = 230, 170, 22, 22
+    label_w, text_w, row_h, top = 230, 230, 22, 22
     x0, x1 = label_w + 10, width - text_w
     height = top + row_h * len(rows) + 24
 
@@ -368,7 +373,7 @@ def _comparison_table(rows: list[dict], category: bool = False) -> str:
             f"<td>{_p(c['p_value'])}</td>",
             f"<td>{_f(c['mean_diff'], '+.4g')} {_ci_html(c['mean_diff_ci'], '+.4g')}</td>"]
         body.append("<tr>" + "".join(cells) + "</tr>")
-    return ("<table><thead><tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr></thead><tbody>"
+    return ('<table class="cmp"><thead><tr>' + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr></thead><tbody>"
             + "".join(body) + "</tbody></table>")
 
 
@@ -380,8 +385,10 @@ def _safe_relative(path) -> bool:
 
 def _image_card(s: Samples, output_dir: str, key: int, m: int, best: list[bool], phi: float) -> str:
     rel = s.images[key, m]
-    if rel is None:
+    if not s.present[key, m]:
         pic = '<div class="noimg">no row</div>'
+    elif rel is None:
+        pic = '<div class="noimg">no image path</div>'
     elif not _safe_relative(rel):
         pic = f'<div class="noimg">not a path inside the output folder: {_e(rel)}</div>'
     else:
@@ -449,8 +456,8 @@ def render_evaluation_html(summary: dict, output_dir: str, *, n_prompts: int = 8
                      + "".join(f'<tr><td class="txt">{_e(r["model"])}</td><td>{r["n"]}</td>'
                                f"<td>{_f(r['mean'], '.3f')} {_ci_html(r['mean_ci'], '.3f')}</td></tr>"
                                for r in syn["per_model"]) + "</tbody></table>"
-                     + f'<p class="muted">over judges {_e(", ".join(syn["over_judges"]))}; {syn["groups"]} (prompt, seed) '
-                       f'groups with every score, {syn["incomplete_groups"]} incomplete left out</p>')
+                     + f'<p class="muted">over judges {_e(", ".join(syn["over_judges"]))}; {syn["groups"]} '
+                       f'(prompt, seed) groups with every score, {syn["incomplete_groups"]} incomplete left out</p>')
     every = _all_comparisons(summary, "comparisons")
     parts = [
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">\n<title>synpref evaluate '

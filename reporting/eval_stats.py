@@ -23,13 +23,12 @@ images), so one bootstrap routine serves them all. Pure numpy + math: no scipy a
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import numpy as np
 
 CONFIDENCE = 0.95
-_CHUNK = 256  # bootstrap resamples handled at once (bounds the n_boot x P count matrix's memory)
+_CHUNK = 256  # bootstrap resamples handled at once (bounds the [chunk, prompts, statistics] gather in memory)
 
 
 def sign_test_p(wins: int, losses: int) -> Optional[float]:
@@ -41,8 +40,10 @@ def sign_test_p(wins: int, losses: int) -> Optional[float]:
     n = wins + losses
     if n == 0:
         return None
-    m = min(wins, losses)
-    tail = sum(math.comb(n, i) for i in range(m + 1))
+    tail, term = 0, 1  # term = C(n, i), updated exactly: C(n, i + 1) = C(n, i) (n - i) / (i + 1)
+    for i in range(min(wins, losses) + 1):
+        tail += term
+        term = term * (n - i) // (i + 1)
     return min(1.0, 2 * tail / 2 ** n)  # int / int: correctly rounded even when 2 ** n exceeds a float
 
 
@@ -64,19 +65,15 @@ def bootstrap_ratio_intervals(sums: np.ndarray, counts: np.ndarray, *, seed: int
                               confidence: float = CONFIDENCE) -> np.ndarray:
     """Percentile intervals [m, 2] of ratio_c = sum(sums[:, c]) / sum(counts) under the bootstrap over prompts.
 
-    Resample b counts how often each prompt was drawn (C[b, p]); its statistic is C[b] @ sums / C[b] @ counts,
-    which is the statistic of the concatenated pairs of the drawn prompts. ``einsum`` without BLAS keeps the
-    sums' rounding, hence the output bytes, independent of thread count.
+    Resample b's statistic is the sum of its drawn prompts' sums over the sum of their counts: the statistic
+    of the concatenated pairs of the drawn prompts. numpy's own summation (no BLAS) keeps the rounding, hence
+    the output bytes, independent of thread count.
     """
-    n_prompts = len(counts)
-    idx = bootstrap_indices(n_prompts, n_boot, seed)
+    idx = bootstrap_indices(len(counts), n_boot, seed)
     stats = np.empty((n_boot, sums.shape[1]))
     for start in range(0, n_boot, _CHUNK):
-        rows = idx[start:start + _CHUNK]
-        drawn = np.zeros((len(rows), n_prompts))
-        np.add.at(drawn, (np.arange(len(rows))[:, None], rows), 1.0)
-        stats[start:start + len(rows)] = (np.einsum("bp,pm->bm", drawn, sums, optimize=False)
-                                          / np.einsum("bp,p->b", drawn, counts, optimize=False)[:, None])
+        rows = idx[start:start + _CHUNK]  # [chunk, P] prompt indices
+        stats[start:start + len(rows)] = sums[rows].sum(axis=1) / counts[rows].sum(axis=1)[:, None]
     alpha = (1.0 - confidence) / 2
     return np.quantile(stats, [alpha, 1.0 - alpha], axis=0).T
 

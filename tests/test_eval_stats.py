@@ -33,6 +33,8 @@ def test_sign_test_by_hand_and_against_scipy():
         for lose in (0, 1, 3, 7, 12, 24):
             if w + lose:
                 assert sign_test_p(w, lose) == pytest.approx(stats.binomtest(w, w + lose, 0.5).pvalue, rel=1e-12)
+    for w, lose in ((1500, 1450), (2100, 1900), (520, 480)):
+        assert sign_test_p(w, lose) == pytest.approx(stats.binomtest(w, w + lose, 0.5).pvalue, rel=1e-9)
 
 
 def _loop_bootstrap(prompts, model, base, seed, n_boot):
