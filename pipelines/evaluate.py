@@ -26,6 +26,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from synpref import progress
 from synpref.pipelines.build_preferences import _synpref_counters
 from synpref.pipelines.eval_preflight import preflight_evaluate
+from synpref.reporting import eval_report
 from synpref.schemas.eval_config import EvalConfig
 from synpref.schemas.records import Candidate, Drop
 from synpref.transforms.accounting import ERROR_REASONS
@@ -227,27 +228,14 @@ def training_rewards(cfg: EvalConfig) -> tuple[dict[str, list[str]], list[str]]:
     return known, unknown
 
 
-def _report_modules():
-    """The report helpers, when this install has them (``synpref.reporting``)."""
-    try:
-        from synpref.reporting import eval_report
-    except ImportError:
-        return None
-    return eval_report.evaluation_summary, eval_report.format_evaluation, eval_report.write_evaluation_html
-
-
-def write_report(cfg: EvalConfig, samples_path: str, trained: dict[str, list[str]]) -> tuple[Optional[dict], str]:
-    """summary.json, report.html and the terminal text from samples.parquet (None, note without the helpers)."""
+def write_report(cfg: EvalConfig, samples_path: str, trained: dict[str, list[str]]) -> tuple[dict, str]:
+    """summary.json, report.html and the terminal text, from samples.parquet (``reporting/eval_report.py``)."""
     out = cfg.output_dir.rstrip("/")
-    modules = _report_modules()
-    if modules is None:
-        return None, "(no report: synpref.reporting is not installed in this version)"
-    evaluation_summary, format_evaluation, write_evaluation_html = modules
-    summary = evaluation_summary(samples_path, [m.name for m in cfg.models], [j.name for j in cfg.judges],
-                                 training_rewards=trained, seed=cfg.seed, n_boot=cfg.bootstrap_samples)
-    write_atomic(f"{out}/summary.json", json.dumps(summary, indent=2, sort_keys=True, allow_nan=False).encode())
-    write_evaluation_html(summary, out, f"{out}/report.html")
-    return summary, format_evaluation(summary)
+    summary = eval_report.evaluation_summary(samples_path, [m.name for m in cfg.models], [j.name for j in cfg.judges],
+                                             training_rewards=trained, seed=cfg.seed, n_boot=cfg.bootstrap_samples)
+    write_atomic(f"{out}/summary.json", eval_report.summary_json(summary).encode())
+    eval_report.write_evaluation_html(summary, out, f"{out}/report.html")
+    return summary, eval_report.format_evaluation(summary)
 
 
 def evaluate(cfg: EvalConfig, pipeline_args: Optional[list[str]] = None, test_pipeline=None,
