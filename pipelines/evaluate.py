@@ -273,8 +273,9 @@ def evaluate(cfg: EvalConfig, pipeline_args: Optional[list[str]] = None, test_pi
     trained, untraced = training_rewards(cfg)
     run.update(training_rewards=trained, training_rewards_unknown=untraced)
     write_atomic(f"{out}/run_summary.json", json.dumps(run, indent=2, sort_keys=True, allow_nan=False).encode())
-    summary, text = (write_report(cfg, samples_path, trained) if table.num_rows
-                     else (None, "(no report: no image was scored)"))
+    empty = [m for m, n in run["images_written"].items() if n == 0]
+    summary, text = ((None, f"(no report: no scored image for {', '.join(empty)}; see dead_letter.jsonl)") if empty
+                     else write_report(cfg, samples_path, trained))
     return {"samples": samples_path, "run": run, "summary": summary, "text": text}
 
 
