@@ -1,4 +1,4 @@
-"""The ``synpref`` command: build, train, inspect, demo."""
+"""The ``synpref`` command: build, train, evaluate, inspect, demo."""
 from __future__ import annotations
 
 import argparse
@@ -70,6 +70,29 @@ def cmd_build(args, rest) -> int:
         return 1
     print(build_summary(result))
     return 1 if result["summary"]["problems"] else 0
+
+
+def cmd_evaluate(args, rest) -> int:
+    """Compare models (the first is the baseline) on the same prompts and seeds with the judges."""
+    from ..pipelines.eval_preflight import preflight_evaluate
+    from ..pipelines.evaluate import evaluate, format_run
+    from ..schemas.eval_config import EvalConfig
+
+    try:
+        cfg = load(args, EvalConfig)
+        preflight_evaluate(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        raise UserError(f"synpref evaluate: {' '.join(str(e).split())}") from None
+    try:
+        result = evaluate(cfg, rest, preflight=False)
+    except Exception as e:  # the job itself failed (a model that does not load, a full disk...)
+        if args.verbose:
+            raise
+        print(f"synpref evaluate: {pipeline_failure(e)}\n(-v shows the traceback; staged images are kept: "
+              "rerun the same command to reuse them)", file=sys.stderr)
+        return 1
+    print(format_run(result))
+    return 1 if result["run"]["problems"] else 0
 
 
 def cmd_check_models(args, rest) -> int:
@@ -198,7 +221,10 @@ def cmd_demo(args, rest) -> int:
     if result["train"] is None:
         return 1
     print(train_summary(result["train"]))
-    return 0
+    from ..pipelines.evaluate import format_run
+
+    print(format_run(result["evaluate"]))
+    return 1 if result["evaluate"]["run"]["problems"] else 0
 
 
 def cmd_run(args, rest) -> int:
@@ -239,6 +265,9 @@ def main(argv=None) -> int:
 
     job("build", "jobs/demo_build.yaml", cmd_build,
         help="run the build pipeline (unknown flags go to Beam: --runner, --setup_file...)")
+    job("evaluate", "jobs/demo_eval.yaml", cmd_evaluate,
+        help="compare models (base, + LoRA, fine-tuned) on the same prompts and seeds with judges: "
+             "samples.parquet + report; unknown flags go to Beam")
     job("check-models", "jobs/demo_build.yaml", cmd_check_models,
         help="list every model file the job needs (hidden downloads too) and which are missing")
     e = job("eval-rewards", "jobs/demo_build.yaml (its rewards and aggregator are evaluated)", cmd_eval_rewards,
@@ -275,14 +304,14 @@ def main(argv=None) -> int:
     job("run", "jobs/demo_run.yaml", cmd_run,
         help="build -> train -> evaluate in one resumable job (rounds: on-policy); unknown flags go to Beam")
 
-    d = sub.add_parser("demo", help="tiny offline models -> build -> train, end to end")
+    d = sub.add_parser("demo", help="tiny offline models -> build -> train -> evaluate, end to end")
     d.add_argument("--workdir", default="out/demo")
     d.add_argument("--num-prompts", type=int, default=64)
     d.add_argument("--train-steps", type=int, default=None, help="default: jobs/demo_train.yaml's max_steps")
     d.set_defaults(fn=cmd_demo)
 
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command not in ("build", "demo", "train", "filter", "run"):
+    if rest and args.command not in ("build", "demo", "train", "filter", "run", "evaluate"):
         parser.error(f"unrecognized arguments: {rest}")
     setup_logging(args.verbose, model_libraries=args.command not in ("inspect", "check-models"))
     try:

@@ -1,4 +1,4 @@
-"""The demo job: tiny offline models -> build pipeline -> RankDPO training, under one work directory."""
+"""The demo job: tiny offline models -> build pipeline -> RankDPO training -> evaluation, under one work directory."""
 from __future__ import annotations
 
 import logging
@@ -48,10 +48,18 @@ def run_demo(workdir: str = DEMO_PREFIX, num_prompts: Optional[int] = 64, train_
     built = build(cfg, pipeline_args)
     if built["summary"]["problems"]:
         log.error("demo: the build has problems; not training")
-        return {"build": built, "train": None}
+        return {"build": built, "train": None, "evaluate": None}
     train_data = demo_config("demo_train.yaml", workdir)
     if train_steps is not None:
         train_data["max_steps"] = train_steps
     log.info("demo: training RankDPO LoRA for %s steps", train_data.get("max_steps"))
     trained = train(TrainConfig.from_dict(train_data))
-    return {"build": built, "train": trained}
+    from ..pipelines.evaluate import evaluate
+    from ..schemas.eval_config import eval_config_from_dict
+
+    eval_data = demo_config("demo_eval.yaml", workdir)
+    eval_data["prompts"]["num_prompts"] = num_prompts
+    eval_cfg = eval_config_from_dict(eval_data)
+    log.info("demo: evaluating the LoRA against the base model into %s", eval_cfg.output_dir)
+    evaluated = evaluate(eval_cfg, pipeline_args)
+    return {"build": built, "train": trained, "evaluate": evaluated}

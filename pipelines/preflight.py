@@ -58,9 +58,18 @@ def model_files(cfg: BuildConfig) -> list[tuple[str, str]]:
 
 
 def check_models(cfg: BuildConfig) -> None:
-    """Every model file or folder the job needs must be there; the first missing one is named."""
+    """Every model file or folder the job needs must be there; the first missing one is named. A generator's
+    ``lora`` must fit its (local) model: checked from file headers and configs, no weights loaded."""
+    from ..transforms.generators.weights import lora_misfit
+    from ..transforms.model_io import is_remote, looks_like_hub_id
+
     for what, location in model_files(cfg):
         check_location(location, what)
+    for g in cfg.generators:
+        if g.lora and g.type == "diffusers" and not (looks_like_hub_id(g.model) or is_remote(g.model)):
+            misfit = lora_misfit(g.model, g.lora, g.cache_dir)
+            if misfit:
+                raise ValueError(f"generator {g.id}: lora {g.lora} does not fit {g.model}: {misfit}")
 
 
 def check_prompt_source(cfg: PromptsConfig) -> None:

@@ -68,6 +68,11 @@ class GeneratorConfig(ConfigModel):
     # Beam resource hint for this stage, e.g. "type:nvidia-l4;count:1;install-nvidia-driver", so a
     # runner with right-fitting (Dataflow) runs only generation and scoring on GPU workers.
     accelerator: str = ""
+    # A LoRA folder (``pytorch_lora_weights.safetensors``, as ``synpref train`` writes) applied with
+    # ``load_lora_weights`` at load, or a fully fine-tuned denoiser folder (``unet``/``transformer``)
+    # loaded in place of the model's own. Their file checksums are part of the staging key.
+    lora: str = ""
+    denoiser: str = ""
 
     @field_validator("id")
     @classmethod
@@ -79,6 +84,8 @@ class GeneratorConfig(ConfigModel):
 
     @model_validator(mode="after")
     def _diffusers_sizes(self) -> "GeneratorConfig":
+        if self.lora and self.denoiser:
+            raise ValueError("give lora or denoiser, not both")
         # The SD VAE downsamples by 8: any other size fails on every call, hours into a run.
         if self.type == "diffusers" and (self.height % 8 or self.width % 8):
             raise ValueError(f"generator {self.id}: height and width must be positive multiples of 8 "

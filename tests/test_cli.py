@@ -1,4 +1,4 @@
-"""The ``synpref`` command as a user runs it: demo end to end, then inspect."""
+"""The ``synpref`` command as a user runs it: demo end to end (build, train, evaluate), then inspect."""
 import json
 import os
 import subprocess
@@ -29,6 +29,19 @@ def test_demo_builds_trains_and_reports_where_everything_is(tmp_path):
     pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "demo/models/tiny-sd-a"))
     pipe.load_lora_weights(str(tmp_path / "demo/train"))
     assert any("lora" in name for name, _ in pipe.unet.named_parameters())
+
+    # the demo ends by evaluating its LoRA against the base (jobs/demo_eval.yaml), on the demo's prompts
+    assert "== synpref evaluate: 5 prompts, 10 images per model ==" in out and "tuned vs base" in out
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(tmp_path / "demo/eval/samples.parquet").to_pylist()
+    assert len(rows) == 20 and {r["model"] for r in rows} == {"base", "tuned"}
+    manifest = json.loads((tmp_path / "demo/build/manifest.json").read_text())
+    ranked_by = [r["name"] for r in manifest["rewards"] if r["rank"]]
+    run = json.loads((tmp_path / "demo/eval/run_summary.json").read_text())
+    assert run["training_rewards"] == {"tuned": ranked_by}  # traced: train_summary.json -> shards -> manifest
+    evaluation = json.loads((tmp_path / "demo/eval/summary.json").read_text())
+    assert evaluation["gamed_judges"] == [j for j in ("brisque", "sharpness") if j in ranked_by]
 
     report = synpref("inspect", "demo/build", cwd=tmp_path).stdout
     assert "verify: OK, every shard re-read matches the manifest" in report

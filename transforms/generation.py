@@ -32,9 +32,19 @@ def derive_seed(global_seed: int, prompt_id: str, generator_id: str, index: int)
     return int.from_bytes(h[:4], "big") & 0x7FFFFFFF
 
 
+def derive_paired_seed(global_seed: int, prompt_id: str, index: int) -> int:
+    """A 31-bit seed from (job seed, prompt_id, index) only: every generator gets the same seeds for a
+    prompt. ``synpref evaluate`` compares models on the same initial noise (a paired comparison: the
+    seed's share of the score difference cancels); a build wants different noise per generator."""
+    h = hashlib.sha256(f"{global_seed}:{prompt_id}:{index}".encode()).digest()
+    return int.from_bytes(h[:4], "big") & 0x7FFFFFFF
+
+
 def make_request(prompt: PromptRecord, generator_id: str, k: int, global_seed: int,
-                 generator_fp: str = "") -> GenerationRequest:
-    seeds = tuple(derive_seed(global_seed, prompt.prompt_id, generator_id, i) for i in range(k))
+                 generator_fp: str = "", paired: bool = False) -> GenerationRequest:
+    """All K seeds of one (prompt, generator); ``paired``: seeds shared by every generator."""
+    seeds = tuple(derive_paired_seed(global_seed, prompt.prompt_id, i) if paired
+                  else derive_seed(global_seed, prompt.prompt_id, generator_id, i) for i in range(k))
     return GenerationRequest(prompt=prompt, generator_id=generator_id, candidate_indices=tuple(range(k)),
                              seeds=seeds, image_keys=tuple(generation_key(generator_fp, prompt.prompt, s) for s in seeds))
 
@@ -130,14 +140,17 @@ def _failed_requests(failure, generator_id: str):
 class GenerateCandidates(beam.PTransform):
     """prompts -> units (lists of staged candidates, no pixels) per (prompt, generator); drops on the side.
 
+    ``paired_seeds``: every generator gets the same K seeds for a prompt (``derive_paired_seed``), as
+    ``synpref evaluate`` needs; the build (default) derives different seeds per generator.
     Returns a dict ``{"units": ..., "dropped": ...}``.
     """
 
     def __init__(self, generators: Sequence[GeneratorConfig], k: int, seed: int, staging_dir: str,
                  expected_prompts: Optional[int] = None, torch_threads: int = 1, image_format: str = "png",
-                 jpeg_quality: int = 95):
+                 jpeg_quality: int = 95, paired_seeds: bool = False):
         super().__init__()
         self.generators, self.k, self.seed, self.staging_dir = list(generators), k, seed, staging_dir
+        self.paired = paired_seeds
         self.image_format, self.jpeg_quality = image_format, jpeg_quality
         self.threads = torch_threads
         self.total = None if expected_prompts is None else expected_prompts * k * len(self.generators)
@@ -148,7 +161,7 @@ class GenerateCandidates(beam.PTransform):
             # on the launcher, once: model files are listed here, not per image. The encoding is part of the
             # key: a JPEG build never reuses a PNG staged for the same pixels, nor the reverse.
             fp = generator_fingerprint(g, encoding_tag(self.image_format, self.jpeg_quality))
-            requests = prompts | f"Requests[{g.id}]" >> beam.Map(make_request, g.id, self.k, self.seed, fp)
+            requests = prompts | f"Requests[{g.id}]" >> beam.Map(make_request, g.id, self.k, self.seed, fp, self.paired)
             reuse = requests | f"ReuseStaged[{g.id}]" >> beam.ParDo(
                 _ReuseStaged(self.staging_dir, IMAGE_EXT[self.image_format])).with_outputs("generate", main="reused")
             generate = RunInference(generator_handler(g, self.staging_dir, total_images=self.total,

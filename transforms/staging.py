@@ -21,12 +21,15 @@ from ..schemas.config import GeneratorConfig
 from ..schemas.records import Lineage
 from ..core.fileio import read_bytes, write_atomic
 from .imageio import decode_image
+from .generators.weights import denoiser_weights, files_checksum, lora_file
 from .model_io import json_digest, model_fingerprint
 
 # Bump when synpref changes how a config turns into pixels (e.g. noise sampling), so old staging is not reused.
 GENERATION_SCHEME = "1"
 # GeneratorConfig fields that do not change pixels: naming, where weights are cached, which device runs it.
 _NOT_PIXEL_FIELDS = {"id", "cache_dir", "device", "model_copies", "accelerator"}
+# Trained weights on top of the model: in the fingerprint by the checksum of their files.
+_WEIGHT_FIELDS = ("lora", "denoiser")
 
 
 # output.image_format -> file extension of staged files and shard members.
@@ -70,8 +73,11 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
 def generator_fingerprint(config: GeneratorConfig, encoding: str = "png") -> str:
     """Everything about a generator that decides the staged bytes, except the prompt and the seed:
     its pixels and the ``encoding`` (``encoding_tag``). PNG keeps the fingerprint it always had."""
-    fields = {k: v for k, v in config.model_dump().items() if k not in _NOT_PIXEL_FIELDS}
+    fields = {k: v for k, v in config.model_dump().items() if k not in _NOT_PIXEL_FIELDS.union(_WEIGHT_FIELDS)}
     doc = {"scheme": GENERATION_SCHEME, "config": fields, "model": model_fingerprint(config.model, config.revision)}
+    for name in _WEIGHT_FIELDS:  # trained weights by content, not by path; absent ones leave old keys unchanged
+        if getattr(config, name, ""):
+            doc[name] = files_checksum(lora_file(config.lora) if name == "lora" else denoiser_weights(config.denoiser))
     if encoding != "png":
         doc["encoding"] = encoding
     return json_digest(doc)

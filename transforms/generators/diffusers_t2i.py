@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Sequence
 
 import numpy as np
@@ -10,6 +11,7 @@ from ...schemas.records import Lineage
 from ..model_io import local_copy, pick_device
 
 from .base import Generator, register_generator
+from .weights import denoiser_component, denoiser_folder, lora_file
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +43,18 @@ class DiffusersGenerator(Generator):
         if device == "cpu" and dtype != torch.float32:
             log.warning("generator %s: %s on CPU is slow or unsupported; using float32", c.id, c.dtype)
             dtype = torch.float32
+        extra = {}
+        if c.denoiser:  # a fully fine-tuned unet/transformer replaces the model's own
+            component, cls_name = denoiser_component(c.model, c.cache_dir)
+            extra[component] = getattr(diffusers, cls_name).from_pretrained(
+                denoiser_folder(c.denoiser, component), torch_dtype=dtype)
         pipe = diffusers.DiffusionPipeline.from_pretrained(
-            local_copy(c.model, c.cache_dir), revision=c.revision or None, torch_dtype=dtype)
+            local_copy(c.model, c.cache_dir), revision=c.revision or None, torch_dtype=dtype, **extra)
+        if c.lora:
+            # Not fused: peft adds scale * B(A(x)) beside the untouched base weights, exactly as the trainer
+            # computed it, and without rounding the merged weights in fp16/bf16.
+            path = local_copy(lora_file(c.lora), c.cache_dir)  # folder + file name: the adapter metadata is read
+            pipe.load_lora_weights(os.path.dirname(path) or ".", weight_name=os.path.basename(path))
         if c.scheduler:
             self.check()
             pipe.scheduler = getattr(diffusers, c.scheduler).from_config(pipe.scheduler.config)
@@ -77,3 +89,12 @@ class DiffusersGenerator(Generator):
             num_inference_steps=c.num_inference_steps, guidance_scale=float(c.guidance_scale),
             height=c.height, width=c.width, dtype=str(self.dtype).replace("torch.", ""), seed=int(seed),
             negative_prompt=c.negative_prompt)
+
+    def files(self) -> dict[str, str]:
+        c = self.config
+        out = {"model": c.model}
+        if c.lora:
+            out["lora"] = lora_file(c.lora)
+        if c.denoiser:
+            out["denoiser"] = c.denoiser
+        return out
