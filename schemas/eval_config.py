@@ -17,7 +17,6 @@ from .loading import ConfigModel, load_config
 _NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 # Sampling settings a model inherits from the baseline when it does not set them.
 SAMPLING_FIELDS = ("num_inference_steps", "guidance_scale", "height", "width", "scheduler", "dtype", "negative_prompt")
-_GENERATOR_DEFAULTS = GeneratorConfig(id="default", model="")
 
 
 class EvalModel(ConfigModel):
@@ -135,7 +134,7 @@ class EvalConfig(ConfigModel):
             value = getattr(m, key)
             if value is None:
                 value = getattr(self.baseline, key)
-            out[key] = getattr(_GENERATOR_DEFAULTS, key) if value is None else value
+            out[key] = GeneratorConfig.model_fields[key].default if value is None else value
         return out
 
     def generator_configs(self) -> list[GeneratorConfig]:
