@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 import fsspec
 import polars as pl
 
-from synpref.jobs.inspect_output import (_READ_ERRORS, _counts_table, _drops_table, _error_text, check_tar,
-                                         iter_tar_samples, kendall_tau_b, ledger_problems, level_lines, reward_label,
-                                         table_lines)
+from synpref.jobs.inspect_output import (_READ_ERRORS, _counts_table, _drops_table, _error_text, check_sha256,
+                                         check_tar, iter_tar_samples, kendall_tau_b, ledger_problems, level_lines,
+                                         reward_label, table_lines)
 
 UNSCORED = "__shard__"  # the record id of an unreadable rest of an input shard: no image, no scores
 
@@ -54,6 +54,7 @@ def verify_filter(manifest: dict, out: str) -> list[str]:
     problems = []
     for s in manifest["shards"]:
         problems += check_tar(f"{out}/{s['tar']}", s["samples"], s.get("size"))
+        problems += check_sha256(f"{out}/{s['tar']}", s.get("sha256"))
     fs = fsspec.core.url_to_fs(out)[0]
     for rel in manifest.get("index_files", []) + manifest.get("dead_letter_files", []):
         if not fs.exists(fsspec.core.url_to_fs(f"{out}/{rel}")[1]):

@@ -62,27 +62,38 @@ def pipeline_failure(exc: BaseException) -> str:
     return (f"{where} failed: " if where else "") + (line if len(line) <= 400 else line[:397] + "...")
 
 
+def _run_pipeline(command: str, run, args) -> int:
+    """A pipeline command: a user mistake found before work starts is one line, exit 2 (``RunRefused``);
+    a failure of the run is one line naming the step, exit 1; problems the run recorded are exit 1."""
+    from synpref.runs.errors import RunRefused
+
+    try:
+        return run()
+    except RunRefused as e:
+        raise UserError(f"synpref {command}: {e}") from None
+    except Exception as e:  # the job itself failed (a model that does not load, a full disk...)
+        if args.verbose:
+            raise
+        hint = "; finished shards are kept: rerun the same command to resume" if command == "build" else ""
+        print(f"synpref {command}: {pipeline_failure(e)}\n(-v shows the traceback{hint})", file=sys.stderr)
+        return 1
+
+
 def cmd_build(args, rest) -> int:
     from synpref.pipelines.build_preferences import build
-    from synpref.pipelines.preflight import preflight
     from synpref.report import build_summary
     from synpref.schemas.config import load_build_config
 
     try:
         cfg = load_build_config(args.config, args.set)
-        preflight(cfg)
     except (ValueError, FileNotFoundError) as e:
         raise UserError(f"synpref build: {e}") from None
-    try:
-        result = build(cfg, rest)
-    except Exception as e:  # the job itself failed (a model that does not load, a full disk...)
-        if args.verbose:
-            raise
-        print(f"synpref build: {pipeline_failure(e)}\n(-v shows the traceback; finished shards are kept: "
-              "rerun the same command to resume)", file=sys.stderr)
-        return 1
-    print(build_summary(result))
-    return 1 if result["summary"]["problems"] else 0
+
+    def run() -> int:
+        result = build(cfg, rest, force_unlock=args.force_unlock)
+        print(build_summary(result))
+        return 1 if result["summary"]["problems"] else 0
+    return _run_pipeline("build", run, args)
 
 
 def cmd_check_models(args, rest) -> int:
@@ -106,7 +117,7 @@ def cmd_check_models(args, rest) -> int:
 
 
 def cmd_eval_rewards(args, rest) -> int:
-    from synpref.jobs.eval_rewards import evaluate, format_table, write_json
+    from synpref.jobs.eval_rewards import evaluate, format_table, no_usable_pair, write_json
     from synpref.schemas.config import load_build_config
     from synpref.pipelines.preflight import check_models
 
@@ -116,6 +127,10 @@ def cmd_eval_rewards(args, rest) -> int:
         report = evaluate(cfg, args.pairs)
     except (ValueError, FileNotFoundError) as e:
         raise UserError(f"synpref eval-rewards: {' '.join(str(e).split())}") from None
+    empty = no_usable_pair(report)
+    if empty:
+        print(f"synpref eval-rewards: {empty}", file=sys.stderr)
+        return 1
     print(format_table(report))
     if args.json:
         write_json(report, args.json)
@@ -128,14 +143,24 @@ def cmd_train(args, rest) -> int:
     from synpref.training.preflight import preflight_train
     from synpref.training.train import parse_overrides, train
 
+    from synpref.runs.errors import RunRefused
+    from synpref.runs.output_folder import locked_output, require_location
+
     if rest:
-        raise UserError(f"synpref train: unknown arguments {rest}")
+        raise UserError(f"synpref train: unknown arguments {' '.join(rest)}")
+
     try:
         config = TrainConfig.from_yaml(args.config, overrides=parse_overrides(args.set))
+        require_location(config.output_dir, "output_dir")
         preflight_train(config)  # paths, shards, output folder, model files: before the first step
     except (ValueError, FileNotFoundError) as e:
         raise UserError(f"synpref train: {' '.join(str(e).split())}") from None
-    print(train_summary(train(config)))
+    try:
+        with locked_output(str(config.output_dir), "synpref train", args.force_unlock, what="output_dir"):
+            summary = train(config)
+    except RunRefused as e:  # another run holds the folder: nothing was done
+        raise UserError(f"synpref train: {e}") from None
+    print(train_summary(summary))
     return 0
 
 
@@ -162,54 +187,59 @@ def cmd_inspect(args, rest) -> int:
 
 def cmd_export(args, rest) -> int:
     from synpref.jobs.export import ExportError, export
+    from synpref.report import export_summary
+    from synpref.runs.errors import RunRefused
+    from synpref.runs.output_folder import locked_output
 
     try:
-        summary = export(args.format, args.build_dir, args.out_dir, pairs=args.pairs,
-                         jpeg_quality=args.jpeg_quality, rows_per_file=args.rows_per_file)
-    except ExportError as e:
+        with locked_output(args.out_dir, "synpref export", args.force_unlock, what="out_dir"):
+            summary = export(args.format, args.build_dir, args.out_dir, pairs=args.pairs,
+                             jpeg_quality=args.jpeg_quality, rows_per_file=args.rows_per_file)
+    except (ExportError, RunRefused) as e:
         raise UserError(f"synpref export: {' '.join(str(e).split())}") from None
+    print(export_summary(summary))
     expected = summary["manifest_pairs_written"]
-    skipped = ", ".join(f"{k}={v}" for k, v in summary["skipped"].items())
-    print(f"== synpref export ({summary['format']}, pairs={summary['pairs']}): done ==\n"
-          f"rows        {summary['rows']}" + (f" (manifest: {expected} pairs written)" if expected is not None else "")
-          + (f"  skipped {skipped}" if skipped else "") + "\n"
-          f"label_0=1   {summary['label_0_is_winner']} rows\n"
-          f"files       {len(summary['files'])} under {summary['out_dir']}/data/\n"
-          f"card        {summary['out_dir']}/README.md")
     return 0 if expected is None or expected == summary["rows"] else 1
 
 
 def cmd_filter(args, rest) -> int:
     """Score and filter a web image-text corpus (img2dataset WebDataset shards) with the build's rewards."""
-    from synpref.pipelines.filter_corpus import filter_corpus, format_summary, preflight_filter
+    from synpref.pipelines.filter_corpus import filter_corpus
+    from synpref.report import filter_summary
     from synpref.schemas.filter_config import load_filter_config
 
     try:
         cfg = load_filter_config(args.config, args.set)
-        preflight_filter(cfg)
     except (ValueError, FileNotFoundError) as e:
         raise UserError(f"synpref filter: {' '.join(str(e).split())}") from None
-    try:
-        result = filter_corpus(cfg, rest)
-    except Exception as e:  # the job itself failed
-        if args.verbose:
-            raise
-        print(f"synpref filter: {pipeline_failure(e)}\n(-v shows the traceback)", file=sys.stderr)
-        return 1
-    print(format_summary(result))
-    return 1 if result["summary"]["problems"] else 0
+
+    def run() -> int:
+        result = filter_corpus(cfg, rest, force_unlock=args.force_unlock)
+        print(filter_summary(result))
+        return 1 if result["summary"]["problems"] else 0
+    return _run_pipeline("filter", run, args)
 
 
 def cmd_demo(args, rest) -> int:
     from synpref.jobs.demo import run_demo
     from synpref.report import build_summary, train_summary
+    from synpref.runs.beam_flags import check_beam_flags
+    from synpref.runs.errors import RunRefused
 
+    try:
+        check_beam_flags(rest, "synpref demo")
+    except RunRefused as e:
+        raise UserError(str(e)) from None
     result = run_demo(args.workdir, num_prompts=args.num_prompts, train_steps=args.train_steps, pipeline_args=rest)
     print(build_summary(result["build"]))
     if result["train"] is None:
         return 1
     print(train_summary(result["train"]))
     return 0
+
+
+_UNLOCK = ("remove the output folder's lock (_synpref.lock) even if its owner looks alive; only when you know "
+           "no other run writes there (see docs/output_folders.md)")
 
 
 def main(argv=None) -> int:
@@ -220,6 +250,7 @@ def main(argv=None) -> int:
     b = sub.add_parser("build", help="run the build pipeline (unknown flags go to Beam: --runner, --setup_file...)")
     b.add_argument("--config", required=True, help="YAML job config, e.g. jobs/demo_build.yaml")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    b.add_argument("--force-unlock", action="store_true", help=_UNLOCK)
     b.set_defaults(fn=cmd_build)
 
     c = sub.add_parser("check-models", help="list every model file the job needs (hidden downloads too) and "
@@ -239,6 +270,7 @@ def main(argv=None) -> int:
     t = sub.add_parser("train", help="RankDPO / Diffusion-DPO LoRA training on ranked shards")
     t.add_argument("--config", required=True, help="YAML train config, e.g. jobs/demo_train.yaml")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    t.add_argument("--force-unlock", action="store_true", help=_UNLOCK)
     t.set_defaults(fn=cmd_train)
 
     i = sub.add_parser("inspect", help="summarise and verify a build or filter output directory")
@@ -259,12 +291,14 @@ def main(argv=None) -> int:
                    help="all: every kept pair; best_worst: rank 1 against rank k per prompt")
     x.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality of jpg_0/jpg_1")
     x.add_argument("--rows-per-file", type=int, default=1000, help="rows per parquet file")
+    x.add_argument("--force-unlock", action="store_true", help=_UNLOCK)
     x.set_defaults(fn=cmd_export)
 
     f = sub.add_parser("filter", help="score and filter a web image-text corpus (img2dataset WebDataset shards) "
                                       "with the rewards; unknown flags go to Beam")
     f.add_argument("--config", required=True, help="YAML filter job, e.g. jobs/demo_filter.yaml")
     f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    f.add_argument("--force-unlock", action="store_true", help=_UNLOCK)
     f.set_defaults(fn=cmd_filter)
 
     d = sub.add_parser("demo", help="tiny offline models -> build -> train, end to end")

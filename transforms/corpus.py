@@ -42,7 +42,7 @@ from synpref.progress import progress
 from synpref.schemas.config import RewardConfig
 from synpref.schemas.records import CorpusRecord
 from synpref.transforms.corpus_sources import SHARD_KEY, CorpusInput
-from synpref.transforms.fileio import AtomicFile
+from synpref.transforms.fileio import AtomicFile, canonical_json, sha256_of
 from synpref.transforms.generation import error_line
 from synpref.transforms.imageio import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageDecodeError, check_member_name, \
     decode_image
@@ -343,8 +343,7 @@ class ApplyFilters(beam.PTransform):
         return {"kept": out.kept, "dropped": out[DROPPED], "cutoff": cutoff}
 
 
-def _canonical_json(obj) -> bytes:
-    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+_canonical_json = canonical_json
 
 
 def shard_name(prefix: str, index: int) -> str:
@@ -392,6 +391,7 @@ class _WriteShard(beam.DoFn):
                 reader.close()
         fs, path = fsspec.core.url_to_fs(tar_path)
         yield {"shard": name, "tar": f"shards/{name}.tar", "samples": len(records), "size": fs.size(path),
+               "sha256": sha256_of(tar_path),
                "first_key": records[0].key, "last_key": records[-1].key}
 
 

@@ -1,6 +1,10 @@
 """Atomic writes and whole-file reads over fsspec (local, gs://, s3://, memory://)."""
 from __future__ import annotations
 
+import hashlib
+import json
+import math
+
 import fsspec
 
 
@@ -35,3 +39,39 @@ def write_atomic(uri: str, data: bytes) -> None:
 def read_bytes(uri: str) -> bytes:
     with fsspec.open(uri, "rb") as f:
         return f.read()
+
+
+def dumps_strict(obj, **kwargs) -> str:
+    """``json.dumps`` refusing NaN and infinity: every JSON file synpref writes is strict JSON."""
+    return json.dumps(obj, allow_nan=False, **kwargs)
+
+
+def canonical_json(obj) -> bytes:
+    """Sorted keys, no spaces, UTF-8, strict: the bytes of shard members and fingerprints."""
+    return dumps_strict(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def write_json(uri: str, obj) -> None:
+    """Indented, key-sorted strict JSON, written atomically."""
+    write_atomic(uri, dumps_strict(obj, indent=2, sort_keys=True).encode())
+
+
+def sha256_of(uri: str, chunk: int = 1 << 20) -> str:
+    """sha256 of a file's bytes, streamed (the content fingerprint shards are checked against)."""
+    h = hashlib.sha256()
+    with fsspec.open(uri, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def finite_or_none(obj):
+    """``obj`` with every NaN or infinity replaced by None: for records where a diverged value is data (a
+    training loss), written as ``null`` rather than refused."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    return obj

@@ -20,7 +20,7 @@ from PIL import Image
 
 from synpref.schemas.config import GeneratorConfig
 from synpref.schemas.records import Lineage
-from synpref.transforms.fileio import read_bytes, write_atomic
+from synpref.transforms.fileio import dumps_strict, read_bytes, write_atomic
 from synpref.transforms.imageio import decode_image
 from synpref.transforms.model_io import json_digest, model_fingerprint
 
@@ -96,8 +96,8 @@ def stage_image(staging_dir: str, key: str, data: bytes, lineage: Lineage, ext: 
     uri = staged_uri(staging_dir, key, ext)
     sha = hashlib.sha256(data).hexdigest()
     write_atomic(uri, data)
-    write_atomic(_sidecar(uri), json.dumps({"key": key, "sha256": sha, "lineage": lineage.to_dict()},
-                                                sort_keys=True).encode())
+    write_atomic(_sidecar(uri), dumps_strict({"key": key, "sha256": sha, "lineage": lineage.to_dict()},
+                                               sort_keys=True).encode())
     return uri, sha
 
 
