@@ -23,6 +23,9 @@ class ParquetInputConfig:
     caption_column: str = "caption"
     key_column: str = "key"  # absent or null: <file stem>_<row number>
     batch_rows: int = 256  # rows read from the table at a time
+    # folders or URL prefixes, besides the Parquet file's own folder, that the path column may point into;
+    # any other path (../x, /etc/passwd, another URL) is dropped as path_outside_corpus
+    allowed_roots: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
