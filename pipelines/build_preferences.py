@@ -9,7 +9,6 @@ bookkeeping (lock, marker, up-to-date check, health, summary) is ``synpref.runs`
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from typing import Any, Optional
 
@@ -90,7 +89,7 @@ def build(cfg: BuildConfig, pipeline_args: Optional[list[str]] = None, test_pipe
           force_unlock: bool = False) -> dict[str, Any]:
     """Run the build and return the manifest plus a run summary (also written to run_summary.json)."""
     out = str(cfg.output.output_dir or "").rstrip("/")
-    log.info("build config: %s", json.dumps(config_to_dict(cfg), sort_keys=True))
+
     problems = lambda manifest: build_problems(manifest, cfg)  # noqa: E731
 
     def finish(manifest: dict, found: list[str]) -> dict:
@@ -102,7 +101,7 @@ def build(cfg: BuildConfig, pipeline_args: Optional[list[str]] = None, test_pipe
         kind="build", output_dir=out, beam_flags=list(cfg.beam_options) + list(pipeline_args or []),
         preflight=lambda: preflight(cfg), transform=lambda _: "BuildPreferences" >> BuildPreferences(cfg),
         problems=problems, up_to_date=lambda: finished_build(out, run_fingerprint(cfg), problems),
-        finish=finish, sweep=sweep_build), test_pipeline=test_pipeline, force_unlock=force_unlock)
+        finish=finish, sweep=sweep_build, config=config_to_dict(cfg)), test_pipeline=test_pipeline, force_unlock=force_unlock)
 
 
 def run(argv=None, test_pipeline=None) -> dict[str, Any]:

@@ -39,10 +39,10 @@ def unknown_flags(flags: list[str]) -> list[str]:
     return unknown
 
 
-def check_beam_flags(flags: list[str], command: str) -> None:
+def check_beam_flags(flags: list[str]) -> None:
     """Raise ``RunRefused`` naming the flags Beam does not define; Beam's and runners' own pass."""
     bad = unknown_flags(flags)
     if bad:
         hint = " (a config value is set with --set key=value)" if any(f.startswith("--") for f in bad) else ""
-        raise RunRefused(f"{command}: unknown flag(s) {' '.join(bad)}: neither synpref nor Beam defines "
+        raise RunRefused(f"unknown flag(s) {' '.join(bad)}: neither synpref nor Beam defines "
                          f"{'them' if len(bad) > 1 else 'it'}{hint}")

@@ -40,6 +40,7 @@ class Job:
     up_to_date: Optional[Callable[[], Optional[dict]]] = None  # a finished identical run's manifest, or None
     finish: Optional[Callable[[dict, list[str]], dict]] = None  # (manifest, problems) -> extra summary fields
     sweep: Optional[Callable[[str, dict], list[str]]] = None    # delete what an earlier run left, not this one
+    config: Optional[dict] = None                # logged once the folder is ours
 
 
 def synpref_counters(result) -> dict[str, int]:
@@ -63,13 +64,16 @@ def run_job(job: Job, test_pipeline=None, force_unlock: bool = False) -> dict[st
     raises after that is a run failure (exit 1).
     """
     out = require_location(job.output_dir, "output.output_dir")
-    check_beam_flags(job.beam_flags, f"synpref {job.kind}")
+    check_beam_flags(job.beam_flags)
     try:
         prepared = job.preflight()
     except (ValueError, FileNotFoundError) as e:
         raise RunRefused(" ".join(str(e).split())) from None
     with locked_output(out, f"synpref {job.kind}", force_unlock):
         claim_folder(out, job.kind)
+        if job.config is not None:
+            logging.getLogger(f"synpref.{job.kind}").info("%s config: %s", job.kind,
+                                                          json.dumps(job.config, sort_keys=True))
         done = job.up_to_date() if job.up_to_date else None
         if done is not None:
             log.info("an identical finished %s is already in %s: nothing to do", job.kind, out)

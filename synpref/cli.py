@@ -227,9 +227,9 @@ def cmd_demo(args, rest) -> int:
     from synpref.runs.errors import RunRefused
 
     try:
-        check_beam_flags(rest, "synpref demo")
+        check_beam_flags(rest)
     except RunRefused as e:
-        raise UserError(str(e)) from None
+        raise UserError(f"synpref demo: {e}") from None
     result = run_demo(args.workdir, num_prompts=args.num_prompts, train_steps=args.train_steps, pipeline_args=rest)
     print(build_summary(result["build"]))
     if result["train"] is None:

@@ -98,9 +98,10 @@ def built(demo_models, tmp_path_factory):
                                                                                       "num_prompts": 3}))
     holder = hold_lock(out, "synpref build")
     refused = cli("build", "--config", job, cwd=root)
+    left = sorted(os.listdir(out))  # what the refused run left in the folder
     kill(holder)  # now a stale lock: its pid is dead
     proc = cli("build", "--config", job, cwd=root)
-    return {"root": root, "out": out, "job": job, "holder": holder, "refused": refused, "proc": proc}
+    return {"root": root, "out": out, "job": job, "holder": holder, "refused": refused, "left": left, "proc": proc}
 
 
 # -- 1. one writer per output folder ------------------------------------------------------------------------------
@@ -109,7 +110,7 @@ def test_a_build_into_a_locked_folder_is_refused_naming_the_owner_and_a_stale_lo
     line = one_line(built["refused"])
     assert built["refused"].returncode == 2
     assert f"pid {built['holder'].pid}" in line and "synpref build" in line and "--force-unlock" in line
-    assert not (built["out"] / "manifest.json").exists()  # refused before any work
+    assert built["left"] == [LOCK_NAME]  # refused before any work: only the holder's lock is there
     proc = built["proc"]
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"taking over the lock on {built['out']} left by synpref build (pid {built['holder'].pid}" in proc.stderr
