@@ -22,7 +22,7 @@ from synpref.runs.health import filter_problems
 from synpref.runs.manifests import filter_header
 from synpref.runs.pipeline_run import Job, run_job
 from synpref.runs.stale_files import sweep_filter
-from synpref.schemas.filter_config import FilterJobConfig, load_filter_config
+from synpref.schemas.filter_config import FilterJobConfig, filter_config_to_dict, load_filter_config
 from synpref.transforms.accounting import CountDrops, WriteFilterManifest
 from synpref.transforms.corpus import (DROPPED, READ, ApplyFilters, DedupExact, DedupKeys, DedupNear,
                                        ScoreShards, WriteFiltered, WriteOutcomes)
@@ -91,7 +91,7 @@ class FilterCorpus(beam.PTransform):
                     beam.pvalue.AsSingleton(filtered["cutoff"], default_value=None)))
 
 
-def filter_corpus(cfg: FilterJobConfig, pipeline_args: Optional[list[str]] = None,
+def filter_corpus(cfg: FilterJobConfig, pipeline_args: Optional[list[str]] = None, test_pipeline=None,
                   force_unlock: bool = False) -> dict[str, Any]:
     """Run the filter job; returns the manifest and a run summary (also written to run_summary.json)."""
     return run_job(Job(
@@ -99,16 +99,17 @@ def filter_corpus(cfg: FilterJobConfig, pipeline_args: Optional[list[str]] = Non
         beam_flags=list(cfg.beam_options) + list(pipeline_args or []),
         preflight=lambda: preflight_filter(cfg),
         transform=lambda shards: "FilterCorpus" >> FilterCorpus(cfg, shards, filter_header(cfg, shards)),
-        problems=filter_problems, sweep=sweep_filter), force_unlock=force_unlock)
+        problems=filter_problems, sweep=sweep_filter, config=filter_config_to_dict(cfg)),
+        test_pipeline=test_pipeline, force_unlock=force_unlock)
 
 
-def run(argv=None) -> dict[str, Any]:
+def run(argv=None, test_pipeline=None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--force-unlock", action="store_true", help="take the output folder's lock from its owner")
     args, rest = parser.parse_known_args(argv)
-    return filter_corpus(load_filter_config(args.config, args.set), rest, args.force_unlock)
+    return filter_corpus(load_filter_config(args.config, args.set), rest, test_pipeline, args.force_unlock)
 
 
 if __name__ == "__main__":

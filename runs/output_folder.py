@@ -125,7 +125,7 @@ def acquire(location: str, command: str, force_unlock: bool = False) -> dict[str
     try:
         fs.makedirs(root, exist_ok=True)
     except OSError as e:
-        raise RunRefused(f"{location}: cannot create the folder ({e.strerror or e})") from None
+        raise RunRefused(f"cannot write to {location}: {e.strerror or e}") from None
     owner = {"host": socket.gethostname(), "pid": os.getpid(), "command": command, "token": uuid.uuid4().hex,
              "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
              "synpref_version": synpref.__version__}
@@ -135,7 +135,7 @@ def acquire(location: str, command: str, force_unlock: bool = False) -> dict[str
             if _create(fs, path, data):
                 return owner
         except (PermissionError, NotADirectoryError, IsADirectoryError) as e:
-            raise RunRefused(f"{location}: cannot write the lock file ({e.strerror or e})") from None
+            raise RunRefused(f"cannot write to {location}: {e.strerror or e}") from None
         held = _read_owner(fs, path)
         if held is None:
             continue  # released between our create and our read
@@ -166,11 +166,18 @@ def release(location: str, owner: dict[str, Any]) -> None:
 def locked_output(location, command: str, force_unlock: bool = False, what: str = "output folder") -> Iterator[dict]:
     """``with locked_output(out, "synpref build"):`` one writer in ``out`` for the whole block."""
     location = require_location(location, what)
+    fs, root = fsspec.core.url_to_fs(location)
+    existed = fs.exists(root)
     owner = acquire(location, command, force_unlock)
     try:
         yield owner
     finally:
         release(location, owner)
+        try:
+            if not existed and fs.isdir(root) and not fs.ls(root, detail=False):
+                fs.rmdir(root)  # a run refused before writing leaves no empty folder behind
+        except OSError:
+            pass
 
 
 def claim_folder(location: str, kind: str) -> None:

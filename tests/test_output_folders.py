@@ -298,3 +298,33 @@ def test_an_empty_output_location_is_a_config_error(demo_models, tmp_path, comma
     proc = cli(command, "--config", write_job(tmp_path / "job.yaml", cfg), "--set", f"{key}=", cwd=tmp_path)
     assert proc.returncode == 2 and "output_dir" in one_line(proc)
     assert not (tmp_path / "None").exists() and sorted(os.listdir(tmp_path)) == ["corpus", "job.yaml"]
+
+
+def test_the_lock_on_an_fsspec_store_uses_its_conditional_create():
+    """memory:// goes through ``pipe_file(mode="create")``, the call gcsfs and s3fs make atomic."""
+    from synpref.runs.errors import RunRefused
+    from synpref.runs.output_folder import acquire, locked_output, release
+
+    with locked_output("memory://bucket/run", "synpref build") as owner:
+        assert json.loads(fsspec_cat(f"memory://bucket/run/{LOCK_NAME}"))["token"] == owner["token"]
+        with pytest.raises(RunRefused, match=rf"in use by synpref build \(pid {os.getpid()} on "):
+            acquire("memory://bucket/run", "synpref filter")
+    assert not fsspec_exists(f"memory://bucket/run/{LOCK_NAME}")
+    forced = acquire("memory://bucket/run2", "synpref build")
+    taken = acquire("memory://bucket/run2", "synpref train", force_unlock=True)
+    release("memory://bucket/run2", forced)  # no longer ours: left alone
+    assert json.loads(fsspec_cat(f"memory://bucket/run2/{LOCK_NAME}"))["token"] == taken["token"]
+
+
+def fsspec_cat(url):
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs.cat_file(path)
+
+
+def fsspec_exists(url):
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs.exists(path)
