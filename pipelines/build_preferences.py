@@ -13,13 +13,12 @@ import logging
 from typing import Any, Optional
 
 import apache_beam as beam
-import fsspec
 
 from synpref.pipelines.preflight import preflight
 from synpref.runs.health import build_problems
 from synpref.runs.manifests import build_header, describe_rewards, run_fingerprint
 from synpref.runs.pipeline_run import Job, run_job
-from synpref.runs.stale_files import sweep_build
+from synpref.runs.stale_files import remove_staging, sweep_build
 from synpref.runs.up_to_date import finished_build
 from synpref.schemas.config import BuildConfig, config_to_dict, load_build_config
 from synpref.transforms.accounting import CountAs, WriteDeadLetters, WriteManifest
@@ -73,35 +72,25 @@ class BuildPreferences(beam.PTransform):
             f"{out.rstrip('/')}/manifest.json", build_header(cfg), per_prompt)
 
 
-def _remove_staging(cfg: BuildConfig) -> str:
-    """Delete the default staging folder after a clean run (policy ``output.staging``); say what happened."""
-    if cfg.output.staging == "keep":
-        return f"kept at {cfg.staging_dir} (output.staging: keep)"
-    if cfg.output.staging_dir:
-        return f"kept at {cfg.staging_dir} (a custom staging_dir is a shared cache)"
-    fs, path = fsspec.core.url_to_fs(cfg.staging_dir)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
-    return "removed (every image is in the tars; output.staging: keep keeps it for reruns)"
-
-
 def build(cfg: BuildConfig, pipeline_args: Optional[list[str]] = None, test_pipeline=None,
           force_unlock: bool = False) -> dict[str, Any]:
     """Run the build and return the manifest plus a run summary (also written to run_summary.json)."""
     out = str(cfg.output.output_dir or "").rstrip("/")
 
-    problems = lambda manifest: build_problems(manifest, cfg)  # noqa: E731
+    def problems(manifest: dict) -> list[str]:
+        return build_problems(manifest, cfg)
 
     def finish(manifest: dict, found: list[str]) -> dict:
         return {"ranked_shards": [s["ranked_tar"] for s in manifest["shards"]],
                 "pair_shards": [s["pairs_tar"] for s in manifest["shards"]],
-                "staging": _remove_staging(cfg) if not found else f"kept at {cfg.staging_dir} (the run has problems)"}
+                "staging": remove_staging(cfg) if not found else f"kept at {cfg.staging_dir} (the run has problems)"}
 
     return run_job(Job(
         kind="build", output_dir=out, beam_flags=list(cfg.beam_options) + list(pipeline_args or []),
         preflight=lambda: preflight(cfg), transform=lambda _: "BuildPreferences" >> BuildPreferences(cfg),
         problems=problems, up_to_date=lambda: finished_build(out, run_fingerprint(cfg), problems),
-        finish=finish, sweep=sweep_build, config=config_to_dict(cfg)), test_pipeline=test_pipeline, force_unlock=force_unlock)
+        finish=finish, sweep=sweep_build, config=config_to_dict(cfg)),
+        test_pipeline=test_pipeline, force_unlock=force_unlock)
 
 
 def run(argv=None, test_pipeline=None) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""After a run, delete the files an earlier run of the same kind left that this run did not write (it had
+"""After a run, delete the staging folder (``remove_staging``) and the files an earlier run of the same kind left that this run did not write (it had
 more shards, or crashed mid-file). Only in a folder carrying that kind's marker, only under synpref's own
 subfolders and only names synpref's writers produce: nothing else in the folder is ever touched."""
 from __future__ import annotations
@@ -52,3 +52,15 @@ def sweep_filter(output_dir: str, manifest: dict) -> list[str]:
     files = ({s["tar"] for s in manifest["shards"]} | set(manifest.get("index_files", []))
              | set(manifest.get("dead_letter_files", [])))
     return remove_unlisted(root, "filter", FILTER_FILES, {f"{root}/{f}" for f in files})
+
+
+def remove_staging(cfg) -> str:
+    """Delete the default staging folder after a clean build (policy ``output.staging``); say what happened."""
+    if cfg.output.staging == "keep":
+        return f"kept at {cfg.staging_dir} (output.staging: keep)"
+    if cfg.output.staging_dir:
+        return f"kept at {cfg.staging_dir} (a custom staging_dir is a shared cache)"
+    fs, path = fsspec.core.url_to_fs(cfg.staging_dir)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+    return "removed (every image is in the tars; output.staging: keep keeps it for reruns)"
