@@ -14,6 +14,7 @@ PACKAGES = {
     "synpref.transforms.rewards": "transforms/rewards",
     "synpref.transforms.generators": "transforms/generators",
     "synpref.schemas": "schemas",
+    "synpref.runs": "runs",
     "synpref.jobs": "jobs",
     "synpref.training": "training",
     "synpref.training.families": "training/families",

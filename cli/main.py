@@ -49,50 +49,62 @@ def load(args, model_cls):
     return load_config(model_cls, args.config, args.set)
 
 
+def _run_pipeline(command: str, run, args) -> int:
+    """A pipeline command: a user mistake found before work starts is one line, exit 2 (``RunRefused``);
+    a failure of the run is one line naming the step, exit 1; problems the run recorded are exit 1."""
+    from ..runs.errors import RunRefused
+
+    try:
+        return run()
+    except RunRefused as e:
+        raise UserError(f"synpref {command}: {e}") from None
+    except Exception as e:  # the job itself failed (a model that does not load, a full disk...)
+        if args.verbose:
+            raise
+        hint = "; finished shards are kept: rerun the same command to resume" if command == "build" else ""
+        print(f"synpref {command}: {pipeline_failure(e)}\n(-v shows the traceback{hint})", file=sys.stderr)
+        return 1
+
+
 def cmd_build(args, rest) -> int:
     from ..pipelines.build_preferences import build
-    from ..pipelines.preflight import preflight
     from ..reporting.summaries import build_summary
     from ..schemas.config import BuildConfig
 
     try:
         cfg = load(args, BuildConfig)
-        preflight(cfg)
     except (ValueError, FileNotFoundError) as e:
         raise UserError(f"synpref build: {e}") from None
-    try:
-        result = build(cfg, rest)
-    except Exception as e:  # the job itself failed (a model that does not load, a full disk...)
-        if args.verbose:
-            raise
-        print(f"synpref build: {pipeline_failure(e)}\n(-v shows the traceback; finished shards are kept: "
-              "rerun the same command to resume)", file=sys.stderr)
-        return 1
-    print(build_summary(result))
-    return 1 if result["summary"]["problems"] else 0
+
+    def run() -> int:
+        result = build(cfg, rest, force_unlock=args.force_unlock)
+        print(build_summary(result))
+        return 1 if result["summary"]["problems"] else 0
+    return _run_pipeline("build", run, args)
 
 
 def cmd_evaluate(args, rest) -> int:
     """Compare models (the first is the baseline) on the same prompts and seeds with the judges."""
     from ..pipelines.eval_preflight import preflight_evaluate
     from ..pipelines.evaluate import evaluate, format_run
+    from ..runs.beam_flags import check_beam_flags
+    from ..runs.output_folder import locked_output, require_location
     from ..schemas.eval_config import EvalConfig
 
     try:
         cfg = load(args, EvalConfig)
+        require_location(cfg.output_dir, "output_dir")
+        check_beam_flags(rest)
         preflight_evaluate(cfg)
     except (ValueError, FileNotFoundError) as e:
         raise UserError(f"synpref evaluate: {' '.join(str(e).split())}") from None
-    try:
-        result = evaluate(cfg, rest, preflight=False)
-    except Exception as e:  # the job itself failed (a model that does not load, a full disk...)
-        if args.verbose:
-            raise
-        print(f"synpref evaluate: {pipeline_failure(e)}\n(-v shows the traceback; staged images are kept: "
-              "rerun the same command to reuse them)", file=sys.stderr)
-        return 1
-    print(format_run(result))
-    return 1 if result["run"]["problems"] else 0
+
+    def run() -> int:
+        with locked_output(cfg.output_dir, "synpref evaluate", args.force_unlock, what="output_dir"):
+            result = evaluate(cfg, rest, preflight=False)
+        print(format_run(result))
+        return 1 if result["run"]["problems"] else 0
+    return _run_pipeline("evaluate", run, args)
 
 
 def cmd_check_models(args, rest) -> int:
@@ -117,8 +129,8 @@ def cmd_check_models(args, rest) -> int:
 
 
 def cmd_eval_rewards(args, rest) -> int:
-    from ..reporting.reward_accuracy import evaluate, format_table, write_json
     from ..pipelines.preflight import check_models, check_plugins
+    from ..reporting.reward_accuracy import evaluate, format_table, no_usable_pair, write_json
     from ..schemas.config import BuildConfig
 
     try:
@@ -128,6 +140,10 @@ def cmd_eval_rewards(args, rest) -> int:
         report = evaluate(cfg, args.pairs)
     except (ValueError, FileNotFoundError) as e:
         raise UserError(f"synpref eval-rewards: {' '.join(str(e).split())}") from None
+    empty = no_usable_pair(report)
+    if empty:
+        print(f"synpref eval-rewards: {empty}", file=sys.stderr)
+        return 1
     print(format_table(report))
     if args.json:
         write_json(report, args.json)
@@ -136,18 +152,26 @@ def cmd_eval_rewards(args, rest) -> int:
 
 def cmd_train(args, rest) -> int:
     from ..reporting.summaries import train_summary
+    from ..runs.errors import RunRefused
+    from ..runs.output_folder import locked_output, require_location
     from ..training.config import TrainConfig
     from ..training.preflight import preflight_train
     from ..training.train import train
 
     if rest:
-        raise UserError(f"synpref train: unknown arguments {rest}")
+        raise UserError(f"synpref train: unknown arguments {' '.join(rest)}")
     try:
         config = load(args, TrainConfig)
+        require_location(config.output_dir, "output_dir")
         preflight_train(config)  # paths, shards, output folder, model files: before the first step
     except (ValueError, FileNotFoundError) as e:
         raise UserError(f"synpref train: {' '.join(str(e).split())}") from None
-    print(train_summary(train(config)))
+    try:
+        with locked_output(str(config.output_dir), "synpref train", args.force_unlock, what="output_dir"):
+            summary = train(config)
+    except RunRefused as e:  # another run holds the folder: nothing was done
+        raise UserError(f"synpref train: {e}") from None
+    print(train_summary(summary))
     return 0
 
 
@@ -174,79 +198,90 @@ def cmd_inspect(args, rest) -> int:
 
 def cmd_export(args, rest) -> int:
     from ..formats.export import ExportError, export
+    from ..reporting.summaries import export_summary
+    from ..runs.errors import RunRefused
+    from ..runs.output_folder import locked_output
 
     try:
-        summary = export(args.format, args.build_dir, args.out_dir, pairs=args.pairs,
-                         jpeg_quality=args.jpeg_quality, rows_per_file=args.rows_per_file)
-    except ExportError as e:
+        with locked_output(args.out_dir, "synpref export", args.force_unlock, what="out_dir"):
+            summary = export(args.format, args.build_dir, args.out_dir, pairs=args.pairs,
+                             jpeg_quality=args.jpeg_quality, rows_per_file=args.rows_per_file)
+    except (ExportError, RunRefused) as e:
         raise UserError(f"synpref export: {' '.join(str(e).split())}") from None
+    print(export_summary(summary))
     expected = summary["manifest_pairs_written"]
-    skipped = ", ".join(f"{k}={v}" for k, v in summary["skipped"].items())
-    print(f"== synpref export ({summary['format']}, pairs={summary['pairs']}): done ==\n"
-          f"rows        {summary['rows']}" + (f" (manifest: {expected} pairs written)" if expected is not None else "")
-          + (f"  skipped {skipped}" if skipped else "") + "\n"
-          f"label_0=1   {summary['label_0_is_winner']} rows\n"
-          f"files       {len(summary['files'])} under {summary['out_dir']}/data/\n"
-          f"card        {summary['out_dir']}/README.md")
     return 0 if expected is None or expected == summary["rows"] else 1
 
 
 def cmd_filter(args, rest) -> int:
     """Score and filter a web image-text corpus (img2dataset WebDataset shards) with the build's rewards."""
-    from ..pipelines.filter_corpus import filter_corpus, format_summary, preflight_filter
+    from ..pipelines.filter_corpus import filter_corpus
+    from ..reporting.summaries import filter_summary
     from ..schemas.filter_config import FilterJobConfig
 
     try:
         cfg = load(args, FilterJobConfig)
-        preflight_filter(cfg)
     except (ValueError, FileNotFoundError) as e:
         raise UserError(f"synpref filter: {' '.join(str(e).split())}") from None
-    try:
-        result = filter_corpus(cfg, rest)
-    except Exception as e:  # the job itself failed
-        if args.verbose:
-            raise
-        print(f"synpref filter: {pipeline_failure(e)}\n(-v shows the traceback)", file=sys.stderr)
-        return 1
-    print(format_summary(result))
-    return 1 if result["summary"]["problems"] else 0
+
+    def run() -> int:
+        result = filter_corpus(cfg, rest, force_unlock=args.force_unlock)
+        print(filter_summary(result))
+        return 1 if result["summary"]["problems"] else 0
+    return _run_pipeline("filter", run, args)
 
 
 def cmd_demo(args, rest) -> int:
     from ..demo.run import run_demo
+    from ..pipelines.evaluate import format_run
     from ..reporting.summaries import build_summary, train_summary
+    from ..runs.beam_flags import check_beam_flags
+    from ..runs.errors import RunRefused
 
+    try:
+        check_beam_flags(rest)
+    except RunRefused as e:
+        raise UserError(f"synpref demo: {e}") from None
     result = run_demo(args.workdir, num_prompts=args.num_prompts, train_steps=args.train_steps, pipeline_args=rest)
     print(build_summary(result["build"]))
     if result["train"] is None:
         return 1
     print(train_summary(result["train"]))
-    from ..pipelines.evaluate import format_run
-
     print(format_run(result["evaluate"]))
     return 1 if result["evaluate"]["run"]["problems"] else 0
 
 
 def cmd_run(args, rest) -> int:
+    """build -> train -> evaluate per round; stages whose key matches are skipped (docs/run.md)."""
     from ..pipelines.run_loop import StageFailed, format_run_loop, preflight_run, run_loop
+    from ..runs.beam_flags import check_beam_flags
+    from ..runs.output_folder import locked_output
     from ..schemas.run_config import RunConfig
 
     try:
         cfg = load(args, RunConfig)
+        check_beam_flags(rest)
         preflight_run(cfg)
     except (ValueError, FileNotFoundError) as e:
-        raise UserError(f"synpref run: {e}") from None
-    try:
-        result = run_loop(cfg, rest)
-    except Exception as e:  # a stage failed: name it; finished stages are kept and skipped on a rerun
-        if args.verbose:
-            raise
-        line = " ".join(str(e).split()) if isinstance(e, StageFailed) else pipeline_failure(e)
-        print(f"synpref run: {line}\n(-v shows the traceback; finished stages are kept: rerun the same command "
-              "to resume)", file=sys.stderr)
-        return 1
-    print(format_run_loop(result))
-    return 0
+        raise UserError(f"synpref run: {' '.join(str(e).split())}") from None
+
+    def run() -> int:
+        try:
+            with locked_output(cfg.output_dir, "synpref run", args.force_unlock, what="output_dir"):
+                result = run_loop(cfg, rest)
+        except StageFailed as e:  # one line naming the round and stage; finished stages are kept
+            print(f"synpref run: {' '.join(str(e).split())}\n(-v shows the traceback; finished stages are kept: "
+                  "rerun the same command to resume)", file=sys.stderr)
+            if args.verbose:
+                raise
+            return 1
+        print(format_run_loop(result))
+        return 0
+    return _run_pipeline("run", run, args)
+
+
+_UNLOCK = ("remove the output folder's lock (_synpref.lock) even if its owner looks alive; only when you know "
+           "no other run writes there (see docs/output_folders.md)")
 
 
 def main(argv=None) -> int:
@@ -256,10 +291,13 @@ def main(argv=None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true", help="show library logs too")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def job(name: str, example: str, fn, **kw) -> argparse.ArgumentParser:
-        """A command that runs a job config: ``--config`` and ``--set``, declared in one place."""
+    def job(name: str, example: str, fn, writes: bool = True, **kw) -> argparse.ArgumentParser:
+        """A command that runs a job config: ``--config`` and ``--set`` (and ``--force-unlock`` when it
+        writes a folder), declared in one place."""
         p = sub.add_parser(name, **kw)
         add_config_args(p, example)
+        if writes:
+            p.add_argument("--force-unlock", action="store_true", help=_UNLOCK)
         p.set_defaults(fn=fn)
         return p
 
@@ -268,9 +306,9 @@ def main(argv=None) -> int:
     job("evaluate", "jobs/demo_eval.yaml", cmd_evaluate,
         help="compare models (base, + LoRA, fine-tuned) on the same prompts and seeds with judges: "
              "samples.parquet + report; unknown flags go to Beam")
-    job("check-models", "jobs/demo_build.yaml", cmd_check_models,
+    job("check-models", "jobs/demo_build.yaml", cmd_check_models, writes=False,
         help="list every model file the job needs (hidden downloads too) and which are missing")
-    e = job("eval-rewards", "jobs/demo_build.yaml (its rewards and aggregator are evaluated)", cmd_eval_rewards,
+    e = job("eval-rewards", "jobs/demo_build.yaml (its rewards and aggregator are evaluated)", cmd_eval_rewards, writes=False,
             help="pairwise accuracy of each reward and of their aggregate on a human-labelled set "
                  "(Pick-a-Pic v2 parquet schema)")
     e.add_argument("--pairs", required=True, help="parquet with caption, jpg_0, jpg_1, label_0 (local or fsspec URL)")
@@ -295,6 +333,7 @@ def main(argv=None) -> int:
                    help="all: every kept pair; best_worst: rank 1 against rank k per prompt")
     x.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality of jpg_0/jpg_1")
     x.add_argument("--rows-per-file", type=int, default=1000, help="rows per parquet file")
+    x.add_argument("--force-unlock", action="store_true", help=_UNLOCK)
     x.set_defaults(fn=cmd_export)
 
     job("filter", "jobs/demo_filter.yaml", cmd_filter,

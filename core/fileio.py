@@ -1,6 +1,9 @@
 """Atomic writes and whole-file reads over fsspec (local, gs://, s3://, memory://)."""
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 import os
 import re
 import uuid
@@ -66,3 +69,39 @@ def looks_like_hub_id(name: str, bare_names: bool = False) -> bool:
     if "://" in name or os.path.exists(os.path.expanduser(name)) or not _HUB_ID.fullmatch(name):
         return False
     return bare_names or name.count("/") == 1
+
+
+def dumps_strict(obj, **kwargs) -> str:
+    """``json.dumps`` refusing NaN and infinity: every JSON file synpref writes is strict JSON."""
+    return json.dumps(obj, allow_nan=False, **kwargs)
+
+
+def canonical_json(obj) -> bytes:
+    """Sorted keys, no spaces, UTF-8, strict: the bytes of shard members and fingerprints."""
+    return dumps_strict(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def write_json(uri: str, obj) -> None:
+    """Indented, key-sorted strict JSON, written atomically."""
+    write_atomic(uri, dumps_strict(obj, indent=2, sort_keys=True).encode())
+
+
+def sha256_of(uri: str, chunk: int = 1 << 20) -> str:
+    """sha256 of a file's bytes, streamed (the content fingerprint shards are checked against)."""
+    h = hashlib.sha256()
+    with fsspec.open(uri, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def finite_or_none(obj):
+    """``obj`` with every NaN or infinity replaced by None: for records where a diverged value is data (a
+    training loss), written as ``null`` rather than refused."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    return obj

@@ -54,6 +54,7 @@ from ..core.registry import Registry
 from ..core.fileio import AtomicFile, check_writable
 from ..transforms.imageio import decode_members
 from ..transforms.writing import shard_paths
+from ..runs.output_folder import LOCK_NAME
 from .pickapic import PICKAPIC_V2_SCHEMA
 
 if TYPE_CHECKING:
@@ -64,6 +65,13 @@ EXPORT_FORMAT_VERSION = "1"  # bump when the bytes an export writes change for t
 ROW_GROUP = 64
 CARD_MARKER = "<!-- synpref export -->"
 
+
+
+def _entries(fs, path: str) -> list[str]:
+    """The folder's entry names but the output folder's lock (``synpref.runs.output_folder``), which the
+    export command holds while it runs."""
+    return [n for n in (p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+            if n not in (LOCK_NAME, LOCK_NAME + ".takeover")]
 
 class ExportError(ValueError):
     """A bad build folder, output folder or option: the CLI reports it as one line."""
@@ -234,7 +242,7 @@ class PickAPicExporter:
         card = path + "/README.md"
         if fs.exists(card):
             return CARD_MARKER in fs.cat(card).decode("utf-8", "replace")
-        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+        names = _entries(fs, path)
         if names != ["data"] or not fs.isdir(path + "/data"):
             return False
         return all(n.rstrip("/").rsplit("/", 1)[-1].startswith("train-") for n in fs.ls(path + "/data", detail=False))
@@ -248,7 +256,7 @@ class PickAPicExporter:
             if fs.exists(path):
                 if not fs.isdir(path):
                     raise ExportError(f"cannot write to {self.out_dir}: it is a file, not a folder")
-                if fs.ls(path, detail=False):
+                if _entries(fs, path):
                     if not self._earlier_export(fs, path):
                         raise ExportError(f"{self.out_dir} is not empty and not an earlier synpref export: "
                                           "pick an empty or new folder")

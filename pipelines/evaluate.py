@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from ..core import progress
-from .build_preferences import _synpref_counters
+from ..runs.pipeline_run import synpref_counters
 from .eval_preflight import preflight_evaluate
 from ..reporting import eval_report
 from ..schemas.eval_config import EvalConfig
@@ -266,7 +266,7 @@ def evaluate(cfg: EvalConfig, pipeline_args: Optional[list[str]] = None, test_pi
     with fsspec.open(samples_path, "rb") as f:
         table = pq.read_table(f)
     run = run_health(cfg, table, read_drops(f"{out}/dead_letter.jsonl"))
-    counters = _synpref_counters(result)
+    counters = synpref_counters(result)
     run.update(wall_seconds=round(wall, 2), counters={k: v for k, v in counters.items() if not k.endswith("_ms")},
                stage_busy_seconds={k[:-3]: v / 1000.0 for k, v in counters.items() if k.endswith("_ms")},
                stale_images_removed=_remove_stale_images(out, set(table.column("image").to_pylist())))

@@ -19,9 +19,9 @@ import fsspec
 import polars as pl
 
 from ..core.errors import error_text
-from .inspect_build import (_READ_ERRORS, _counts_table, _drops_table, check_tar,
-                                         iter_tar_samples, kendall_tau_b, ledger_problems, level_lines, reward_label,
-                                         table_lines)
+from .inspect_build import (_READ_ERRORS, _counts_table, _drops_table, check_sha256,
+                                         check_tar, iter_tar_samples, kendall_tau_b, ledger_problems, level_lines,
+                                         reward_label, table_lines)
 
 UNSCORED = "__shard__"  # the record id of an unreadable rest of an input shard: no image, no scores
 
@@ -55,11 +55,27 @@ def verify_filter(manifest: dict, out: str) -> list[str]:
     problems = []
     for s in manifest["shards"]:
         problems += check_tar(f"{out}/{s['tar']}", s["samples"], s.get("size"))
+        problems += check_sha256(f"{out}/{s['tar']}", s.get("sha256"))
+        problems += check_keys(f"{out}/{s['tar']}")
     fs = fsspec.core.url_to_fs(out)[0]
     for rel in manifest.get("index_files", []) + manifest.get("dead_letter_files", []):
         if not fs.exists(fsspec.core.url_to_fs(f"{out}/{rel}")[1]):
             problems.append(f"{out}/{rel}: missing")
     return problems + ledger_problems(manifest["counts"])
+
+
+def check_keys(tar: str) -> list[str]:
+    """A finding for the first sample that a WebDataset reader would not read back whole: readers cut member
+    names at the first dot, so a key with a dot leaves ``json``/``txt`` under another suffix."""
+    try:
+        for raw in iter_tar_samples(tar):
+            if "json" not in raw or "txt" not in raw:
+                members = sorted(k for k in raw if k != "__key__")
+                return [f"{tar}: sample {raw['__key__']!r} reads back with members {members}: its key does "
+                        "not split back whole (a dot in the key?)"]
+    except _READ_ERRORS:
+        return []  # check_tar names it
+    return []
 
 
 _DETAIL_COLUMNS = {"source_shard": pl.Utf8, "image_member": pl.Utf8, "image_offset": pl.Int64,

@@ -15,7 +15,6 @@ combines use (``aggregators.dataset_stats``); then every pair is labelled with t
 """
 from __future__ import annotations
 
-import json
 import math
 from typing import Any, Iterator
 
@@ -28,6 +27,7 @@ from ..schemas.config import BuildConfig
 from ..transforms.aggregators import dataset_stats, get_aggregator
 from ..transforms.ranking import label_table
 from ..transforms.imageio import ImageDecodeError, decode_image
+from ..core.fileio import dumps_strict
 from ..transforms.rewards import create_reward
 from ..transforms.scoring import score_ensemble
 
@@ -102,7 +102,7 @@ def evaluate(cfg: BuildConfig, pairs_path: str, batch_rows: int = 64) -> dict[st
     for pair, label in tables:
         phi, _ = label_table(pair, names, agg, cfg.ranking.reward_weights, stats, cfg.ranking.zscore_scope)
         credit["aggregate"].append(_credit(float(phi[0]), float(phi[1]), label))
-    rows = [{"name": name, "accuracy": (sum(v) / len(v)) if v else float("nan"), "pairs": len(v)}
+    rows = [{"name": name, "accuracy": (sum(v) / len(v)) if v else None, "pairs": len(v)}  # None: no pair
             for name, v in credit.items()]
     return {"pairs_file": pairs_path, "aggregator": cfg.ranking.aggregator, "results": rows, "skipped": skipped,
             "dataset_stats": {need: stats} if stats else {}}
@@ -113,7 +113,8 @@ def format_table(report: dict[str, Any]) -> str:
              f"{'reward':<28} {'accuracy':>8} {'pairs':>7}"]
     for row in report["results"]:
         name = f"{report['aggregator']} (all rewards)" if row["name"] == "aggregate" else row["name"]
-        lines.append(f"{name:<28} {row['accuracy']:>8.4f} {row['pairs']:>7}")
+        acc = "n/a" if row["accuracy"] is None else f"{row['accuracy']:.4f}"
+        lines.append(f"{name:<28} {acc:>8} {row['pairs']:>7}")
     lines.append("skipped: " + ", ".join(f"{k}={v}" for k, v in report["skipped"].items()))
     stats = report.get("dataset_stats", {})
     if "reliability" in stats:
@@ -125,6 +126,15 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def no_usable_pair(report: dict[str, Any]) -> str:
+    """Why nothing could be measured ("" when some pair was scored): the CLI exits 1 with this line."""
+    if any(row["pairs"] for row in report["results"]):
+        return ""
+    skipped = ", ".join(f"{k}={v}" for k, v in report["skipped"].items())
+    return (f"no pair in {report['pairs_file']} could be scored (skipped: {skipped}; a reward with a "
+            "non-finite score counts no pair): nothing to measure")
+
+
 def write_json(report: dict[str, Any], path: str) -> None:
     with fsspec.open(path, "w") as f:
-        json.dump(report, f, indent=2, sort_keys=True)
+        f.write(dumps_strict(report, indent=2, sort_keys=True))

@@ -22,6 +22,9 @@ class ParquetInputConfig(ConfigModel):
     caption_column: str = "caption"
     key_column: str = "key"  # absent or null: <file stem>_<row number>
     batch_rows: int = Field(256, ge=1)  # rows read from the table at a time
+    # folders or URL prefixes, besides the Parquet file's own folder, that the path column may point into;
+    # any other path (../x, /etc/passwd, another URL) is dropped as path_outside_corpus
+    allowed_roots: tuple[str, ...] = ()
 
     @model_validator(mode="after")
     def _columns(self) -> "ParquetInputConfig":

@@ -17,16 +17,16 @@ from synpref.demo.run import demo_config
 def synpref(capsys, monkeypatch, tmp_path):
     """Run ``synpref <command> --config <job> [--set ...]`` in-process; return its one stderr line.
     The jobs themselves are replaced by a function that fails the test: nothing may start."""
-    import synpref.pipelines.build_preferences as bp
-    import synpref.pipelines.filter_corpus as fc
+    import synpref.runs.pipeline_run as pipeline_run
     import synpref.training.train as tt
     from synpref.cli import main
 
     def started(*args, **kwargs):
         raise AssertionError("the job started: the mistake was not caught before any work")
 
-    for module, name in ((bp, "build"), (fc, "filter_corpus"), (tt, "train")):
-        monkeypatch.setattr(module, name, started)
+    # build and filter run their preflight inside the job, before taking the folder's lock (the first work)
+    monkeypatch.setattr(pipeline_run, "locked_output", started)
+    monkeypatch.setattr(tt, "train", started)
     root_level = logging.getLogger().level
 
     def run(command: str, job: dict, *sets: str) -> str:

@@ -102,7 +102,8 @@ def test_parquet_with_relative_paths_and_a_missing_file(tmp_path):
     pq.write_table(pa.Table.from_pylist(rows), root / "table.parquet", row_group_size=3)
     out = tmp_path / "out"
     result = filter_corpus(filter_config_from_dict(job(root / "table.parquet", out, parquet={
-        "path_column": "image_path", "caption_column": "text", "key_column": "id", "batch_rows": 2})))
+        "path_column": "image_path", "caption_column": "text", "key_column": "id", "batch_rows": 2,
+        "allowed_roots": [str(elsewhere)]})))  # the absolute path outside the table's folder is allowed explicitly
     idx = index_rows(out)
     assert idx["gone"]["reason"] == "unreadable_image_path" and "images/gone.jpg" in idx["gone"]["detail"]
     kept = check_kept(out, imgs, {k: f"caption of {k}" for k in imgs}, result["manifest"])

@@ -36,13 +36,13 @@ def preflight_error(path: str, *sets: str) -> str:
 @pytest.fixture
 def cli(capsys, monkeypatch):
     """Run ``synpref build`` in-process; return its single stderr line. The pipeline must never start."""
-    import synpref.pipelines.build_preferences as bp
+    import synpref.runs.pipeline_run as pipeline_run
     from synpref.cli import main
 
     def no_pipeline(*args, **kwargs):
         raise AssertionError("the pipeline started: the error was not caught before any work")
 
-    monkeypatch.setattr(bp, "build", no_pipeline)
+    monkeypatch.setattr(pipeline_run, "locked_output", no_pipeline)  # taking the folder's lock is the first work
     root_level = logging.getLogger().level
 
     def run(path: str, *sets: str) -> str:

@@ -14,7 +14,7 @@ SETUP = open(os.path.join(ROOT, "setup.py")).read()
 PACKAGES = dict(re.findall(r'"(synpref[\w.]*)":\s*"([\w/]+)"', SETUP))  # package -> folder
 TOP = sorted({folder.split("/")[0] for folder in PACKAGES.values()})
 # Lower layers never import higher ones (folders on one line may import each other's modules downwards).
-LAYERS = ["core", "schemas", "transforms", "formats", "training", "reporting", "pipelines", "demo", "cli"]
+LAYERS = ["core", "schemas", "transforms", "runs", "formats", "training", "reporting", "pipelines", "demo", "cli"]
 
 
 def package_files():

@@ -1,5 +1,5 @@
 """``accounting.ledger``: one per-level ledger for every pipeline, levels declared by the pipeline."""
-from synpref.pipelines.filter_corpus import FILTER_LEVELS
+from synpref.transforms.accounting import FILTER_LEVELS
 from synpref.schemas.records import Candidate, CorpusRecord, Drop, ImageRecord, Lineage
 from synpref.transforms.accounting import BUILD_LEVELS, ledger
 

@@ -153,7 +153,7 @@ def test_a_generator_failing_every_call_fails_the_run(demo_models, tmp_path):
 
 
 def test_an_unbalanced_or_empty_run_is_a_problem():
-    from synpref.pipelines.build_preferences import health_problems
+    from synpref.runs.health import build_problems as health_problems
 
     cfg = build_config_from_dict(tiny_build_config({"tiny-sd-a": "a/b", "tiny-sd-b": "a/c", "clip": {}}, "o"))
     level = {"in": 4, "written": 3, "dropped": {}, "dropped_total": 0, "balanced": False}

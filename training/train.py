@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from ..core.fileio import dumps_strict, finite_or_none
 from ..schemas.loading import add_config_args, dump_config, load_config
 from .caching import EncoderCache
 from .config import TrainConfig
@@ -456,12 +457,12 @@ def train(config: TrainConfig) -> dict:
         accelerator.save_state(str(path))
         torch.save(generator.get_state(), path / f"generator_{accelerator.process_index}.pt")
         share = {**data_position, "prompts": prompts_read[0], "first_prompt_ids": first_prompt_ids}
-        (path / f"data_{accelerator.process_index}.json").write_text(json.dumps(share))
+        (path / f"data_{accelerator.process_index}.json").write_text(dumps_strict(finite_or_none(share)))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             state = {"step": step, "micro_batches": micro_batches, "losses": losses, "metrics": step_metrics,
                      "config_key": config_key(config)}
-            (path / "training_state.json").write_text(json.dumps(state))  # last: marks the checkpoint complete
+            (path / "training_state.json").write_text(dumps_strict(finite_or_none(state)))  # last: marks the checkpoint complete
             limit = config.checkpoints_total_limit
             for old in list_checkpoints(out)[:-limit] if limit else []:
                 shutil.rmtree(old)
@@ -570,7 +571,7 @@ def train(config: TrainConfig) -> dict:
             accelerator.unwrap_model(models.denoiser).save_pretrained(out / models.denoiser_name, safe_serialization=True)
         else:
             models.save_lora(out, accelerator.unwrap_model(models.denoiser))
-        (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        (out / "train_summary.json").write_text(dumps_strict(finite_or_none(summary), indent=2))
         logger.info("saved %s to %s (%d steps, %.1fs, loss %.5f -> %.5f)", "denoiser" if full else "LoRA",
                     summary["denoiser_path"] or summary["lora_path"], len(losses), seconds, summary["first_loss"], summary["last_loss"])
     accelerator.wait_for_everyone()  # no process tears the process group down while another still uses it

@@ -1,4 +1,5 @@
-"""Count what entered, what was written and what was dropped (by level and reason); write the manifest.
+"""Count what entered, what was written and what was dropped (by level and reason); write the manifest
+(and, for a build, the dataset card beside it).
 
 The manifest is the job's ledger. Each pipeline declares its levels (the build: prompts, candidates and
 pairs; the corpus filter: samples); for each, ``in == written + sum(dropped)``, and ``balanced`` says
@@ -7,49 +8,18 @@ whether that holds. Both pipelines count ``Drop`` records with ``CountDrops`` an
 """
 from __future__ import annotations
 
-import json
 import logging
-import re
 from typing import Any
 
 import apache_beam as beam
-import fsspec
 
+from ..core.fileio import AtomicFile, dumps_strict
 from .dataset_card import dataset_card
-from ..core.fileio import AtomicFile
-from .writing import shard_paths
 
 log = logging.getLogger("synpref.build")
 
 # Reasons that mean a model failed on an item (as opposed to a deliberate filter decision).
 ERROR_REASONS = ("generation_error", "nan_image", "scoring_error", "nan_score")
-_OUR_FILES = re.compile(r"^(ranked-\d{5}\.(tar|parquet)|pairs-\d{5}\.(tar|parquet)|shard-\d{5}\.json)(\.tmp)?$")
-
-
-def remove_stale_files(output_dir: str, shards: list[dict], dead_letter_files: list[str]) -> list[str]:
-    """Delete shard files a previous run left that this run did not write (it had more shards, or crashed
-    mid-file), and Beam's leftover temp folders, so the folder holds exactly what a fresh run writes."""
-    root = output_dir.rstrip("/")
-    fs, _ = fsspec.core.url_to_fs(root)
-    keep = {fsspec.core.url_to_fs(p)[1] for s in shards
-            for k, p in shard_paths(root, int(s["shard"])).items() if k != "name"}
-    keep |= {fsspec.core.url_to_fs(f)[1] for f in dead_letter_files}
-    removed = []
-    for sub in ("ranked", "pairs", "_stats"):
-        for path in fs.glob(fsspec.core.url_to_fs(f"{root}/{sub}/*")[1]):
-            if _OUR_FILES.match(path.rsplit("/", 1)[-1]) and path not in keep:
-                fs.rm(path)
-                removed.append(path)
-    for path in fs.glob(fsspec.core.url_to_fs(f"{root}/dead_letter/*")[1]):
-        name = path.rsplit("/", 1)[-1]
-        if name.startswith("beam-temp-") or (name.startswith("drops-") and path not in keep):
-            fs.rm(path, recursive=True)
-            removed.append(path)
-    if removed:
-        log.info("removed %d stale file(s) from an earlier run of %s", len(removed), root)
-    return removed
-
-
 class CountAs(beam.PTransform):
     """PCollection -> one (name, count) element (0 for an empty input)."""
 
@@ -118,7 +88,6 @@ class _WriteManifest(beam.DoFn):
         counts["groups_written"] = sum(s["groups"] for s in shards)
         counts["images_written"] = sum(s["images"] for s in shards)
         counts["pairs_written"] = sum(s["pairs"] for s in shards)
-        remove_stale_files(self.path.rsplit("/", 1)[0], shards, dead_letter_files)
         manifest = {**self.header, "counts": build_ledger(counts, dict(drops), self.per_prompt),
                     "errors_by_stage": {stage: {"count": n, "first": first}
                                         for stage, (n, first) in sorted(errors.items())},
@@ -129,7 +98,29 @@ class _WriteManifest(beam.DoFn):
         with AtomicFile(self.path.rsplit("/", 1)[0] + "/README.md") as f:
             f.write(dataset_card(manifest).encode())
         with AtomicFile(self.path) as f:  # last: a manifest on disk means the build finished
-            f.write(json.dumps(manifest, indent=2, sort_keys=True).encode())
+            f.write(dumps_strict(manifest, indent=2, sort_keys=True).encode())
+        yield manifest
+
+
+FILTER_LEVELS = (("samples", "sample"),)  # the filter's ledger: every input sample is written or dropped
+
+
+class WriteFilterManifest(beam.DoFn):
+    """The corpus filter's manifest, from its side inputs (read counts, drops, shards, per-shard outcomes)."""
+
+    def __init__(self, path: str, header: dict[str, Any]):
+        self.path, self.header = path, header
+
+    def process(self, _, read: list, drops: dict, shards: list, outcomes: list, cutoff):
+        shards = sorted(shards, key=lambda s: s["shard"])
+        counts = ledger(FILTER_LEVELS, {"samples": sum(read)}, {"samples": sum(s["samples"] for s in shards)},
+                        drops)
+        manifest = {**self.header, "counts": counts, "shards": shards,
+                    "index_files": sorted(o["index"] for o in outcomes),
+                    "dead_letter_files": sorted(o["dead_letter"] for o in outcomes),
+                    "top_fraction_cutoff": cutoff}
+        with AtomicFile(self.path) as f:  # last: a manifest on disk means the run finished
+            f.write(dumps_strict(manifest, indent=2, sort_keys=True).encode())
         yield manifest
 
 

@@ -42,7 +42,7 @@ from ..core.progress import progress
 from ..schemas.config import RewardConfig
 from ..schemas.records import CorpusRecord
 from .corpus_sources import SHARD_KEY, CorpusInput
-from ..core.fileio import AtomicFile
+from ..core.fileio import AtomicFile, canonical_json, sha256_of
 from ..core.errors import error_line
 from .imageio import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageDecodeError, check_member_name, \
     decode_image
@@ -343,25 +343,34 @@ class ApplyFilters(beam.PTransform):
         return {"kept": out.kept, "dropped": out[DROPPED], "cutoff": cutoff}
 
 
-def _canonical_json(obj) -> bytes:
-    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+_canonical_json = canonical_json
 
 
 def shard_name(prefix: str, index: int) -> str:
     return f"{prefix}-{index:05d}"
 
 
+def encode_key(key: str) -> str:
+    """A key every WebDataset reader splits back whole: readers cut a member name at its first dot, so
+    ``x.y.z.jpg`` would read as key ``x``. ``%`` -> ``%25``, ``.`` -> ``%2E`` (``urllib.parse.unquote``
+    reverses it); a key without either is written as it is. The original is in the JSON's
+    ``synpref_source.key``."""
+    return key.replace("%", "%25").replace(".", "%2E")
+
+
 def output_sample(rec: CorpusRecord, image: bytes) -> dict[str, bytes]:
-    """The kept sample as written: original key, image bytes and caption bytes; the original JSON with
-    ``synpref_scores`` and ``synpref_source`` added."""
+    """The kept sample as written: key (``encode_key``), image bytes and caption bytes; the original JSON with
+    ``synpref_scores`` and ``synpref_source`` (its shard, member, sha256 and original key) added."""
     meta = json.loads(rec.metadata) if rec.metadata else {}
     meta["synpref_scores"] = dict(sorted(rec.scores.items()))
-    meta["synpref_source"] = {"shard": rec.source_shard, "member": rec.image_member, "sha256": rec.image_sha256}
+    meta["synpref_source"] = {"shard": rec.source_shard, "member": rec.image_member, "sha256": rec.image_sha256,
+                              **({"key": rec.key} if encode_key(rec.key) != rec.key else {})}
     suffix = rec.image_member[len(rec.key) + 1:]
-    sample = {"__key__": rec.key, suffix: image, "txt": rec.caption_bytes, "json": _canonical_json(meta)}
+    key = encode_key(rec.key)
+    sample = {"__key__": key, suffix: image, "txt": rec.caption_bytes, "json": _canonical_json(meta)}
     for ext in sample:
         if ext != "__key__":
-            check_member_name(f"{rec.key}.{ext}")
+            check_member_name(f"{key}.{ext}")
     return sample
 
 
@@ -392,6 +401,7 @@ class _WriteShard(beam.DoFn):
                 reader.close()
         fs, path = fsspec.core.url_to_fs(tar_path)
         yield {"shard": name, "tar": f"shards/{name}.tar", "samples": len(records), "size": fs.size(path),
+               "sha256": sha256_of(tar_path),
                "first_key": records[0].key, "last_key": records[-1].key}
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import os
 import posixpath
 import re
 import tarfile
@@ -70,6 +71,19 @@ class ImageReader:
 def _protocol_prefix(fs) -> str:
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return "" if protocol in ("file", "local") else f"{protocol}://"
+
+
+OUTSIDE = "outside: "  # the detail prefix of a path that leaves the corpus
+
+
+def _normalise(location: str) -> str:
+    """A location with ``..`` and ``.`` resolved; local paths also through symlinks (``os.path.realpath``)."""
+    protocol, sep, rest = location.partition("://")
+    if not sep:
+        return os.path.realpath(location)
+    if protocol in ("file", "local"):
+        return os.path.realpath(rest)
+    return f"{protocol}://{posixpath.normpath('/' + rest).lstrip('/')}"
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -205,7 +219,9 @@ class ParquetSource(CorpusSource):
 
     Defaults follow img2dataset's ``output_format: parquet`` (``jpg`` bytes, ``caption``, ``key``); a
     Hugging Face ``Image`` column (a struct of ``bytes`` and ``path``) works as ``image_column``.
-    Paths are relative to the Parquet file's folder unless absolute or a URL. Rows are handed on in
+    Paths are relative to the Parquet file's folder unless absolute or a URL, and must resolve inside that
+    folder or one of ``allowed_roots`` (an untrusted table must not make synpref read ``/etc/passwd`` or
+    ``../secret.jpg``): other rows are dropped as ``path_outside_corpus``. Rows are handed on in
     batches of ``batch_rows``; pyarrow decodes a whole row group's columns at once, so memory holds one
     row group at a time, never the whole table (img2dataset and ``datasets`` write groups of ~100
     images). Every column but the image bytes becomes the sample's JSON metadata, as img2dataset
@@ -218,14 +234,28 @@ class ParquetSource(CorpusSource):
         caption_column: caption text; a missing value is ``missing_caption``.
         key_column: the sample key (kept in the output); when absent or null: ``<file stem>_<row>``.
         batch_rows: rows decoded from Parquet at a time.
+        allowed_roots: folders or URL prefixes, besides the Parquet file's folder, that paths may point into.
     """
 
     suffixes = (".parquet",)
 
     def __init__(self, image_column: str = "jpg", path_column: str = "path", caption_column: str = "caption",
-                 key_column: str = "key", batch_rows: int = 256):
+                 key_column: str = "key", batch_rows: int = 256, allowed_roots: Sequence[str] = ()):
         self.image_column, self.path_column = image_column, path_column
         self.caption_column, self.key_column, self.batch_rows = caption_column, key_column, batch_rows
+        self.allowed_roots = tuple(allowed_roots)
+
+    def resolve_path(self, path: str, url: str) -> tuple[Optional[str], str]:
+        """(where the row's image is, "") or (None, why) when the path leaves the corpus folder and every
+        allowed root (``..``, an absolute path, another URL, a symlink out of the folder)."""
+        base = posixpath.dirname(url)
+        target = _normalise(path if ("://" in path or path.startswith("/")) else posixpath.join(base, path))
+        for root in (base, *self.allowed_roots):
+            root = _normalise(root).rstrip("/")
+            if target == root or target.startswith(root + "/"):
+                return target, ""
+        return None, (f"{path} resolves to {target}, outside the corpus folder {base} and "
+                      "input.parquet.allowed_roots")
 
     def check_columns(self, names: Sequence[str], url: str) -> None:
         """Raises ValueError naming what is missing when a table has no image or no caption column."""
@@ -260,7 +290,9 @@ class ParquetSource(CorpusSource):
             return data, _sniff_suffix(data) or self._default_suffix(path), ""
         if not path:
             return None, "", "no image bytes and no path"
-        target = path if ("://" in path or path.startswith("/")) else posixpath.join(posixpath.dirname(url), path)
+        target, outside = self.resolve_path(path, url)
+        if target is None:
+            return None, "", OUTSIDE + outside
         try:
             with fsspec.open(target, "rb") as f:
                 data = f.read()
@@ -295,6 +327,8 @@ class ParquetSource(CorpusSource):
                             members[suffix] = (data, offset, len(data))
                         elif why.startswith("column "):
                             problem = ("not_an_image", why)
+                        elif why.startswith(OUTSIDE):
+                            problem = ("path_outside_corpus", why[len(OUTSIDE):])
                         elif why != "no image bytes and no path":
                             problem = ("unreadable_image_path", why)
                         caption = row.get(self.caption_column)

@@ -1,8 +1,9 @@
 """Read, clean, deduplicate and sample prompts.
 
 Every line or row that is read comes out either as a ``PromptRecord`` or as a
-``Drop`` with a reason: non_utf8, invalid_row, empty_prompt, too_long,
-duplicate, not_sampled.
+``Drop`` with a reason: non_utf8, invalid_row, control_characters (NUL and other C0/C1 controls but tab,
+newline and carriage return, which are whitespace and normalised), empty_prompt, too_long, duplicate,
+not_sampled.
 """
 from __future__ import annotations
 
@@ -147,6 +148,13 @@ class _Clean(beam.DoFn):
         if raw.text is None:
             reason = "non_utf8" if raw.error.startswith("not valid UTF-8") else "invalid_row"
             yield beam.pvalue.TaggedOutput(DROPPED, Drop("prompt", reason, raw.record_id, "prompts", raw.error))
+            return
+        control = next(((i, c) for i, c in enumerate(raw.text)
+                        if c not in "\t\n\r" and unicodedata.category(c) == "Cc"), None)
+        if control:
+            yield beam.pvalue.TaggedOutput(DROPPED, Drop(
+                "prompt", "control_characters", raw.record_id, "prompts",
+                f"control character U+{ord(control[1]):04X} at position {control[0]}"))
             return
         text = normalize_prompt(raw.text)
         if not text:

@@ -19,7 +19,7 @@ from PIL import Image
 
 from ..schemas.config import GeneratorConfig
 from ..schemas.records import Lineage
-from ..core.fileio import read_bytes, write_atomic
+from ..core.fileio import dumps_strict, read_bytes, write_atomic
 from .imageio import decode_image
 from .generators.weights import denoiser_weights, files_checksum, lora_file
 from .model_io import json_digest, model_fingerprint
@@ -101,8 +101,8 @@ def stage_image(staging_dir: str, key: str, data: bytes, lineage: Lineage, ext: 
     uri = staged_uri(staging_dir, key, ext)
     sha = hashlib.sha256(data).hexdigest()
     write_atomic(uri, data)
-    write_atomic(_sidecar(uri), json.dumps({"key": key, "sha256": sha, "lineage": lineage.to_dict()},
-                                                sort_keys=True).encode())
+    write_atomic(_sidecar(uri), dumps_strict({"key": key, "sha256": sha, "lineage": lineage.to_dict()},
+                                               sort_keys=True).encode())
     return uri, sha
 
 

@@ -4,12 +4,13 @@ Shard assignment is a pure function of the sorted prompt ids, so the same inputs
 give the same shards on every runner. Each file is written under a temporary
 name and renamed; the stats file, written last, records a fingerprint of
 everything that went into the shard (labels, scores, lineage, image hashes) and
-the files' sizes. A rerun keeps a shard only when both still match.
+the sha256 of each file's bytes. A rerun keeps a shard only when both still match (re-reading the files).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from typing import Iterable
 
@@ -22,7 +23,7 @@ from apache_beam.metrics import Metrics
 
 from ..core.progress import progress
 from ..schemas.records import PAIR_INDEX_SCHEMA, RANKED_INDEX_SCHEMA, RankedGroup
-from ..core.fileio import AtomicFile, read_bytes
+from ..core.fileio import AtomicFile, canonical_json, dumps_strict, read_bytes, sha256_of
 from .imageio import check_member_name
 
 TAR_MTIME = 0.0  # fixed member mtime: byte-identical shards across runs
@@ -44,8 +45,7 @@ def shard_paths(output_dir: str, shard: int) -> dict[str, str]:
     }
 
 
-def _canonical_json(obj) -> bytes:
-    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+_canonical_json = canonical_json
 
 
 _MEMBER_EXT = {"png": "png", "jpg": "jpg", "jpeg": "jpg", "webp": "webp"}
@@ -85,15 +85,20 @@ def shard_fingerprint(groups: list[RankedGroup], reward_info: dict | None = None
     return h.hexdigest()
 
 
-def _still_valid(fs, stats: dict, paths: dict, fingerprint: str) -> bool:
-    if stats.get("fingerprint") != fingerprint:
-        return False
-    sizes = stats.get("sizes") or {}
+def _changed_files(stats: dict, paths: dict) -> list[str]:
+    """The shard's files whose bytes no longer hash to the sha256 its stats recorded (missing ones too).
+
+    Sizes are not enough: a tar is padded to 10 KiB, so an edit in place keeps its size."""
+    recorded = stats.get("sha256") or {}
+    changed = []
     for key in SHARD_FILES:
-        p = fsspec.core.url_to_fs(paths[key])[1]
-        if not fs.exists(p) or fs.size(p) != sizes.get(key):
-            return False
-    return True
+        try:
+            same = key in recorded and sha256_of(paths[key]) == recorded[key]
+        except FileNotFoundError:
+            same = False
+        if not same:
+            changed.append(paths[key])
+    return changed
 
 
 def _checked(sample: dict[str, bytes]) -> dict[str, bytes]:
@@ -143,10 +148,15 @@ class _WriteShard(beam.DoFn):
                 stats = json.loads(fs.cat(stats_path))
             except ValueError:
                 stats = {}
-            if _still_valid(fs, stats, paths, fingerprint):
+            changed = _changed_files(stats, paths) if stats.get("fingerprint") == fingerprint else None
+            if changed == []:
                 Metrics.counter("synpref", "shards_skipped").inc()
                 yield {**stats, **{k: v for k, v in paths.items() if k not in ("name", "stats")}}  # folder may have moved
                 return
+            if changed:
+                logging.getLogger("synpref.build").warning("%s changed on disk since it was written: rewriting "
+                                                           "shard %s", changed[0], paths["name"])
+                Metrics.counter("synpref", "shards_rewritten_changed").inc()
             fs.rm(stats_path)  # from here until the new stats file lands, the shard counts as unfinished
         ranked_rows, pair_rows, n_images = [], [], 0
         # Tar writers close before their files, also on an error (else the tar stream's finaliser writes to
@@ -167,7 +177,7 @@ class _WriteShard(beam.DoFn):
                     "generator_ids": [c.lineage.generator_id for c in g.candidates],
                     "seeds": [c.lineage.seed for c in g.candidates],
                     "phi": [c.phi for c in g.candidates],
-                    "scores_json": json.dumps([c.scores for c in g.candidates], sort_keys=True),
+                    "scores_json": dumps_strict([c.scores for c in g.candidates], sort_keys=True),
                 })
                 for sample, pair in zip(pair_samples(g, images, self.reward_info), g.pairs):
                     pairs_tar.write(_checked(sample))
@@ -185,6 +195,7 @@ class _WriteShard(beam.DoFn):
         stats = {"shard": paths["name"], "groups": len(groups), "images": n_images, "pairs": len(pair_rows),
                  "fingerprint": fingerprint,
                  "sizes": {k: fs.size(fsspec.core.url_to_fs(paths[k])[1]) for k in SHARD_FILES},
+                 "sha256": {k: sha256_of(paths[k]) for k in SHARD_FILES},
                  **{k: v for k, v in paths.items() if k not in ("name", "stats")}}
         with AtomicFile(paths["stats"]) as f:  # written last: its presence marks the shard complete
             f.write(_canonical_json(stats))
