@@ -27,15 +27,17 @@ import synpref
 from synpref import progress
 from synpref.schemas.filter_config import FilterJobConfig, filter_config_to_dict, load_filter_config
 from synpref.transforms.accounting import CountDrops, ledger
-from synpref.transforms.corpus import (DROPPED, READ, ApplyFilters, DedupExact, DedupKeys, DedupNear,
-                                       ScoreShards, WriteFiltered, WriteOutcomes)
+from synpref.transforms.corpus_dedup import DedupExact, DedupKeys, DedupNear
+from synpref.transforms.corpus_scoring import DROPPED, ScoreCorpus
+from synpref.transforms.corpus_thresholds import ApplyFilters
+from synpref.transforms.corpus_writing import WriteFiltered, WriteOutcomes
 from synpref.transforms.corpus_sources import corpus_input_from_config
 from synpref.transforms.fileio import AtomicFile
 from synpref.transforms.rewards import create_reward
 
 log = logging.getLogger("synpref.filter")
 FILTER_LEVELS = (("samples", "sample"),)  # the filter's ledger: every input sample is written or dropped
-_OUR_FILES = {"shards": re.compile(r"^filtered-\d{5}\.tar(\.tmp)?$"),
+_OUR_FILES = {"shards": re.compile(r"^filtered-\d{5,}(-\d{5,})?\.tar(\.tmp)?$"),
               "index": re.compile(r"^samples-\d{5}\.parquet(\.tmp)?$"),
               "dead_letter": re.compile(r"^drops-\d{5}\.jsonl(\.tmp)?$")}
 
@@ -106,13 +108,13 @@ class FilterCorpus(beam.PTransform):
         scored = (pbegin
                   | "ListShards" >> beam.Create(list(enumerate(self.shards)))
                   | "SpreadShards" >> beam.Reshuffle()
-                  | "ScoreShards" >> beam.ParDo(ScoreShards(
-                      cfg.rewards, cfg.input.max_pixels, cfg.input.batch_size, cfg.input.max_caption_chars,
-                      cfg.torch_threads, corpus_input, perceptual_hash=cfg.filter.near_duplicate_distance >= 0,
-                      jpeg_draft=cfg.input.jpeg_draft, total_shards=len(self.shards)))
-                  .with_outputs(DROPPED, READ, main="scored"))
-        drops = [scored[DROPPED]]
-        keys = scored.scored | "DedupKeys" >> DedupKeys()
+                  | "ScoreShards" >> ScoreCorpus(
+                      cfg.rewards, corpus_input, max_pixels=cfg.input.max_pixels, batch_size=cfg.input.batch_size,
+                      max_caption_chars=cfg.input.max_caption_chars, torch_threads=cfg.torch_threads,
+                      perceptual_hash=cfg.filter.near_duplicate_distance >= 0, jpeg_draft=cfg.input.jpeg_draft,
+                      total_shards=len(self.shards)))
+        drops = [scored["dropped"]]
+        keys = scored["scored"] | "DedupKeys" >> DedupKeys()
         drops.append(keys[DROPPED])
         records = keys.kept
         if cfg.filter.dedup == "exact":
@@ -135,7 +137,7 @@ class FilterCorpus(beam.PTransform):
                 | "Once" >> beam.Create([None])
                 | "WriteManifest" >> beam.ParDo(
                     _WriteManifest(f"{out}/manifest.json", self.header),
-                    beam.pvalue.AsList(scored[READ]), beam.pvalue.AsDict(drop_counts),
+                    beam.pvalue.AsList(scored["read"]), beam.pvalue.AsDict(drop_counts),
                     beam.pvalue.AsList(shards), beam.pvalue.AsList(outcomes),
                     beam.pvalue.AsSingleton(filtered["cutoff"], default_value=None)))
 
@@ -150,7 +152,8 @@ def manifest_header(cfg: FilterJobConfig, shards: list[str]) -> dict[str, Any]:
         "job": "filter",
         "input_shards": shards,
         "layout": {
-            "shards": "shards/filtered-{n}.tar: the kept samples, original keys, image and .txt bytes; json = the "
+            "shards": "shards/filtered-{n}-{k}.tar: the kept samples of input shard n in input order, "
+                      "samples_per_shard per tar; original keys, image and .txt bytes; json = the "
                       "original metadata + synpref_scores + synpref_source",
             "index": "index/samples-{n}.parquet: every sample of input shard n: key, scores, kept, reason",
             "dead_letter": "dead_letter/drops-{n}.jsonl: every dropped sample of input shard n, with reason",

@@ -44,7 +44,7 @@ def shard_paths(output_dir: str, shard: int) -> dict[str, str]:
     }
 
 
-def _canonical_json(obj) -> bytes:
+def canonical_json(obj) -> bytes:
     return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
@@ -66,7 +66,7 @@ def ranked_sample(group: RankedGroup, images: dict[str, bytes], reward_info: dic
         "aggregator": group.aggregator, "rewards": list(group.rewards), "reward_info": reward_info or {},
         "candidates": [c.to_json(name) for name, c in zip(names, group.candidates)],
     }
-    sample = {"__key__": p.prompt_id, "json": _canonical_json(meta)}
+    sample = {"__key__": p.prompt_id, "json": canonical_json(meta)}
     for name, c in zip(names, group.candidates):
         sample[name] = images[c.candidate_id]
     return sample
@@ -124,7 +124,7 @@ def pair_samples(group: RankedGroup, images: dict[str, bytes],
             "reward_info": reward_info or {},
             "winner": w.to_json(win), "loser": l.to_json(lose),
         }
-        yield {"__key__": pair.key, "json": _canonical_json(meta), win: images[w.candidate_id],
+        yield {"__key__": pair.key, "json": canonical_json(meta), win: images[w.candidate_id],
                lose: images[l.candidate_id]}
 
 
@@ -187,7 +187,7 @@ class _WriteShard(beam.DoFn):
                  "sizes": {k: fs.size(fsspec.core.url_to_fs(paths[k])[1]) for k in SHARD_FILES},
                  **{k: v for k, v in paths.items() if k not in ("name", "stats")}}
         with AtomicFile(paths["stats"]) as f:  # written last: its presence marks the shard complete
-            f.write(_canonical_json(stats))
+            f.write(canonical_json(stats))
         yield stats
 
 
