@@ -1,10 +1,16 @@
 """Write ranked and pairwise WebDataset shards, each with a Parquet index and a stats file.
 
-Shard assignment is a pure function of the sorted prompt ids, so the same inputs
-give the same shards on every runner. Each file is written under a temporary
-name and renamed; the stats file, written last, records a fingerprint of
-everything that went into the shard (labels, scores, lineage, image hashes) and
-the files' sizes. A rerun keeps a shard only when both still match.
+Shard assignment: a prompt's shard is its position in the sorted prompt ids divided by
+``samples_per_shard``, as it always was, but computed without any list of all ids. Prompt ids
+are sha256 hex prefixes, so the first four characters split them into at most 65536 ordered
+buckets of about n / 65536 ids each: a count per bucket (at most 65536 numbers) gives each
+bucket its first position, and each bucket, sorted on its own, gives its prompts their positions.
+No worker holds more than one bucket or one shard (groups carry ids, scores and URIs, not
+pixels), and the same inputs give the same shards on every runner (``AssignShards``; any ids
+work, but other than hex ids may crowd few buckets). Each file is written under a temporary
+name and renamed; the stats file, written last, records a fingerprint of everything that went
+into the shard (labels, scores, lineage, image hashes) and the files' sizes. A rerun keeps a
+shard only when both still match.
 """
 from __future__ import annotations
 
@@ -191,8 +197,49 @@ class _WriteShard(beam.DoFn):
         yield stats
 
 
-def _assign(group: RankedGroup, index: dict[str, int]):
-    return index[group.prompt.prompt_id], group
+def order_bucket(prompt_id: str) -> int:
+    """An order-preserving bucket: the id's first 4 UTF-8 bytes as a number (a < b implies bucket(a) <=
+    bucket(b), since UTF-8 byte order is code point order); 65536 buckets for hex ids."""
+    return int.from_bytes(prompt_id.encode("utf-8")[:4].ljust(4, b"\0"), "big")
+
+
+def bucket_offsets(counts: list[tuple[int, int]]) -> dict[int, int]:
+    """{bucket: number of prompts in smaller buckets} from (bucket, count) pairs."""
+    offsets, total = {}, 0
+    for bucket, n in sorted(counts):
+        offsets[bucket], total = total, total + n
+    return offsets
+
+
+def _assign(element, offsets: dict[int, int], per_shard: int, key):
+    bucket, items = element
+    for i, x in enumerate(sorted(items, key=key)):
+        yield (offsets[bucket] + i) // per_shard, x
+
+
+class AssignShards(beam.PTransform):
+    """x -> (position of key(x) among all keys, sorted / per_shard, x), with no list of all keys:
+    order-preserving buckets (``order_bucket``), a count per bucket, each bucket sorted alone."""
+
+    def __init__(self, per_shard: int, key):
+        super().__init__()
+        self.per_shard, self.key = per_shard, key
+
+    def expand(self, items):
+        key = self.key
+        by_bucket = items | "ByBucket" >> beam.Map(lambda x: (order_bucket(key(x)), x))
+        offsets = (by_bucket
+                   | "Ones" >> beam.Map(lambda kv: (kv[0], 1))
+                   | "CountPerBucket" >> beam.CombinePerKey(sum)
+                   | "BucketCounts" >> beam.combiners.ToList()  # <= 65536 (bucket, count) pairs for hex ids
+                   | "Offsets" >> beam.Map(bucket_offsets))
+        return (by_bucket
+                | "GroupByBucket" >> beam.GroupByKey()
+                | "Positions" >> beam.FlatMap(_assign, beam.pvalue.AsSingleton(offsets), self.per_shard, key))
+
+
+def _prompt_id(group: RankedGroup) -> str:
+    return group.prompt.prompt_id
 
 
 class WriteShards(beam.PTransform):
@@ -205,12 +252,7 @@ class WriteShards(beam.PTransform):
         self.reward_info = reward_info or {}
 
     def expand(self, groups):
-        per_shard = self.per_shard
-        index = (groups
-                 | "PromptIds" >> beam.Map(lambda g: g.prompt.prompt_id)
-                 | "AllIds" >> beam.combiners.ToList()
-                 | "ShardIndex" >> beam.Map(lambda ids: {pid: i // per_shard for i, pid in enumerate(sorted(ids))}))
         return (groups
-                | "AssignShard" >> beam.Map(_assign, beam.pvalue.AsSingleton(index))
+                | "AssignShard" >> AssignShards(self.per_shard, _prompt_id)
                 | "GroupByShard" >> beam.GroupByKey()
                 | "WriteShard" >> beam.ParDo(_WriteShard(self.output_dir, self.expected, self.reward_info)))
