@@ -112,7 +112,7 @@ class FilterCorpus(beam.PTransform):
                       cfg.rewards, corpus_input, max_pixels=cfg.input.max_pixels, batch_size=cfg.input.batch_size,
                       max_caption_chars=cfg.input.max_caption_chars, torch_threads=cfg.torch_threads,
                       perceptual_hash=cfg.filter.near_duplicate_distance >= 0, jpeg_draft=cfg.input.jpeg_draft,
-                      total_shards=len(self.shards)))
+                      total_shards=len(self.shards), cache_dir=f"{out}/_cache"))
         drops = [scored["dropped"]]
         keys = scored["scored"] | "DedupKeys" >> DedupKeys()
         drops.append(keys[DROPPED])

@@ -30,11 +30,13 @@ from PIL import Image
 from synpref.progress import progress
 from synpref.schemas.config import RewardConfig
 from synpref.schemas.records import CorpusRecord
+from synpref.transforms.corpus_cache import CACHED, chunk_path, read_chunk, scoring_key, write_chunk
 from synpref.transforms.corpus_sources import CorpusInput
 from synpref.transforms.generation import error_line
 from synpref.transforms.imageio import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageDecodeError, decode_image
 from synpref.transforms.inference import PluginModelHandler
 from synpref.transforms.perceptual_hash import dhash_hex as dhash  # 16 hex digits
+from synpref.transforms.rewards import create_reward
 from synpref.transforms.scoring import LoadedRewards, ScoreWithEnsemble
 
 DROPPED = "dropped"
@@ -98,9 +100,20 @@ class ReadShards(beam.DoFn):
     samples unusable as read are tagged ``dropped``; the shard's sample count is tagged ``read``."""
 
     def __init__(self, corpus_input: Optional[CorpusInput] = None, chunk_size: int = 16,
-                 max_caption_chars: int = 0, total_shards: Optional[int] = None):
+                 max_caption_chars: int = 0, total_shards: Optional[int] = None, cache_dir: Optional[str] = None,
+                 scoring_key: str = ""):
         self.corpus_input = corpus_input or CorpusInput()
         self.chunk_size, self.max_caption_chars, self.total_shards = chunk_size, max_caption_chars, total_shards
+        self.cache_dir, self.scoring_key = cache_dir, scoring_key
+
+    def _emit(self, chunk: list):
+        """The chunk for scoring, or (resume) its cached records, tagged ``cached``."""
+        cached = read_chunk(chunk_path(self.cache_dir, self.scoring_key, chunk), chunk) if self.cache_dir else None
+        if cached is None:
+            yield chunk
+        else:
+            for rec in cached:
+                yield beam.pvalue.TaggedOutput(CACHED, rec)
 
     def process(self, element):
         index, url = element
@@ -116,10 +129,10 @@ class ReadShards(beam.DoFn):
                 continue
             chunk.append((rec, data))
             if len(chunk) >= self.chunk_size:
-                yield chunk
+                yield from self._emit(chunk)
                 chunk = []
         if chunk:
-            yield chunk
+            yield from self._emit(chunk)
         progress("read", self.total_shards, "shards").update()
         yield beam.pvalue.TaggedOutput(READ, n)
 
@@ -178,8 +191,18 @@ class ScoreCorpusSamples(ScoreWithEnsemble):
         return out
 
 
-def _route(result):
-    for rec in result.inference:
+def _route(result, cache_dir: Optional[str], key: str):
+    if cache_dir:
+        write_chunk(chunk_path(cache_dir, key, result.example), result.inference)
+    yield from _route_records(result.inference)
+
+
+def _route_one(rec):
+    yield from _route_records([rec])
+
+
+def _route_records(records):
+    for rec in records:
         if rec.kept:
             yield rec
         else:
@@ -201,17 +224,26 @@ class ScoreCorpus(beam.PTransform):
     def __init__(self, rewards: Sequence[RewardConfig], corpus_input: Optional[CorpusInput] = None, *,
                  max_pixels: int = DEFAULT_MAX_PIXELS, batch_size: int = 16, max_caption_chars: int = 0,
                  torch_threads: int = 1, perceptual_hash: bool = True, jpeg_draft: bool = False,
-                 total_shards: Optional[int] = None):
+                 total_shards: Optional[int] = None, cache_dir: Optional[str] = None):
         super().__init__()
+        self.cache_dir = cache_dir  # None: no resume (transforms/corpus_cache.py)
         self.rewards, self.corpus_input = list(rewards), corpus_input
         self.max_pixels, self.batch_size, self.max_caption_chars = max_pixels, batch_size, max_caption_chars
         self.threads, self.perceptual_hash, self.jpeg_draft = torch_threads, perceptual_hash, jpeg_draft
         self.total_shards = total_shards
 
+    def scoring_key(self) -> str:
+        """What decides a shard's scored records, besides the shard itself."""
+        return scoring_key([create_reward(c.name, c.params).describe() for c in self.rewards], {
+            "cache_format": 1, "max_pixels": self.max_pixels, "max_caption_chars": self.max_caption_chars,
+            "jpeg_draft": self.jpeg_draft, "perceptual_hash": self.perceptual_hash, "chunk": self.batch_size,
+            "chunks_per_call": min(r.units_per_call for r in self.rewards)})
+
     def expand(self, shards):
+        key = self.scoring_key() if self.cache_dir else ""
         read = shards | "ReadShards" >> beam.ParDo(ReadShards(
-            self.corpus_input, self.batch_size, self.max_caption_chars, self.total_shards)).with_outputs(
-            DROPPED, READ, main="chunks")
+            self.corpus_input, self.batch_size, self.max_caption_chars, self.total_shards, self.cache_dir,
+            key)).with_outputs(DROPPED, READ, CACHED, main="chunks")
         work = ScoreCorpusSamples(self.rewards, self.max_pixels, self.perceptual_hash, self.jpeg_draft)
         names = ",".join(r.name for r in self.rewards)
         handler = PluginModelHandler(work, f"score_{names}", batch_size=min(r.units_per_call for r in self.rewards),
@@ -222,7 +254,9 @@ class ScoreCorpus(beam.PTransform):
         if accelerator:
             score = score.with_resource_hints(accelerator=accelerator)
         inference, failures = read.chunks | "Score" >> score.with_exception_handling()
-        routed = inference | "Route" >> beam.FlatMap(_route).with_outputs(DROPPED, main="scored")
+        routed = inference | "Route" >> beam.FlatMap(_route, self.cache_dir, key).with_outputs(DROPPED, main="scored")
+        cached = read[CACHED] | "RouteCached" >> beam.FlatMap(_route_one).with_outputs(DROPPED, main="scored")
         failed = failures.failed_inferences | "ScoringErrors" >> beam.FlatMap(_failed_chunks)
-        dropped = (read[DROPPED], routed[DROPPED], failed) | "ScoringDrops" >> beam.Flatten()
-        return {"scored": routed.scored, "dropped": dropped, "read": read[READ]}
+        dropped = (read[DROPPED], routed[DROPPED], cached[DROPPED], failed) | "ScoringDrops" >> beam.Flatten()
+        return {"scored": (routed.scored, cached.scored) | "AllScored" >> beam.Flatten(), "dropped": dropped,
+                "read": read[READ]}
