@@ -10,7 +10,9 @@ and a call that raises drops its samples as ``scoring_error`` instead of failing
 call each image is decoded (pixel limit from the header; at draft size with ``input.jpeg_draft``),
 scored and released: records leave this step with scores, sha256 and the image's location, never
 pixels. A chunk never spans shards and, with ``units_per_call: 1`` (the default), one call scores
-exactly one chunk, so scores do not depend on how a runner bundles work.
+exactly one chunk, so scores do not depend on how a runner bundles work. With a ``cache_dir``, each
+chunk's results are cached as soon as it is scored and a rerun scores only uncached chunks
+(``transforms/corpus_cache.py``).
 """
 from __future__ import annotations
 
@@ -233,7 +235,7 @@ class ScoreCorpus(beam.PTransform):
         self.total_shards = total_shards
 
     def scoring_key(self) -> str:
-        """What decides a shard's scored records, besides the shard itself."""
+        """What decides a chunk's scoring results, besides the chunk's samples (the resume cache key)."""
         return scoring_key([create_reward(c.name, c.params).describe() for c in self.rewards], {
             "cache_format": 1, "max_pixels": self.max_pixels, "max_caption_chars": self.max_caption_chars,
             "jpeg_draft": self.jpeg_draft, "perceptual_hash": self.perceptual_hash, "chunk": self.batch_size,
