@@ -180,7 +180,7 @@ def throughput(args, work: str) -> dict:
     build_corpus(warm, 8, 8, seed=1)
     spec = reward_spec(args.reward, work)
     run_job(job_config(warm, f"{work}/warm_out", spec, args.per_shard, args.jpeg_draft))  # imports, reward load
-    from synpref.transforms.corpus import draft_side
+    from synpref.transforms.corpus_scoring import draft_side
     from synpref.transforms.rewards import create_reward
 
     reward = create_reward(spec["name"], spec["params"])

@@ -25,8 +25,10 @@ from ..runs.stale_files import sweep_filter
 from ..schemas.filter_config import FilterJobConfig, load_filter_config
 from ..schemas.loading import add_config_args, dump_config
 from ..transforms.accounting import CountDrops, WriteFilterManifest
-from ..transforms.corpus import (DROPPED, READ, ApplyFilters, DedupExact, DedupKeys, DedupNear,
-                                       ScoreShards, WriteFiltered, WriteOutcomes)
+from ..transforms.corpus_dedup import DedupExact, DedupKeys, DedupNear
+from ..transforms.corpus_scoring import DROPPED, ScoreCorpus
+from ..transforms.corpus_thresholds import ApplyFilters
+from ..transforms.corpus_writing import WriteFiltered, WriteOutcomes
 from ..transforms.corpus_sources import available_sources, corpus_input_from_config
 from ..transforms.rewards import check_rewards
 from ..core.fileio import check_writable
@@ -63,13 +65,13 @@ class FilterCorpus(beam.PTransform):
         scored = (pbegin
                   | "ListShards" >> beam.Create(list(enumerate(self.shards)))
                   | "SpreadShards" >> beam.Reshuffle()
-                  | "ScoreShards" >> beam.ParDo(ScoreShards(
-                      cfg.rewards, cfg.input.max_pixels, cfg.input.batch_size, cfg.input.max_caption_chars,
-                      cfg.torch_threads, corpus_input, perceptual_hash=cfg.filter.near_duplicate_distance >= 0,
-                      jpeg_draft=cfg.input.jpeg_draft, total_shards=len(self.shards)))
-                  .with_outputs(DROPPED, READ, main="scored"))
-        drops = [scored[DROPPED]]
-        keys = scored.scored | "DedupKeys" >> DedupKeys()
+                  | "ScoreShards" >> ScoreCorpus(
+                      cfg.rewards, corpus_input, max_pixels=cfg.input.max_pixels, batch_size=cfg.input.batch_size,
+                      max_caption_chars=cfg.input.max_caption_chars, torch_threads=cfg.torch_threads,
+                      perceptual_hash=cfg.filter.near_duplicate_distance >= 0, jpeg_draft=cfg.input.jpeg_draft,
+                      total_shards=len(self.shards), cache_dir=f"{out}/_cache"))
+        drops = [scored["dropped"]]
+        keys = scored["scored"] | "DedupKeys" >> DedupKeys()
         drops.append(keys[DROPPED])
         records = keys.kept
         if cfg.filter.dedup == "exact":
@@ -92,7 +94,7 @@ class FilterCorpus(beam.PTransform):
                 | "Once" >> beam.Create([None])
                 | "WriteManifest" >> beam.ParDo(
                     WriteFilterManifest(f"{out}/manifest.json", self.header),
-                    beam.pvalue.AsList(scored[READ]), beam.pvalue.AsDict(drop_counts),
+                    beam.pvalue.AsList(scored["read"]), beam.pvalue.AsDict(drop_counts),
                     beam.pvalue.AsList(shards), beam.pvalue.AsList(outcomes),
                     beam.pvalue.AsSingleton(filtered["cutoff"], default_value=None)))
 

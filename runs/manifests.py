@@ -75,7 +75,8 @@ def filter_header(cfg: FilterJobConfig, shards: list[str]) -> dict[str, Any]:
         "job": "filter",
         "input_shards": shards,
         "layout": {
-            "shards": "shards/filtered-{n}.tar: the kept samples, keys as written (see docs/output_folders.md), "
+            "shards": "shards/filtered-{n}-{k}.tar: the kept samples of input shard n in input order, samples_per_shard "
+                      "per tar; keys as written (see docs/output_folders.md), "
                       "image and .txt bytes; json = the original metadata + synpref_scores + synpref_source",
             "index": "index/samples-{n}.parquet: every sample of input shard n: key, scores, kept, reason",
             "dead_letter": "dead_letter/drops-{n}.jsonl: every dropped sample of input shard n, with reason",

@@ -17,7 +17,7 @@ BUILD_FILES = {"ranked": re.compile(r"^ranked-\d{5}\.(tar|parquet)(\.tmp)?$"),
                "pairs": re.compile(r"^pairs-\d{5}\.(tar|parquet)(\.tmp)?$"),
                "_stats": re.compile(r"^shard-\d{5}\.json(\.tmp)?$"),
                "dead_letter": re.compile(r"^(drops-.*\.jsonl|beam-temp-.*)$")}
-FILTER_FILES = {"shards": re.compile(r"^filtered-\d{5}\.tar(\.tmp)?$"),
+FILTER_FILES = {"shards": re.compile(r"^filtered-\d{5,}(-\d{5,})?\.tar(\.tmp)?$"),
                 "index": re.compile(r"^samples-\d{5}\.parquet(\.tmp)?$"),
                 "dead_letter": re.compile(r"^drops-\d{5}\.jsonl(\.tmp)?$")}
 

@@ -267,7 +267,7 @@ def test_config_mistakes_are_one_line_errors(corpus, tmp_path, capsys):
 
 
 def test_progress_lines_count_shards_and_samples(corpus, tmp_path, caplog):
-    """People watch long jobs: the score step logs shards done of the total (with time left) and samples read."""
+    """People watch long jobs: the read step logs shards done of the total (with time left), the score step samples."""
     import logging
 
     from synpref.transforms.corpus_sources import CorpusInput
@@ -276,5 +276,5 @@ def test_progress_lines_count_shards_and_samples(corpus, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="synpref.core.progress"):
         result = filter_corpus(filter_config_from_dict(job(corpus["root"], tmp_path / "out")))
     lines = [r.getMessage() for r in caplog.records if r.name == "synpref.core.progress"]
-    assert f"[score] {n_shards}/{n_shards} shards (100%)" in "\n".join(lines), lines
+    assert f"[read] {n_shards}/{n_shards} shards (100%)" in "\n".join(lines), lines
     assert result["manifest"]["counts"]["samples"]["in"] >= n_shards

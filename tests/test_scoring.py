@@ -73,3 +73,14 @@ def test_a_reward_that_always_fails_fails_the_run_with_its_name(demo_models, tmp
         "reward test_broken: 24 of 24 images failed (max_error_share 0.1); first: scoring_error: "
         + sorted(json.loads(line)["record_id"] for f in glob.glob(f"{tmp_path}/out/dead_letter/*.jsonl")
                  for line in open(f))[0] + ": RuntimeError: CUDA out of memory second line"]
+
+
+def test_rewards_shared_across_processes_give_the_same_shards(demo_models, tmp_path):
+    """model_copies: 1 puts the ensemble in one process per machine behind a proxy (methods only)."""
+    one = tiny_build_config(demo_models, tmp_path / "one")
+    shared = tiny_build_config(demo_models, tmp_path / "shared")
+    shared["rewards"] = [dict(r, model_copies=1) for r in shared["rewards"]]
+    build(build_config_from_dict(one))
+    result = build(build_config_from_dict(shared))
+    assert not result["summary"]["problems"]
+    assert digests(tmp_path / "one") == digests(tmp_path / "shared")

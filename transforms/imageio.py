@@ -24,7 +24,7 @@ IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 # What synpref writes and reads. Limiting PIL's format sniffing keeps odd decoders (EPS runs
 # Ghostscript, plus TIFF, PSD, ...) away from untrusted bytes; such data reads as not_an_image.
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
-# key (``%``: the filter's percent-encoded dots, see corpus.encode_key) then one or more .suffix parts
+# key (``%``: the filter's percent-encoded dots, see corpus_writing.encode_key) then one or more .suffix parts
 _MEMBER_RE = re.compile(r"^[A-Za-z0-9_\-%]+(\.[A-Za-z0-9_\-]+)+$")
 
 

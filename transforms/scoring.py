@@ -60,10 +60,22 @@ def score_ensemble(rewards: Sequence[Reward], images: list, prompts: list[str]) 
 
 
 class LoadedRewards:
-    """The loaded rewards of one group (a class, not a list: Beam keeps models through weak references)."""
+    """The loaded rewards of one group (a class, not a list: Beam keeps models through weak references).
+
+    Callers use its methods only: with ``model_copies`` the model lives in one process per machine and
+    workers hold a proxy that forwards method calls (attributes are not reachable through it).
+    """
 
     def __init__(self, rewards: list[Reward]):
         self.rewards = rewards
+
+    def score(self, images: list, prompts: list[str]) -> dict[str, list[float] | str]:
+        """``score_ensemble`` over these rewards."""
+        return score_ensemble(self.rewards, images, prompts)
+
+    def preprocess_keys(self) -> list[tuple[str, object]]:
+        """(reward name, its ``preprocess_key()``) in config order."""
+        return [(r.name, r.preprocess_key()) for r in self.rewards]
 
 
 class ScoreWithEnsemble(Work):
@@ -94,7 +106,7 @@ class ScoreWithEnsemble(Work):
         # the candidate filters' facts, once per image (the first reward group computes them)
         facts = [None if c.dhash else image_facts(im) for c, im in zip(flat, images)]
         Metrics.counter("synpref", "image_facts_ms").inc(int(1000 * (time.perf_counter() - start)))
-        scores = score_ensemble(model.rewards, images, [c.prompt for c in flat])
+        scores = model.score(images, [c.prompt for c in flat])
         results, offset = [], 0
         for unit in batch:
             results.append({"scores": {name: s if isinstance(s, str) else s[offset:offset + len(unit)]

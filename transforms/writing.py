@@ -1,10 +1,16 @@
 """Write ranked and pairwise WebDataset shards, each with a Parquet index and a stats file.
 
-Shard assignment is a pure function of the sorted prompt ids, so the same inputs
-give the same shards on every runner. Each file is written under a temporary
-name and renamed; the stats file, written last, records a fingerprint of
-everything that went into the shard (labels, scores, lineage, image hashes) and
-the sha256 of each file's bytes. A rerun keeps a shard only when both still match (re-reading the files).
+Shard assignment: a prompt's shard is its position in the sorted prompt ids divided by
+``samples_per_shard``, as it always was, but computed without any list of all ids. Prompt ids
+are sha256 hex prefixes, so the first four characters split them into at most 65536 ordered
+buckets of about n / 65536 ids each: a count per bucket (at most 65536 numbers) gives each
+bucket its first position, and each bucket, sorted on its own, gives its prompts their positions.
+No worker holds more than one bucket or one shard (groups carry ids, scores and URIs, not
+pixels), and the same inputs give the same shards on every runner (``AssignShards``; any ids
+work, but other than hex ids may crowd few buckets). Each file is written under a temporary
+name and renamed; the stats file, written last, records a fingerprint of everything that went
+into the shard (labels, scores, lineage, image hashes) and the sha256 of each file's bytes. A rerun
+keeps a shard only when both still match (re-reading the files).
 """
 from __future__ import annotations
 
@@ -66,7 +72,7 @@ def ranked_sample(group: RankedGroup, images: dict[str, bytes], reward_info: dic
         "aggregator": group.aggregator, "rewards": list(group.rewards), "reward_info": reward_info or {},
         "candidates": [c.to_json(name) for name, c in zip(names, group.candidates)],
     }
-    sample = {"__key__": p.prompt_id, "json": _canonical_json(meta)}
+    sample = {"__key__": p.prompt_id, "json": canonical_json(meta)}
     for name, c in zip(names, group.candidates):
         sample[name] = images[c.candidate_id]
     return sample
@@ -129,7 +135,7 @@ def pair_samples(group: RankedGroup, images: dict[str, bytes],
             "reward_info": reward_info or {},
             "winner": w.to_json(win), "loser": l.to_json(lose),
         }
-        yield {"__key__": pair.key, "json": _canonical_json(meta), win: images[w.candidate_id],
+        yield {"__key__": pair.key, "json": canonical_json(meta), win: images[w.candidate_id],
                lose: images[l.candidate_id]}
 
 
@@ -198,12 +204,53 @@ class _WriteShard(beam.DoFn):
                  "sha256": {k: sha256_of(paths[k]) for k in SHARD_FILES},
                  **{k: v for k, v in paths.items() if k not in ("name", "stats")}}
         with AtomicFile(paths["stats"]) as f:  # written last: its presence marks the shard complete
-            f.write(_canonical_json(stats))
+            f.write(canonical_json(stats))
         yield stats
 
 
-def _assign(group: RankedGroup, index: dict[str, int]):
-    return index[group.prompt.prompt_id], group
+def order_bucket(prompt_id: str) -> int:
+    """An order-preserving bucket: the id's first 4 UTF-8 bytes as a number (a < b implies bucket(a) <=
+    bucket(b), since UTF-8 byte order is code point order); 65536 buckets for hex ids."""
+    return int.from_bytes(prompt_id.encode("utf-8")[:4].ljust(4, b"\0"), "big")
+
+
+def bucket_offsets(counts: list[tuple[int, int]]) -> dict[int, int]:
+    """{bucket: number of prompts in smaller buckets} from (bucket, count) pairs."""
+    offsets, total = {}, 0
+    for bucket, n in sorted(counts):
+        offsets[bucket], total = total, total + n
+    return offsets
+
+
+def _assign(element, offsets: dict[int, int], per_shard: int, key):
+    bucket, items = element
+    for i, x in enumerate(sorted(items, key=key)):
+        yield (offsets[bucket] + i) // per_shard, x
+
+
+class AssignShards(beam.PTransform):
+    """x -> (position of key(x) among all keys, sorted / per_shard, x), with no list of all keys:
+    order-preserving buckets (``order_bucket``), a count per bucket, each bucket sorted alone."""
+
+    def __init__(self, per_shard: int, key):
+        super().__init__()
+        self.per_shard, self.key = per_shard, key
+
+    def expand(self, items):
+        key = self.key
+        by_bucket = items | "ByBucket" >> beam.Map(lambda x: (order_bucket(key(x)), x))
+        offsets = (by_bucket
+                   | "Ones" >> beam.Map(lambda kv: (kv[0], 1))
+                   | "CountPerBucket" >> beam.CombinePerKey(sum)
+                   | "BucketCounts" >> beam.combiners.ToList()  # <= 65536 (bucket, count) pairs for hex ids
+                   | "Offsets" >> beam.Map(bucket_offsets))
+        return (by_bucket
+                | "GroupByBucket" >> beam.GroupByKey()
+                | "Positions" >> beam.FlatMap(_assign, beam.pvalue.AsSingleton(offsets), self.per_shard, key))
+
+
+def _prompt_id(group: RankedGroup) -> str:
+    return group.prompt.prompt_id
 
 
 class WriteShards(beam.PTransform):
@@ -216,12 +263,7 @@ class WriteShards(beam.PTransform):
         self.reward_info = reward_info or {}
 
     def expand(self, groups):
-        per_shard = self.per_shard
-        index = (groups
-                 | "PromptIds" >> beam.Map(lambda g: g.prompt.prompt_id)
-                 | "AllIds" >> beam.combiners.ToList()
-                 | "ShardIndex" >> beam.Map(lambda ids: {pid: i // per_shard for i, pid in enumerate(sorted(ids))}))
         return (groups
-                | "AssignShard" >> beam.Map(_assign, beam.pvalue.AsSingleton(index))
+                | "AssignShard" >> AssignShards(self.per_shard, _prompt_id)
                 | "GroupByShard" >> beam.GroupByKey()
                 | "WriteShard" >> beam.ParDo(_WriteShard(self.output_dir, self.expected, self.reward_info)))

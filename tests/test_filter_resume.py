@@ -1,0 +1,140 @@
+"""``synpref filter`` resume: a rerun after SIGKILL scores only what was not scored and ends byte-identical to an
+uninterrupted run; a changed scoring setting never reuses cached scores; changed thresholds reuse them.
+
+Scoring is observed through ``test_logged_mean``: a real reward (mean of the image's pixels, slowed down so a
+kill lands mid-run) that appends one line per image it scores to the file named by SYNPREF_TEST_SCORE_LOG,
+so the count works across the killed subprocess and the rerun.
+"""
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from typing import Sequence
+
+import numpy as np
+import pyarrow.parquet as pq
+import yaml
+
+from synpref.pipelines.filter_corpus import filter_corpus
+from synpref.schemas.filter_config import filter_config_from_dict
+from synpref.transforms.rewards import Reward, register_reward
+from test_filter_corpus import HTML, add, all_files, generated, sample
+
+SHARDS, PER_SHARD, CHUNK = 4, 6, 2
+
+
+@register_reward("test_logged_mean")
+class LoggedMean(Reward):
+    def __init__(self, delay: float = 0.0, scale: float = 1.0):
+        self.delay, self.scale = delay, scale
+
+    def params(self):
+        return {"delay": self.delay, "scale": self.scale}
+
+    def score_batch(self, images, prompts: Sequence[str]):
+        time.sleep(self.delay)
+        with open(os.environ["SYNPREF_TEST_SCORE_LOG"], "a") as f:
+            f.write("x\n" * len(images))
+        return [self.scale * float(np.asarray(im, dtype=np.float64).mean()) for im in images]
+
+
+def make_corpus(root: pathlib.Path) -> int:
+    """SHARDS tars of PER_SHARD samples; one HTML page per shard (dropped at decode). Returns the scorable count."""
+    root.mkdir()
+    for s in range(SHARDS):
+        with tarfile.open(root / f"{s:05d}.tar", "w") as tar:
+            for j in range(PER_SHARD):
+                image = HTML if j == 3 else generated(s * PER_SHARD + j)
+                for name, data in sample(f"k{s}{j}", image, f"caption {s} {j}".encode()):
+                    add(tar, name, data)
+    return SHARDS * PER_SHARD
+
+
+def config(source, out, delay=0.0, scale=1.0, threshold=0.0) -> dict:
+    return {"input": {"source": [str(source)], "batch_size": CHUNK},
+            "rewards": [{"name": "test_logged_mean", "params": {"delay": delay, "scale": scale}}],
+            "filter": {"thresholds": [{"reward": "test_logged_mean", "min": threshold}]},
+            "output": {"output_dir": str(out), "samples_per_shard": 4}}
+
+
+def scored(log: pathlib.Path) -> int:
+    return len(log.read_text().splitlines()) if log.exists() else 0
+
+
+def cli(cfg_path: pathlib.Path, log: pathlib.Path) -> subprocess.Popen:
+    code = ("import sys; sys.path.insert(0, 'tests'); import test_filter_resume; from synpref.cli import main; "
+            f"sys.exit(main(['filter', '--config', {str(cfg_path)!r}]))")
+    env = {**os.environ, "SYNPREF_TEST_SCORE_LOG": str(log)}
+    return subprocess.Popen([sys.executable, "-c", code], cwd=pathlib.Path(__file__).parent.parent, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def test_a_rerun_after_sigkill_scores_only_the_rest_and_writes_the_same_bytes(tmp_path):
+    n = make_corpus(tmp_path / "in")
+    killed, fresh = tmp_path / "killed", tmp_path / "fresh"
+    cfg_path = tmp_path / "job.yaml"
+    cfg_path.write_text(yaml.safe_dump(config(tmp_path / "in", killed, delay=0.4)))
+    proc = cli(cfg_path, tmp_path / "log1")
+    deadline = time.monotonic() + 120
+    while len(list(killed.glob("_cache/*/*.parquet"))) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    cached = len(list(killed.glob("_cache/*/*.parquet")))
+    assert cached >= 2 and not (killed / "manifest.json").exists()  # killed mid-scoring
+    chunks = SHARDS * PER_SHARD // CHUNK
+    assert cached < chunks
+
+    done = sum(1 for p in killed.glob("_cache/*/*.parquet") for r in pq.read_table(p).to_pylist()
+               if r["drop_reason"] is None)  # samples the killed run scored and cached (HTML pages never score)
+    assert done >= 2
+
+    rerun = cli(cfg_path, tmp_path / "log2")
+    assert rerun.wait(timeout=300) == 0
+    assert scored(tmp_path / "log2") == n - SHARDS - done  # exactly what was not cached, once
+
+    fresh_cfg = tmp_path / "fresh.yaml"
+    fresh_cfg.write_text(yaml.safe_dump(config(tmp_path / "in", fresh, delay=0.4)))
+    assert cli(fresh_cfg, tmp_path / "log3").wait(timeout=300) == 0
+    assert scored(tmp_path / "log3") == n - SHARDS
+    a, b = all_files(killed), all_files(fresh)
+    assert sorted(a) == sorted(b) and [k for k in a if a[k] != b[k]] == []
+
+
+def test_changed_scoring_never_reuses_scores_and_changed_thresholds_do(tmp_path, monkeypatch):
+    n = make_corpus(tmp_path / "in")
+    log = tmp_path / "log"
+    monkeypatch.setenv("SYNPREF_TEST_SCORE_LOG", str(log))
+    out = tmp_path / "out"
+    filter_corpus(filter_config_from_dict(config(tmp_path / "in", out)))
+    assert scored(log) == n - SHARDS
+
+    # thresholds are not part of scoring: nothing is scored again, and the output is a fresh run's
+    first = scored(log)
+    filter_corpus(filter_config_from_dict(config(tmp_path / "in", out, threshold=120.0)))
+    assert scored(log) == first
+    filter_corpus(filter_config_from_dict(config(tmp_path / "in", tmp_path / "fresh_t", threshold=120.0)))
+    assert {k: v for k, v in all_files(out).items() if not k.startswith("_cache/")} == {
+        k: v for k, v in all_files(tmp_path / "fresh_t").items() if not k.startswith("_cache/")}
+
+    # a changed reward param changes every score: all scored again, none of the cached ones read
+    before = scored(log)
+    result = filter_corpus(filter_config_from_dict(config(tmp_path / "in", out, scale=2.0, threshold=120.0)))
+    assert scored(log) - before == n - SHARDS
+    filter_corpus(filter_config_from_dict(config(tmp_path / "in", tmp_path / "fresh_s", scale=2.0, threshold=120.0)))
+    assert {k: v for k, v in all_files(out).items() if not k.startswith("_cache/")} == {
+        k: v for k, v in all_files(tmp_path / "fresh_s").items() if not k.startswith("_cache/")}
+    assert result["manifest"]["counts"]["samples"]["balanced"]
+
+    # changed image bytes under the same key and name: that sample's chunk is scored again, the rest is not
+    with tarfile.open(tmp_path / "in" / "00000.tar") as t:
+        members = [(m.name, t.extractfile(m).read()) for m in t.getmembers()]
+    with tarfile.open(tmp_path / "in" / "00000.tar", "w") as t:
+        for name, data in members:
+            add(t, name, generated(99) if name == "k00.jpg" else data)
+    before = scored(log)
+    filter_corpus(filter_config_from_dict(config(tmp_path / "in", out, scale=2.0, threshold=120.0)))
+    assert scored(log) - before == CHUNK
