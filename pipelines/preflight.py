@@ -19,8 +19,10 @@ from synpref.transforms.prompts import BUILTIN, _detect_format
 
 
 def preflight(cfg: BuildConfig) -> None:
-    """Check models, the prompt source and the output folders; cheap, and writes only a probe file."""
+    """Check models, pipeline arguments, the prompt source and the output folders; cheap (no model
+    loads), and writes only a probe file."""
     check_models(cfg)
+    check_pipeline_arguments(cfg)
     check_prompt_source(cfg.prompts)
     check_writable(cfg.output.output_dir, "output.output_dir")
     if cfg.output.staging_dir:
@@ -44,6 +46,23 @@ def check_models(cfg: BuildConfig) -> None:
     """Every model file or folder the job needs must be there; the first missing one is named."""
     for what, location in model_files(cfg):
         check_location(location, what)
+
+
+def check_pipeline_arguments(cfg: BuildConfig) -> None:
+    """Each diffusers generator's settings against its pipeline's ``__call__`` signature.
+
+    The pipeline class comes from the model folder's ``model_index.json`` (``_class_name``), so no
+    weights load; an argument the pipeline does not take is one line naming the pipeline and the
+    arguments it accepts. A hub model whose index cannot be read here is checked when it loads.
+    """
+    from synpref.transforms.generators.pipeline_call import call_arguments, pipeline_class, read_model_index
+
+    for g in cfg.generators:
+        if g.type != "diffusers":
+            continue
+        index = read_model_index(g.model, g.revision)
+        if index is not None:
+            call_arguments(g, pipeline_class(index, f"generator {g.id}: {g.model}"))
 
 
 def check_prompt_source(cfg: PromptsConfig) -> None:

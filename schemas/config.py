@@ -5,6 +5,7 @@ DoFns receive these dataclasses (or plain values), never YAML.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import types
 import typing
@@ -41,6 +42,13 @@ class GeneratorConfig:
     ``model`` is a hub id, a local directory or a gs:// / s3:// URL (copied to
     ``cache_dir`` first). ``scheduler`` names a diffusers scheduler class to swap
     in (e.g. ``DDIMScheduler``); empty keeps the model's own.
+
+    Each setting is passed under the name the pipeline's ``__call__`` gives it, and only where
+    it takes one (``transforms/generators/pipeline_call.py``); a setting the pipeline does not
+    take is refused before the run. ``num_inference_steps`` is the decoder's for two-stage
+    pipelines (Stable Cascade). A setting left null takes the family's model-card value where
+    synpref knows one (Stable Cascade: prior 20 steps at guidance 4.0, decoder guidance 0.0),
+    else the pipeline's own default; the lineage records the value passed either way.
     """
 
     id: str
@@ -49,12 +57,20 @@ class GeneratorConfig:
     revision: str = ""
     scheduler: str = ""
     num_inference_steps: int = 30
-    guidance_scale: float = 7.5
+    guidance_scale: Optional[float] = None  # null: the pipeline's default (SD 7.5, SDXL 5.0, SD3 7.0...)
     height: int = 512
     width: int = 512
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     device: str = "auto"  # auto: a GPU if one is visible (processes spread over GPUs), else cpu with a warning
     negative_prompt: str = ""
+    # Two-stage pipelines (Stable Cascade's combined pipeline): the prior's steps and guidance and the
+    # decoder's guidance. Refused for one-stage pipelines.
+    prior_num_inference_steps: Optional[int] = None
+    prior_guidance_scale: Optional[float] = None
+    decoder_guidance_scale: Optional[float] = None
+    # Any other keyword argument of the pipeline's ``__call__``, as given (e.g. max_sequence_length: 300,
+    # use_resolution_binning: false); checked against its signature before any model loads.
+    call_args: dict[str, Any] = field(default_factory=dict)
     cache_dir: str = ""
     # Prompts per diffusers call. 1 (default) is the deterministic mode: one prompt's K seeds per call,
     # so pixels never depend on batching. >1 fills GPUs better, but pixels then depend on which
@@ -298,6 +314,18 @@ class BuildConfig:
                              f"got {self.prompts.num_prompts}")
         if self.prompts.max_chars < 1:
             raise ValueError(f"prompts.max_chars must be >= 1, got {self.prompts.max_chars}")
+        for g in self.generators:
+            if not isinstance(g.call_args, dict) or not all(isinstance(k, str) for k in g.call_args):
+                raise ValueError(f"generator {g.id}: call_args must be a mapping {{argument name: value}}")
+            try:
+                json.dumps(g.call_args, allow_nan=False)
+            except (TypeError, ValueError):
+                raise ValueError(f"generator {g.id}: call_args values must be plain YAML values "
+                                 "(numbers, strings, booleans, lists, mappings)") from None
+            if g.prior_num_inference_steps is not None and g.prior_num_inference_steps < 1:
+                raise ValueError(f"generator {g.id}: prior_num_inference_steps must be >= 1")
+            if g.num_inference_steps < 1:
+                raise ValueError(f"generator {g.id}: num_inference_steps must be >= 1")
         for g in self.generators:
             # The SD VAE downsamples by 8: any other size fails on every call, hours into a run.
             if g.type == "diffusers" and (g.height < 8 or g.width < 8 or g.height % 8 or g.width % 8):

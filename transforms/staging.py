@@ -28,6 +28,9 @@ from synpref.transforms.model_io import json_digest, model_fingerprint
 GENERATION_SCHEME = "1"
 # GeneratorConfig fields that do not change pixels: naming, where weights are cached, which device runs it.
 _NOT_PIXEL_FIELDS = {"id", "cache_dir", "device", "model_copies", "accelerator"}
+# GeneratorConfig fields whose null / empty value means "the pipeline's or the family's default".
+_OPTIONAL_FIELDS = {"guidance_scale", "prior_num_inference_steps", "prior_guidance_scale", "decoder_guidance_scale",
+                    "call_args"}
 
 
 # output.image_format -> file extension of staged files and shard members.
@@ -71,7 +74,10 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
 def generator_fingerprint(config: GeneratorConfig, encoding: str = "png") -> str:
     """Everything about a generator that decides the staged bytes, except the prompt and the seed:
     its pixels and the ``encoding`` (``encoding_tag``). PNG keeps the fingerprint it always had."""
-    fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in _NOT_PIXEL_FIELDS}
+    # Settings left at null / empty are left out, so configs from before those settings existed keep
+    # their fingerprint (and their staged images); set, they (call_args included) are part of the key.
+    fields = {k: v for k, v in dataclasses.asdict(config).items()
+              if k not in _NOT_PIXEL_FIELDS and not (k in _OPTIONAL_FIELDS and v in (None, {}))}
     doc = {"scheme": GENERATION_SCHEME, "config": fields, "model": model_fingerprint(config.model, config.revision)}
     if encoding != "png":
         doc["encoding"] = encoding
