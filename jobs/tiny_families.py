@@ -9,8 +9,11 @@ vocabulary, T5 (Unigram) over letters, Gemma (BPE with byte fallback) over chara
 """
 from __future__ import annotations
 
+import atexit
+import functools
 import json
 import os
+import shutil
 import string
 import tempfile
 from pathlib import Path
@@ -21,14 +24,21 @@ from synpref.jobs.tiny_models import _write_clip_tokenizer_files, save_tiny_sd_p
 from synpref.transforms.generators.diffusers_t2i import PAELLA_MODULE
 
 
+@functools.lru_cache(maxsize=1)
+def _clip_tokenizer_files() -> str:
+    """open_clip's vocabulary written once per process (a few seconds), removed at exit."""
+    folder = tempfile.mkdtemp(prefix="synpref-tok-")
+    atexit.register(shutil.rmtree, folder, True)
+    _write_clip_tokenizer_files(Path(folder))
+    return folder
+
+
 def clip_tokenizer():
     """The 49408-token CLIP BPE tokenizer (open_clip's vocabulary), loaded with ``from_pretrained``."""
     from transformers import CLIPTokenizer
 
-    with tempfile.TemporaryDirectory(prefix="synpref-tok-") as scratch:
-        _write_clip_tokenizer_files(Path(scratch))
-        # from_pretrained: transformers 5's CLIPTokenizer(vocab_file=...) ignores the files (see tiny_models).
-        return CLIPTokenizer.from_pretrained(scratch, pad_token="<|endoftext|>", model_max_length=77)
+    # from_pretrained: transformers 5's CLIPTokenizer(vocab_file=...) ignores the files (see tiny_models).
+    return CLIPTokenizer.from_pretrained(_clip_tokenizer_files(), pad_token="<|endoftext|>", model_max_length=77)
 
 
 def clip_encoder(seed: int, projection: bool = True, hidden: int = 32):
