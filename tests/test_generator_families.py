@@ -119,9 +119,14 @@ def test_sdxl_takes_its_own_default_guidance(models, tmp_path):
 
 
 def test_sd3_with_call_args(models, tmp_path):
+    import datasets
+
     gen = {**BASE, "guidance_scale": 4.0, "call_args": {"max_sequence_length": 32}}
-    check(models("sd3"), tmp_path, gen, "StableDiffusion3Pipeline",
-          {**BASE, "guidance_scale": 4.0, "max_sequence_length": 32})
+    expected = {**BASE, "guidance_scale": 4.0, "max_sequence_length": 32}
+    check(models("sd3"), tmp_path, gen, "StableDiffusion3Pipeline", expected)
+    # The dataset card's features carry call_args as JSON: they read back as the same mapping.
+    row = datasets.load_dataset(str(tmp_path / "out"), "ranked", split="train")[0]
+    assert [c["lineage"]["call_args"] for c in row["json"]["candidates"]] == [expected, expected]
 
 
 def test_flux(models, tmp_path):

@@ -42,7 +42,7 @@ class Generator(abc.ABC):
 
     @abc.abstractmethod
     def lineage(self, seed: int) -> Lineage:
-        ...
+        """What the last ``generate`` call did for ``seed``: every setting it passed, the size it generated at."""
 
     def files(self) -> dict[str, str]:
         """Every file, folder or hub id the generator loads (checked before a build starts)."""
