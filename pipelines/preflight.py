@@ -19,9 +19,11 @@ from ..transforms.prompts import BUILTIN, _detect_format
 
 
 def preflight(cfg: BuildConfig) -> None:
-    """Check plug-ins, models, the prompt source and the output folders; cheap, and writes only a probe file."""
+    """Check plug-ins, models, pipeline arguments, the prompt source and the output folders; cheap (no
+    model loads), and writes only a probe file."""
     check_plugins(cfg)
     check_models(cfg)
+    check_pipeline_arguments(cfg)
     check_prompt_source(cfg.prompts)
     check_writable(cfg.output.output_dir, "output.output_dir")
     if cfg.output.staging_dir:
@@ -70,6 +72,23 @@ def check_models(cfg: BuildConfig) -> None:
             misfit = lora_misfit(g.model, g.lora, g.cache_dir)
             if misfit:
                 raise ValueError(f"generator {g.id}: lora {g.lora} does not fit {g.model}: {misfit}")
+
+
+def check_pipeline_arguments(cfg: BuildConfig) -> None:
+    """Each diffusers generator's settings against its pipeline's ``__call__`` signature.
+
+    The pipeline class comes from the model folder's ``model_index.json`` (``_class_name``), so no
+    weights load; an argument the pipeline does not take is one line naming the pipeline and the
+    arguments it accepts. A hub model whose index cannot be read here is checked when it loads.
+    """
+    from ..transforms.generators.pipeline_call import call_arguments, pipeline_class, read_model_index
+
+    for g in cfg.generators:
+        if g.type != "diffusers":
+            continue
+        index = read_model_index(g.model, g.revision)
+        if index is not None:
+            call_arguments(g, pipeline_class(index, f"generator {g.id}: {g.model}"))
 
 
 def check_prompt_source(cfg: PromptsConfig) -> None:

@@ -5,6 +5,8 @@ aggregators) are checked where the pipeline is built (``pipelines/preflight.py``
 """
 from __future__ import annotations
 
+import json
+
 import re
 from typing import Annotated, Any, Literal, Optional
 
@@ -43,6 +45,13 @@ class GeneratorConfig(ConfigModel):
     ``model`` is a hub id, a local directory or a gs:// / s3:// URL (copied to
     ``cache_dir`` first). ``scheduler`` names a diffusers scheduler class to swap
     in (e.g. ``DDIMScheduler``); empty keeps the model's own.
+
+    Each setting is passed under the name the pipeline's ``__call__`` gives it, and only where
+    it takes one (``transforms/generators/pipeline_call.py``); a setting the pipeline does not
+    take is refused before the run. ``num_inference_steps`` is the decoder's for two-stage
+    pipelines (Stable Cascade). A setting left null takes the family's model-card value where
+    synpref knows one (Stable Cascade: prior 20 steps at guidance 4.0, decoder guidance 0.0),
+    else the pipeline's own default; the lineage records the value passed either way.
     """
 
     id: str
@@ -51,12 +60,20 @@ class GeneratorConfig(ConfigModel):
     revision: str = ""
     scheduler: str = ""
     num_inference_steps: int = Field(30, ge=1)
-    guidance_scale: float = 7.5
+    guidance_scale: Optional[float] = None  # null: the pipeline's default (SD 7.5, SDXL 5.0, SD3 7.0...)
     height: int = Field(512, ge=1)
     width: int = Field(512, ge=1)
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     device: str = "auto"  # auto: a GPU if one is visible (processes spread over GPUs), else cpu with a warning
     negative_prompt: str = ""
+    # Two-stage pipelines (Stable Cascade's combined pipeline): the prior's steps and guidance and the
+    # decoder's guidance. Refused for one-stage pipelines.
+    prior_num_inference_steps: Optional[int] = Field(None, ge=1)
+    prior_guidance_scale: Optional[float] = None
+    decoder_guidance_scale: Optional[float] = None
+    # Any other keyword argument of the pipeline's ``__call__``, as given (e.g. max_sequence_length: 300,
+    # use_resolution_binning: false); checked against its signature before any model loads.
+    call_args: dict[str, Any] = Field(default_factory=dict)
     cache_dir: str = ""
     # Prompts per diffusers call. 1 (default) is the deterministic mode: one prompt's K seeds per call,
     # so pixels never depend on batching. >1 fills GPUs better, but pixels then depend on which
@@ -73,6 +90,16 @@ class GeneratorConfig(ConfigModel):
     # loaded in place of the model's own. Their file checksums are part of the staging key.
     lora: str = ""
     denoiser: str = ""
+
+    @field_validator("call_args")
+    @classmethod
+    def _plain_values(cls, value: dict[str, Any]) -> dict[str, Any]:
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError):
+            raise ValueError("values must be plain YAML values (numbers, strings, booleans, lists, "
+                             "mappings)") from None
+        return value
 
     @field_validator("id")
     @classmethod

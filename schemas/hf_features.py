@@ -23,7 +23,9 @@ _VALUE = {str: "string", int: "int64", float: "float64"}
 
 def _lineage_struct() -> dict:
     hints = typing.get_type_hints(Lineage)
-    return {f.name: datasets.Value(_VALUE[hints[f.name]]) for f in dataclasses.fields(Lineage)}
+    # call_args differ per pipeline (names and value types): one JSON value, not a fixed struct.
+    return {f.name: datasets.Json() if typing.get_origin(hints[f.name]) is dict else datasets.Value(_VALUE[hints[f.name]])
+            for f in dataclasses.fields(Lineage)}
 
 
 def _candidate_struct(rewards: list[str]) -> dict:

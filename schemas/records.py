@@ -28,7 +28,16 @@ class PromptRecord:
 
 @dataclass(frozen=True)
 class Lineage:
-    """Everything needed to regenerate one candidate image."""
+    """Everything needed to regenerate one candidate image.
+
+    ``height`` x ``width`` is the image's size. ``num_inference_steps`` and ``guidance_scale`` are the
+    decoder's for two-stage pipelines (Stable Cascade); ``call_args`` holds every keyword argument the
+    pipeline's ``__call__`` got besides prompt, generator and output_type, under the pipeline's own
+    names (the prior's steps and guidance included). ``generated_height`` x ``generated_width`` is the
+    size the model generated at: different from the image's when the pipeline snaps the request to a
+    trained resolution and resizes the result (PixArt's and Sana's ``use_resolution_binning``).
+    0 in records written before synpref recorded it.
+    """
 
     generator_id: str
     model: str
@@ -42,6 +51,9 @@ class Lineage:
     dtype: str
     seed: int
     negative_prompt: str = ""
+    call_args: dict[str, Any] = field(default_factory=dict)
+    generated_height: int = 0
+    generated_width: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -2,7 +2,6 @@
 import io
 import json
 import math
-import string
 
 import numpy as np
 import pytest
@@ -12,6 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from synpref.demo.tiny_models import _write_clip_tokenizer_files
+from synpref.demo.tiny_families import save_tiny_sd3, save_tiny_sdxl  # noqa
 from synpref.training.config import TrainConfig
 from synpref.training.data import RankedItem, collate_ranked
 from synpref.training.families import available_families, family_for
@@ -24,96 +24,14 @@ from trainer_fixtures import one_thread  # noqa: F401 (fixture)
 RES = 32  # training resolution; the VAE downsamples by 8
 
 
-def clip_tokenizer(tok_dir):
-    from transformers import CLIPTokenizer
-
-    if not (tok_dir / "vocab.json").exists():
-        _write_clip_tokenizer_files(tok_dir)
-    return CLIPTokenizer(vocab_file=str(tok_dir / "vocab.json"), merges_file=str(tok_dir / "merges.txt"),
-                         pad_token="<|endoftext|>", model_max_length=77)
-
-
-def clip_encoder(projection: bool, seed: int):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    torch.manual_seed(seed)
-    cfg = CLIPTextConfig(bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_size=32,
-                         intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, vocab_size=49408,
-                         max_position_embeddings=77, projection_dim=32, hidden_act="gelu")
-    return CLIPTextModelWithProjection(cfg) if projection else CLIPTextModel(cfg)
-
-
-def tiny_vae(**kw):
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    return AutoencoderKL(block_out_channels=(32, 32, 32, 32), in_channels=3, out_channels=3,
-                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                         latent_channels=4, layers_per_block=1, norm_num_groups=32, sample_size=64, **kw)
-
-
-def t5_tokenizer():
-    """A T5 (Unigram) tokenizer over letters: transformers 5 builds one from a vocab list, offline."""
-    from transformers import T5TokenizerFast
-
-    letters = string.ascii_lowercase
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    vocab += [(c, -5.0) for c in letters] + [("▁" + c, -4.0) for c in letters]
-    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=77)
-
-
-def save_tiny_sdxl(path, tok_dir):
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
-        addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32,  # 6 time ids + pooled(32)
-        cross_attention_dim=64, norm_num_groups=32,  # 32 + 32: both encoders' hidden states
-    )
-    pipe = StableDiffusionXLPipeline(
-        unet=unet, vae=tiny_vae(), scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012,
-                                                                    beta_schedule="scaled_linear", steps_offset=1),
-        text_encoder=clip_encoder(False, 1), tokenizer=clip_tokenizer(tok_dir),
-        text_encoder_2=clip_encoder(True, 2), tokenizer_2=clip_tokenizer(tok_dir),
-    )
-    pipe.save_pretrained(str(path), safe_serialization=True)
-    return str(path)
-
-
-def save_tiny_sd3(path, tok_dir):
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import T5Config, T5EncoderModel
-
-    torch.manual_seed(0)
-    transformer = SD3Transformer2DModel(
-        sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
-        num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=64,  # = T5 width
-        pooled_projection_dim=64,  # CLIP-L + CLIP-G projections
-    )
-    torch.manual_seed(3)
-    t5 = T5EncoderModel(T5Config(vocab_size=64, d_model=64, d_ff=37, d_kv=8, num_layers=1, num_heads=2,
-                                 relative_attention_num_buckets=8))
-    pipe = StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=tiny_vae(shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False, use_post_quant_conv=False),
-        text_encoder=clip_encoder(True, 1), tokenizer=clip_tokenizer(tok_dir),
-        text_encoder_2=clip_encoder(True, 2), tokenizer_2=clip_tokenizer(tok_dir),
-        text_encoder_3=t5, tokenizer_3=t5_tokenizer(),
-    )
-    pipe.save_pretrained(str(path), safe_serialization=True)
-    return str(path)
-
-
+# The tiny pipelines the generator tests use too (demo/tiny_families.py).
 BUILDERS = {"sdxl": (save_tiny_sdxl, StableDiffusionXLFamily), "sd3": (save_tiny_sd3, StableDiffusion3Family)}
 
 
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("family-models")
-    return {name: build(root / name, root / "tok") for name, (build, _) in BUILDERS.items()}
+    return {name: build(root / name) for name, (build, _) in BUILDERS.items()}
 
 
 def png(rng):

@@ -30,6 +30,9 @@ GENERATION_SCHEME = "1"
 _NOT_PIXEL_FIELDS = {"id", "cache_dir", "device", "model_copies", "accelerator"}
 # Trained weights on top of the model: in the fingerprint by the checksum of their files.
 _WEIGHT_FIELDS = ("lora", "denoiser")
+# GeneratorConfig fields whose null / empty value means "the pipeline's or the family's default".
+_OPTIONAL_FIELDS = {"guidance_scale", "prior_num_inference_steps", "prior_guidance_scale", "decoder_guidance_scale",
+                    "call_args"}
 
 
 # output.image_format -> file extension of staged files and shard members.
@@ -73,7 +76,10 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
 def generator_fingerprint(config: GeneratorConfig, encoding: str = "png") -> str:
     """Everything about a generator that decides the staged bytes, except the prompt and the seed:
     its pixels and the ``encoding`` (``encoding_tag``). PNG keeps the fingerprint it always had."""
-    fields = {k: v for k, v in config.model_dump().items() if k not in _NOT_PIXEL_FIELDS.union(_WEIGHT_FIELDS)}
+    # Settings left at null / empty are left out, so configs from before those settings existed keep
+    # their fingerprint (and their staged images); set, they (call_args included) are part of the key.
+    fields = {k: v for k, v in config.model_dump().items()
+              if k not in _NOT_PIXEL_FIELDS.union(_WEIGHT_FIELDS) and not (k in _OPTIONAL_FIELDS and v in (None, {}))}
     doc = {"scheme": GENERATION_SCHEME, "config": fields, "model": model_fingerprint(config.model, config.revision)}
     for name in _WEIGHT_FIELDS:  # trained weights by content, not by path; absent ones leave old keys unchanged
         if getattr(config, name, ""):

@@ -42,7 +42,7 @@ class Generator(abc.ABC):
 
     @abc.abstractmethod
     def lineage(self, seed: int) -> Lineage:
-        ...
+        """What the last ``generate`` call did for ``seed``: every setting it passed, the size it generated at."""
 
     def check(self) -> None:
         """Refuse settings this generator cannot run, in one line (run at preflight, before any work)."""

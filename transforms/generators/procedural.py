@@ -101,4 +101,5 @@ class ProceduralGenerator(Generator):
         return Lineage(
             generator_id=c.id, model=c.model, revision=c.revision or "main",
             pipeline_class="procedural", scheduler="none", num_inference_steps=0, guidance_scale=0.0,
-            height=c.height, width=c.width, dtype="float32", seed=int(seed))
+            height=c.height, width=c.width, dtype="float32", seed=int(seed),
+            generated_height=c.height, generated_width=c.width)
