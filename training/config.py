@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,6 +121,13 @@ class TrainConfig:
             prompt), so the model keeps an unconditional prediction for classifier-free guidance; diffusers'
             name; the official SDXL recipe uses 0.2. Drawn per sample and epoch from ``seed`` (a hash, so the
             same on any number of processes and after a resume). 0 (default) is off.
+        validation_shards / validation_fraction / validation_every: held-out preference accuracy
+            (``training/validation.py``). ``validation_shards`` are read like ``shards`` (same ``data_format``);
+            or ``validation_fraction`` of the prompts in ``shards`` is held out, chosen by a hash of the prompt
+            id (Pick-a-Pic: of the caption), so the split is the same on any number of processes and after a
+            resume and never overlaps training. Every ``validation_every`` optimiser steps (and after the last
+            one) the loss and implicit accuracy on those prompts, with noise and timesteps seeded per prompt
+            (the same at every evaluation), go to ``train_log.csv``, the tracker and ``train_summary.json``.
     """
 
     pretrained_model: str
@@ -175,11 +183,17 @@ class TrainConfig:
     eval_resolution: int | None = None
     eval_guidance_scale: float | None = None
     proportion_empty_prompts: float = 0.0
+    # ---- held-out validation (training/validation.py); checked in _check_validation
+    validation_shards: list[str] = dataclasses.field(default_factory=list)
+    validation_fraction: float = 0.0
+    validation_every: int = 0
 
     def __post_init__(self):
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             object.__setattr__(self, f.name, coerce(hints[f.name], getattr(self, f.name), f.name))
+            if isinstance(getattr(self, f.name), float) and not math.isfinite(getattr(self, f.name)):
+                raise ValueError(f"{f.name} must be a finite number, got {getattr(self, f.name)!r}")
         if self.beta is None:
             object.__setattr__(self, "beta", DEFAULT_BETA[self.loss])
         if self.lora_alpha is None:
@@ -188,6 +202,9 @@ class TrainConfig:
                      "resolution", "log_every", "shuffle_buffer", "max_image_pixels"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("resolution", "eval_resolution"):  # the VAE downsamples by 8, as the build requires
+            if getattr(self, name) is not None and getattr(self, name) % 8:
+                raise ValueError(f"{name} must be a multiple of 8, got {getattr(self, name)!r}")
         if self.min_pair_agreement is not None and not 0.0 <= self.min_pair_agreement < 1.0:
             raise ValueError(f"min_pair_agreement must be in [0, 1) or null, got {self.min_pair_agreement!r}")
         if not 0.0 <= self.proportion_empty_prompts <= 1.0:
@@ -200,6 +217,7 @@ class TrainConfig:
         if not self.shards:
             raise ValueError("shards is empty: give shard paths, globs, directories or URLs")
         self._check_eval()
+        self._check_validation()
         self.check_environment()
 
     def _check_eval(self) -> None:
@@ -222,6 +240,20 @@ class TrainConfig:
         names = [r.name for r in self.eval_rewards]
         if len(set(names)) != len(names):
             raise ValueError(f"eval_rewards: a reward is named twice in {names}")
+
+    def _check_validation(self) -> None:
+        if self.validation_every < 0:
+            raise ValueError(f"validation_every must be >= 0 (0 is off), got {self.validation_every!r}")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ValueError(f"validation_fraction must be in [0, 1) (0 is off), got {self.validation_fraction!r}")
+        if self.validation_shards and self.validation_fraction:
+            raise ValueError("give validation_shards or validation_fraction, not both")
+        has_source = bool(self.validation_shards) or self.validation_fraction > 0
+        if self.validation_every and not has_source:
+            raise ValueError("validation_every > 0 needs validation_shards or validation_fraction")
+        if has_source and not self.validation_every:
+            raise ValueError("validation_shards / validation_fraction need validation_every > 0 "
+                             "(optimiser steps between evaluations)")
 
     def check_environment(self) -> None:
         """Refuse settings this machine cannot run, with one line each (checked at config time and by ``train``).

@@ -326,6 +326,10 @@ class _Reader:
         min_pair_agreement: ``None`` or the agreement at or below which pairs leave the loss.
         empty_prompt_rate, empty_prompt_seed: the share of items whose prompt becomes ``""`` (see
             ``drops_prompt``), and the seed of that draw.
+        holdout, keep_holdout: with ``holdout`` > 0, a sample whose ``split_key`` hashes below it
+            (``in_holdout``) is held out for validation: dropped undecoded (counted in ``held_out``, not a skip)
+            unless ``keep_holdout``, which keeps only those. A hash, so the split is the same on any number of
+            processes and after a resume.
 
     Attributes:
         urls: the resolved shard list (all processes').
@@ -349,6 +353,8 @@ class _Reader:
         min_pair_agreement: float | None = None,
         empty_prompt_rate: float = 0.0,
         empty_prompt_seed: int = 0,
+        holdout: float = 0.0,
+        keep_holdout: bool = False,
     ):
         rank = rank if process_index is None else process_index
         world_size = world_size if num_processes is None else num_processes
@@ -364,6 +370,9 @@ class _Reader:
         self.min_pair_agreement = min_pair_agreement
         self.empty_prompt_rate = empty_prompt_rate
         self.empty_prompt_seed = empty_prompt_seed
+        self.holdout = holdout
+        self.keep_holdout = keep_holdout
+        self.held_out = 0  # samples this process left out by the split (on the other side of it), all epochs
         self.skipped: Counter[str] = Counter()
         self._epoch = 0  # the epoch the next iter() starts
         self._skip = 0  # raw samples the next iter() drops undecoded (set by load_state_dict)
@@ -432,8 +441,19 @@ class _Reader:
     def decode(self, sample: dict) -> RankedItem:
         raise NotImplementedError
 
+    def split_key(self, sample: dict) -> str:
+        """What the validation split hashes: the prompt id (all of a prompt's samples fall on one side)."""
+        try:
+            meta = json.loads(sample["json"])
+            return str(meta.get("prompt_id") or sample["__key__"]) if isinstance(meta, dict) else sample["__key__"]
+        except (KeyError, ValueError, TypeError):
+            return str(sample.get("__key__"))  # a bad sample: decode skips it with its reason on either side
+
     def _decode(self, sample: dict) -> RankedItem | None:
         self._position["samples"] += 1
+        if self.holdout > 0 and in_holdout(self.split_key(sample), self.holdout) != self.keep_holdout:
+            self.held_out += 1
+            return None
         try:
             item = self.decode(sample)
         except BadSample as exn:
@@ -450,6 +470,13 @@ class _Reader:
         self.skipped["corrupt_shard"] += 1
         logger.warning("skipping the rest of a corrupt shard: %r", exn)
         return True
+
+
+def in_holdout(key: str, fraction: float) -> bool:
+    """Whether the prompt ``key`` belongs to the held-out ``fraction`` (validation_fraction): a hash of the key
+    alone, so it does not depend on the seed, the read order, the process count or a resume."""
+    digest = hashlib.sha256(f"synpref-validation:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64 < fraction
 
 
 def drops_prompt(seed: int, epoch: int, prompt_id: str, rate: float) -> bool:
@@ -530,17 +557,21 @@ class PickapicParquet(_Reader):
     def decode(self, sample: dict) -> RankedItem:
         return decode_pickapic_row(sample, self.resolution, self.max_image_pixels)
 
+    def split_key(self, sample: dict) -> str:
+        """The caption: Pick-a-Pic rows have no prompt id, and one caption has many rows."""
+        caption = sample.get("caption")
+        return caption if isinstance(caption, str) else str(sample.get("__key__"))
+
 
 READERS: dict[str, type[_Reader]] = {"ranked": RankedShards, "pairs": PairShards, "pickapic": PickapicParquet}
 
 
 def open_dataset(config, rank: int = 0, world_size: int = 1) -> _Reader:
-    """The reader ``config.data_format`` names, set up from a ``TrainConfig`` for process ``rank`` of ``world_size``."""
-    try:
-        reader = READERS[config.data_format]
-    except KeyError:
-        raise ValueError(f"unknown data_format {config.data_format!r}; valid: {sorted(READERS)}") from None
-    return reader(
+    """The reader ``config.data_format`` names, set up from a ``TrainConfig`` for process ``rank`` of ``world_size``.
+
+    With ``validation_fraction`` the held-out prompts are left out (``open_validation`` reads them).
+    """
+    return _reader_class(config)(
         config.shards,
         config.resolution,
         shuffle_seed=config.seed if config.shuffle else None,
@@ -551,7 +582,31 @@ def open_dataset(config, rank: int = 0, world_size: int = 1) -> _Reader:
         min_pair_agreement=config.min_pair_agreement,
         empty_prompt_rate=config.proportion_empty_prompts,
         empty_prompt_seed=config.seed,
+        holdout=getattr(config, "validation_fraction", 0.0),
     )
+
+
+def open_validation(config) -> _Reader | None:
+    """The held-out validation prompts, all of them, in file order (every process reads the same), or ``None``.
+
+    ``validation_shards`` when given, else the ``validation_fraction`` of ``shards`` that ``open_dataset`` leaves out.
+    No shuffling and no empty prompts: each evaluation sees the same items.
+    """
+    if getattr(config, "validation_shards", None):
+        shards, holdout = config.validation_shards, 0.0
+    elif getattr(config, "validation_fraction", 0.0) > 0:
+        shards, holdout = config.shards, config.validation_fraction
+    else:
+        return None
+    return _reader_class(config)(shards, config.resolution, max_image_pixels=config.max_image_pixels,
+                                 min_pair_agreement=config.min_pair_agreement, holdout=holdout, keep_holdout=True)
+
+
+def _reader_class(config) -> type[_Reader]:
+    try:
+        return READERS[config.data_format]
+    except KeyError:
+        raise ValueError(f"unknown data_format {config.data_format!r}; valid: {sorted(READERS)}") from None
 
 
 def collate_ranked(items: list[RankedItem]) -> RankedBatch:
@@ -585,7 +640,8 @@ def iter_batches(dataset: _Reader, batch_size: int) -> Iterator[RankedBatch]:
             n_items += len(chunk)
             yield collate_ranked(chunk)
         if n_items == 0:
-            raise ValueError(f"no valid samples in {dataset.urls}; skipped: {dict(dataset.skipped)}")
+            held = f"; held out for validation: {dataset.held_out}" if dataset.held_out else ""
+            raise ValueError(f"no valid samples in {dataset.urls}; skipped: {dict(dataset.skipped)}{held}")
 
 
 def prefetch(items: Iterator, count: int, snapshot: Callable[[], object], depth: int = 2) -> Iterator[tuple]:

@@ -46,6 +46,11 @@ def preflight_train(config) -> list[str]:
     if data_format not in READERS:
         raise ValueError(f"unknown data_format {data_format!r}; valid: {sorted(READERS)}")
     urls = _check_shards(list(config.shards or []), data_format)
+    if getattr(config, "validation_shards", None):
+        try:
+            _check_shards(list(config.validation_shards), data_format)
+        except (ValueError, FileNotFoundError) as exn:
+            raise type(exn)(f"validation_{exn}") from None  # "shards: ..." -> "validation_shards: ..."
     _check_model(str(config.pretrained_model), getattr(config, "revision", None))
     _check_output_dir(str(config.output_dir))
     return urls

@@ -6,7 +6,8 @@ prompt encoding, noising and target, conditioning extras, LoRA saving) is a plug
 ``training/families/``, chosen from ``model_index.json``. The reference model is the same
 denoiser with its LoRA adapter disabled (PAPER_NOTES s.3), so there is no second copy; with
 ``finetune: full`` every denoiser weight trains and the reference is a frozen copy made before training.
-``eval_every`` generates and scores fixed prompts during training (``evaluation.py``).
+``eval_every`` generates and scores fixed prompts during training (``evaluation.py``); ``validation_every``
+measures the loss and implicit accuracy on held-out pairs (``validation.py``).
 The math is in ``losses.py``.
 
     python -m synpref.training.train --config jobs/demo_train.yaml --set max_steps=20
@@ -88,9 +89,11 @@ RESUME_FREE_FIELDS = {
     "output_dir", "max_steps", "log_every", "torch_threads", "checkpointing_steps", "checkpoints_total_limit",
     "resume_from_checkpoint", "gradient_checkpointing", "cache_latents", "cache_text_embeddings", "report_to",
     "eval_every", "eval_prompts", "eval_rewards", "eval_seed", "eval_steps", "eval_resolution", "eval_guidance_scale",
+    "validation_shards", "validation_every",
 }
 # Fields added later: left out of the config key at their default, so older checkpoints still resume.
-NEW_FIELD_DEFAULTS = {"use_8bit_adam": False, "finetune": "lora", "proportion_empty_prompts": 0.0}
+NEW_FIELD_DEFAULTS = {"use_8bit_adam": False, "finetune": "lora", "proportion_empty_prompts": 0.0,
+                      "validation_fraction": 0.0}
 TRACKER_PROJECT = "synpref_train"
 
 
@@ -283,14 +286,21 @@ def resolve_checkpoint(config: TrainConfig) -> Path | None:
     return path
 
 
-def _rewrite_log(path: Path, up_to_step: int) -> None:
+def log_columns(config: TrainConfig) -> list[str]:
+    """``train_log.csv``'s columns: ``LOG_COLUMNS``, and the validation figures when validating."""
+    from synpref.training.validation import VALIDATION_COLUMNS
+
+    return LOG_COLUMNS + (VALIDATION_COLUMNS if config.validation_every else [])
+
+
+def _rewrite_log(path: Path, up_to_step: int, columns: list[str] = LOG_COLUMNS) -> None:
     """Keep the per-step CSV rows up to a resumed step (an interrupted run may have logged past it)."""
     if not path.is_file():
         return
     with path.open(newline="") as f:
         rows = [r for r in csv.DictReader(f) if int(r["step"]) <= up_to_step]
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, LOG_COLUMNS)
+        writer = csv.DictWriter(f, columns)
         writer.writeheader()
         writer.writerows(rows)
 
@@ -335,7 +345,9 @@ def train(config: TrainConfig) -> dict:
         the samples this launch decoded: a resume does not decode what came before its checkpoint), lora_checksums (per
         process: sum of the LoRA weights, equal when gradients were synchronised), and cache (the
         encoder caches' memory and encoder call counts of this process); with ``eval_every``, eval (log_path,
-        prompts, the evaluated steps, means per reward over those steps, last: the final means).
+        prompts, the evaluated steps, means per reward over those steps, last: the final means); with
+        ``validation_every``, validation (source, prompts, pairs, every, steps, loss, implicit_acc, last:
+        the held-out figures, ``training/validation.py``).
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -435,6 +447,12 @@ def train(config: TrainConfig) -> dict:
         from synpref.training.evaluation import Evaluator
 
         evaluator = Evaluator(config, models, eval_path)
+    validator = None
+    if config.validation_every:  # reads the held-out prompts once (counts them) before the first step
+        from synpref.training.validation import Validator
+
+        validator = Validator(config, models)
+    columns = log_columns(config)
     checkpoint = resolve_checkpoint(config)
     if checkpoint is not None:
         state = json.loads((checkpoint / "training_state.json").read_text())
@@ -444,6 +462,8 @@ def train(config: TrainConfig) -> dict:
         accelerator.load_state(str(checkpoint))
         generator.set_state(torch.load(checkpoint / f"generator_{accelerator.process_index}.pt"))
         losses, step_metrics, micro_batches = state["losses"], state["metrics"], state["micro_batches"]
+        if validator is not None:
+            validator.history = [h for h in state.get("validation", []) if h["step"] <= len(losses)]
         data_state = checkpoint / f"data_{accelerator.process_index}.json"
         if data_state.is_file():  # jump to this process's data position: skipped samples are not decoded
             share = json.loads(data_state.read_text())
@@ -454,7 +474,7 @@ def train(config: TrainConfig) -> dict:
             for _ in range(micro_batches):
                 note_batch(next(batches))
         if accelerator.is_main_process:
-            _rewrite_log(log_path, len(losses))
+            _rewrite_log(log_path, len(losses), columns)
             from synpref.training.evaluation import rewrite_eval_log
 
             rewrite_eval_log(eval_path, len(losses))
@@ -469,6 +489,19 @@ def train(config: TrainConfig) -> dict:
             evaluator.run(step, accelerator.unwrap_model(models.denoiser), accelerator.autocast)
         accelerator.wait_for_everyone()
 
+    def validate(step: int) -> dict:
+        """Held-out loss and accuracy of the unwrapped denoiser (DDP must not run a forward on one process)."""
+        figures = {}
+        if accelerator.is_main_process:
+            wrapped = models.denoiser
+            models.denoiser = accelerator.unwrap_model(wrapped)
+            try:
+                figures = validator.run(step, accelerator.autocast)
+            finally:
+                models.denoiser = wrapped
+        accelerator.wait_for_everyone()
+        return figures
+
     def save_checkpoint(step: int) -> None:
         path = out / f"checkpoint-{step}"
         accelerator.save_state(str(path))
@@ -479,6 +512,8 @@ def train(config: TrainConfig) -> dict:
         if accelerator.is_main_process:
             state = {"step": step, "micro_batches": micro_batches, "losses": losses, "metrics": step_metrics,
                      "config_key": config_key(config)}
+            if validator is not None:
+                state["validation"] = validator.history
             (path / "training_state.json").write_text(json.dumps(state))  # last: marks the checkpoint complete
             limit = config.checkpoints_total_limit
             for old in list_checkpoints(out)[:-limit] if limit else []:
@@ -521,15 +556,19 @@ def train(config: TrainConfig) -> dict:
             row = {"step": step, "loss": step_loss, **dict(zip(METRICS, step_stats)),
                    "lr": lr_scheduler.get_last_lr()[0]}
             step_metrics.append({k: row[k] for k in LOG_COLUMNS[2:]})
+            if validator is not None and validator.due(step):
+                figures = validate(step)
+                if figures:
+                    row.update(val_loss=figures["loss"], val_implicit_acc=figures["implicit_acc"])
             if accelerator.is_main_process:
                 new_file = not log_path.is_file()
                 with log_path.open("a", newline="") as f:
-                    writer = csv.DictWriter(f, LOG_COLUMNS)
+                    writer = csv.DictWriter(f, columns)
                     if new_file:
                         writer.writeheader()
                     writer.writerow(row)
             if config.report_to != "none":
-                accelerator.log({k: row[k] for k in LOG_COLUMNS[1:]}, step=step)
+                accelerator.log({k: row[k] for k in columns[1:] if k in row}, step=step)
             if step % config.log_every == 0 or step == config.max_steps:
                 rate = (step - start_step) / (time.perf_counter() - start)
                 eta = (config.max_steps - step) / rate
@@ -574,6 +613,8 @@ def train(config: TrainConfig) -> dict:
         "cache": {"bytes": cache.nbytes, "vae_images_encoded": cache.vae_images_encoded,
                   "prompts_encoded": cache.prompts_encoded},
     }
+    if validator is not None:
+        summary["validation"] = validator.summary()
     if evaluator is not None:
         from synpref.training.evaluation import read_eval_log
 
