@@ -125,17 +125,34 @@ def cmd_eval_rewards(args, rest) -> int:
 def cmd_train(args, rest) -> int:
     from synpref.report import train_summary
     from synpref.training.config import TrainConfig
-    from synpref.training.preflight import preflight_train
+    from synpref.training.preflight import preflight_train, resolve_data_format
     from synpref.training.train import parse_overrides, train
+
+    from synpref.training.data import TrainInputError
 
     if rest:
         raise UserError(f"synpref train: unknown arguments {rest}")
     try:
-        config = TrainConfig.from_yaml(args.config, overrides=parse_overrides(args.set))
-        preflight_train(config)  # paths, shards, output folder, model files: before the first step
+        config = resolve_data_format(TrainConfig.from_yaml(args.config, overrides=parse_overrides(args.set)))
+        preflight_train(config)  # paths, shards, output folder, model files, checkpoint: before the first step
     except (ValueError, FileNotFoundError) as e:
         raise UserError(f"synpref train: {' '.join(str(e).split())}") from None
-    print(train_summary(train(config)))
+    try:
+        summary = train(config)
+    except TrainInputError as e:  # a data or resume mistake only the run could see (no usable sample...)
+        if args.verbose:
+            raise
+        raise UserError(f"synpref train: {' '.join(str(e).split())}") from None
+    except Exception as e:  # the run failed (a model that does not load, a full disk...): one line, exit 1
+        if args.verbose:
+            raise
+        line = " ".join(str(e).split()) or "(no message)"
+        line = line if len(line) <= 400 else line[:397] + "..."
+        print(f"synpref train: {getattr(e, 'train_step', 'run')} failed: {type(e).__name__}: {line} "
+              "(-v shows the traceback; with checkpointing_steps, resume_from_checkpoint: latest continues)",
+              file=sys.stderr)
+        return 1
+    print(train_summary(summary))
     return 0
 
 

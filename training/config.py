@@ -23,7 +23,7 @@ DpoPairs = Literal["best_worst", "all"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
 WeightingScheme = Literal["logit_normal", "mode", "cosmap", "sigma_sqrt", "none"]
 LrScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine"]
-DataFormat = Literal["ranked", "pairs", "pickapic"]
+DataFormat = Literal["auto", "ranked", "pairs", "pickapic"]
 ReportTo = Literal["none", "tensorboard"]
 Finetune = Literal["lora", "full"]
 
@@ -68,7 +68,9 @@ class TrainConfig:
             tiny step on 2 busy cores).
         max_image_pixels: an image with more pixels skips its sample as ``too_many_pixels``, refused
             from the header before decoding (a decompression bomb in a shard must not kill a run).
-        data_format: what ``shards`` holds: ``ranked`` (synpref ranked tars, k images per prompt),
+        data_format: what ``shards`` holds: ``auto`` (default: Parquet files are ``pickapic``, tars are ``pairs``
+            when their first sample has ``win``/``lose`` images, else ``ranked``; ``training/preflight.py``),
+            ``ranked`` (synpref ranked tars, k images per prompt),
             ``pairs`` (synpref pairs tars, each read as k = 2: winner phi 1 rank 1, loser phi 0 rank 2)
             or ``pickapic`` (Pick-a-Pic v2 parquet: ``caption``, ``jpg_0``, ``jpg_1``, ``label_0``;
             a directory means its ``*.parquet``; ties are skipped as ``tie``). See ``training/data.py``.
@@ -167,7 +169,7 @@ class TrainConfig:
     checkpointing_steps: int | None = None
     checkpoints_total_limit: int | None = None
     resume_from_checkpoint: str | None = None
-    data_format: DataFormat = "ranked"
+    data_format: DataFormat = "auto"
     min_pair_agreement: float | None = None
     gradient_checkpointing: bool = False
     use_8bit_adam: bool = False

@@ -80,7 +80,12 @@ class RankedBatch:
     pair_mask: torch.Tensor | None = None
 
 
-class SchemaError(ValueError):
+class TrainInputError(ValueError):
+    """A mistake in the training data or settings found during a run (no usable sample, a changed config on
+    resume): ``synpref train`` reports it as one line, exit 2, like a config error."""
+
+
+class SchemaError(TrainInputError):
     """A whole input file has the wrong layout (e.g. parquet without the Pick-a-Pic columns): not skippable."""
 
 
@@ -603,8 +608,13 @@ def open_validation(config) -> _Reader | None:
 
 
 def _reader_class(config) -> type[_Reader]:
+    data_format = config.data_format
+    if data_format == "auto":
+        from synpref.training.preflight import detect_data_format
+
+        data_format = detect_data_format(config.shards)
     try:
-        return READERS[config.data_format]
+        return READERS[data_format]
     except KeyError:
         raise ValueError(f"unknown data_format {config.data_format!r}; valid: {sorted(READERS)}") from None
 
@@ -631,17 +641,23 @@ def iter_batches(dataset: _Reader, batch_size: int) -> Iterator[RankedBatch]:
     """Endless batches of ``batch_size`` prompts, repeating the dataset epoch after epoch.
 
     Raises:
-        ValueError: an epoch yields no valid sample (otherwise this would spin forever).
+        TrainInputError: an epoch yields no valid sample (otherwise this would spin forever), or a whole
+            epoch holds fewer prompts than ``batch_size`` (found before the first batch is trained on).
     """
     while True:
         n_items = dataset.resume_skip  # > 0 when resuming mid-epoch: that epoch had valid items
         it = iter(dataset)
         while chunk := list(itertools.islice(it, batch_size)):
             n_items += len(chunk)
+            if n_items < batch_size:  # the first chunk of an epoch came back short: the epoch has ended
+                share = f" (this process's share of {dataset.world_size})" if dataset.world_size > 1 else ""
+                raise TrainInputError(f"batch_size {batch_size} is larger than the data: {dataset.urls} hold "
+                                      f"{n_items} usable prompt(s){share}; lower batch_size")
             yield collate_ranked(chunk)
         if n_items == 0:
             held = f"; held out for validation: {dataset.held_out}" if dataset.held_out else ""
-            raise ValueError(f"no valid samples in {dataset.urls}; skipped: {dict(dataset.skipped)}{held}")
+            raise TrainInputError(f"no usable sample in {dataset.urls} (skipped: {dict(dataset.skipped)}{held}): "
+                                  "give ranked or pairs shards from synpref build, or Pick-a-Pic parquet")
 
 
 def prefetch(items: Iterator, count: int, snapshot: Callable[[], object], depth: int = 2) -> Iterator[tuple]:

@@ -37,9 +37,10 @@ import yaml
 
 from synpref.training.caching import EncoderCache
 from synpref.training.config import TrainConfig
-from synpref.training.data import RankedBatch, iter_batches, open_dataset, prefetch
+from synpref.training.data import RankedBatch, TrainInputError, iter_batches, open_dataset, prefetch
 from synpref.training.families import ModelFamily, family_for
 from synpref.training.losses import implicit_accuracy, preference_pairs, ranked_dpo_loss, rankdpo_loss_batched
+from synpref.training.preflight import resolve_data_format
 
 logger = logging.getLogger("synpref.training")
 
@@ -286,6 +287,29 @@ def resolve_checkpoint(config: TrainConfig) -> Path | None:
     return path
 
 
+def check_resume(config: TrainConfig) -> tuple[Path | None, dict | None]:
+    """The checkpoint to resume from and its ``training_state.json``, or ``(None, None)`` to start fresh.
+
+    Raises:
+        FileNotFoundError: ``resume_from_checkpoint`` names a folder that is not a complete checkpoint.
+        TrainInputError: its state is unreadable (truncated) or it was trained with a different config.
+    """
+    checkpoint = resolve_checkpoint(config)
+    if checkpoint is None:
+        return None, None
+    try:
+        state = json.loads((checkpoint / "training_state.json").read_text())
+        key = state["config_key"]
+    except (ValueError, KeyError, TypeError, OSError) as exn:
+        raise TrainInputError(f"{checkpoint}/training_state.json is unreadable ({type(exn).__name__}: "
+                              f"{' '.join(str(exn).split())}); resume from an earlier checkpoint-<step> folder or "
+                              "delete this one") from None
+    if key != config_key(config):
+        raise TrainInputError(f"{checkpoint} was trained with a different config (key {key} != "
+                              f"{config_key(config)}); resume with the same settings or start a new output_dir")
+    return checkpoint, state
+
+
 def log_columns(config: TrainConfig) -> list[str]:
     """``train_log.csv``'s columns: ``LOG_COLUMNS``, and the validation figures when validating."""
     from synpref.training.validation import VALIDATION_COLUMNS
@@ -334,6 +358,17 @@ def _make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> to
 
 
 def train(config: TrainConfig) -> dict:
+    """Train (``_train``); an exception leaves with ``train_step`` set to the part of the run it came from
+    (``load models``, ``step 3``, ``checkpoint-4``, ``save weights``...), for a one-line report."""
+    where = {"step": "setup"}
+    try:
+        return _train(resolve_data_format(config), where)
+    except Exception as exn:
+        exn.train_step = where["step"]
+        raise
+
+
+def _train(config: TrainConfig, where: dict) -> dict:
     """Train a LoRA adapter with ``config``; save it and ``train_summary.json`` to ``config.output_dir``.
 
     Returns:
@@ -375,6 +410,7 @@ def train(config: TrainConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
 
     # ---- models: frozen base + LoRA adapter on the family's denoiser
+    where["step"] = "load models"
     models = load_models(config, accelerator.device, WEIGHT_DTYPES[mixed_precision])
     logger.info("model family: %s (%s)", type(models).__name__, models.pipeline_class)
     full = config.finetune == "full"
@@ -411,6 +447,7 @@ def train(config: TrainConfig) -> dict:
         accelerator.register_load_state_pre_hook(load_model_hook)
 
     # ---- data
+    where["step"] = "read data"
     # data_format picks the reader (ranked / pairs / pickapic); each process reads its own share
     dataset = open_dataset(config, rank=accelerator.process_index, world_size=accelerator.num_processes)
     decoded = [0]  # samples this process decoded (its share only), counted at the reader
@@ -453,12 +490,9 @@ def train(config: TrainConfig) -> dict:
 
         validator = Validator(config, models)
     columns = log_columns(config)
-    checkpoint = resolve_checkpoint(config)
+    where["step"] = "resume"
+    checkpoint, state = check_resume(config)
     if checkpoint is not None:
-        state = json.loads((checkpoint / "training_state.json").read_text())
-        if state["config_key"] != config_key(config):
-            raise ValueError(f"{checkpoint} was trained with a different config (key {state['config_key']} != "
-                             f"{config_key(config)}); resume with the same settings or start a new output_dir")
         accelerator.load_state(str(checkpoint))
         generator.set_state(torch.load(checkpoint / f"generator_{accelerator.process_index}.pt"))
         losses, step_metrics, micro_batches = state["losses"], state["metrics"], state["micro_batches"]
@@ -485,12 +519,14 @@ def train(config: TrainConfig) -> dict:
 
     def evaluate(step: int) -> None:
         """Generate and score the eval prompts on the main process; the others wait."""
+        where["step"] = f"evaluation at step {step}"
         if accelerator.is_main_process:
             evaluator.run(step, accelerator.unwrap_model(models.denoiser), accelerator.autocast)
         accelerator.wait_for_everyone()
 
     def validate(step: int) -> dict:
         """Held-out loss and accuracy of the unwrapped denoiser (DDP must not run a forward on one process)."""
+        where["step"] = f"validation at step {step}"
         figures = {}
         if accelerator.is_main_process:
             wrapped = models.denoiser
@@ -504,6 +540,7 @@ def train(config: TrainConfig) -> dict:
 
     def save_checkpoint(step: int) -> None:
         path = out / f"checkpoint-{step}"
+        where["step"] = path.name
         accelerator.save_state(str(path))
         torch.save(generator.get_state(), path / f"generator_{accelerator.process_index}.pt")
         share = {**data_position, "prompts": prompts_read[0], "first_prompt_ids": first_prompt_ids}
@@ -514,7 +551,9 @@ def train(config: TrainConfig) -> dict:
                      "config_key": config_key(config)}
             if validator is not None:
                 state["validation"] = validator.history
-            (path / "training_state.json").write_text(json.dumps(state))  # last: marks the checkpoint complete
+            marker = path / "training_state.json"  # written last, whole or not at all: marks the checkpoint complete
+            marker.with_suffix(".tmp").write_text(json.dumps(state))
+            marker.with_suffix(".tmp").replace(marker)
             limit = config.checkpoints_total_limit
             for old in list_checkpoints(out)[:-limit] if limit else []:
                 shutil.rmtree(old)
@@ -535,6 +574,7 @@ def train(config: TrainConfig) -> dict:
     start, start_step = time.perf_counter(), len(losses)
     try:
         while len(losses) < config.max_steps:
+            where["step"] = f"step {len(losses) + 1}"
             with accelerator.accumulate(models.denoiser):
                 batch, data_position = next(fetched)
                 out_step = compute_step(models, note_batch(batch), config, generator, cache)
@@ -583,6 +623,7 @@ def train(config: TrainConfig) -> dict:
     seconds = time.perf_counter() - start
 
     # ---- save the LoRA (diffusers format, loadable with pipe.load_lora_weights) and a summary
+    where["step"] = "save weights"
     accelerator.wait_for_everyone()
     from accelerate.utils import gather_object
 

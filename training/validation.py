@@ -21,7 +21,7 @@ import logging
 import torch
 
 from synpref.training.caching import EncoderCache
-from synpref.training.data import collate_ranked, open_validation
+from synpref.training.data import TrainInputError, collate_ranked, open_validation
 from synpref.training.losses import preference_pairs
 
 logger = logging.getLogger("synpref.training")
@@ -47,7 +47,7 @@ class Validator:
         models: the trainer's loaded ``ModelFamily``.
 
     Raises:
-        ValueError: the validation data holds no prompt with a usable pair (one line).
+        TrainInputError: the validation data holds no prompt with a usable pair (one line).
     """
 
     def __init__(self, config, models):
@@ -72,7 +72,7 @@ class Validator:
         if not pairs:
             where = (f"validation_shards {self.config.validation_shards}" if self.config.validation_shards
                      else f"the validation_fraction {self.config.validation_fraction} of shards")
-            raise ValueError(f"{where} hold no prompt with a usable pair (skipped: {dict(self.reader.skipped)}); "
+            raise TrainInputError(f"{where} hold no prompt with a usable pair (skipped: {dict(self.reader.skipped)}); "
                              "give more validation data or a larger validation_fraction")
         return prompts, pairs
 
