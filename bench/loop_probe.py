@@ -76,13 +76,19 @@ def held_out_prompts(build_dir: Path, limit: int) -> list[str]:
     return [p for p in prompts if p not in seen][:limit]
 
 
-def train_one(workdir: Path, models: dict, build_dir: Path, name: str, setting: dict) -> tuple[Path, float]:
+def train_one(workdir: Path, models: dict, build_dir: Path, name: str, setting: dict, seed: int) -> tuple[Path, float]:
+    """Train (or reuse a finished run of the same config in the same folder); return the folder and seconds."""
     from synpref.training.config import TrainConfig
     from synpref.training.train import train
 
-    out = workdir / f"train-{name}-{build_dir.name.removeprefix('build-')}"
+    reward = build_dir.name.removeprefix("build-")
+    out = workdir / (f"train-{name}-{reward}" if seed == 0 else f"train-{name}-s{seed}-{reward}")
     cfg = TrainConfig(pretrained_model=models["tiny-sd-a"], shards=[str(build_dir / "ranked")], output_dir=str(out),
-                      **{**BASE_TRAIN, **setting})
+                      **{**BASE_TRAIN, **setting, "seed": seed})
+    done = out / "train_summary.json"
+    same = lambda c: {k: v for k, v in c.items() if k != "data_format"}  # noqa: E731 (auto is saved resolved)
+    if done.is_file() and same(json.loads(done.read_text())["config"]) == same(json.loads(json.dumps(cfg.to_dict()))):
+        return out, json.loads(done.read_text())["seconds"]
     start = time.perf_counter()
     train(cfg)
     return out, time.perf_counter() - start
@@ -134,6 +140,7 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-prompts", type=int, default=32)
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--candidates", type=int, default=4)
+    parser.add_argument("--train-seeds", default="0", help="comma-separated training seeds; each trains both models")
     parser.add_argument("--json", default="")
     args = parser.parse_args(argv)
 
@@ -141,6 +148,11 @@ def main(argv=None) -> int:
 
     from synpref.jobs.tiny_models import save_demo_models
 
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
     torch.set_num_threads(1)
     workdir = Path(args.workdir)
     models = save_demo_models(workdir / "models")
@@ -153,19 +165,29 @@ def main(argv=None) -> int:
           f"base jpeg_compressibility mean {sum(base) / len(base):.3f}", flush=True)
     results = {}
     for name in args.settings.split(","):
-        seconds, scores = {}, {}
-        for reward in REWARDS:
-            out, seconds[reward] = train_one(workdir, models, builds[reward], name, SETTINGS[name])
-            scores[reward] = generate_and_score(models["tiny-sd-a"], out, prompts, args.seeds)
-        comp, incomp = scores[REWARDS[0]], scores[REWARDS[1]]
-        results[name] = {"setting": SETTINGS[name], "train_seconds": seconds,
-                         "comp_vs_incomp": sign_test(comp, incomp), "comp_vs_base": sign_test(comp, base),
-                         "incomp_vs_base": sign_test(incomp, base)}
-        r = results[name]["comp_vs_incomp"]
-        print(f"{name:<22} comp-trained beats incomp-trained on compressibility {r['wins']}/{r['wins'] + r['losses']}"
-              f" (win rate {r['win_rate']:.2f}, p {r['p']:.3g}, mean diff {r['mean_diff']:+.3f} kB); vs base: comp "
-              f"{results[name]['comp_vs_base']['win_rate']:.2f}, incomp {results[name]['incomp_vs_base']['win_rate']:.2f}; "
-              f"train {seconds[REWARDS[0]]:.0f}s + {seconds[REWARDS[1]]:.0f}s", flush=True)
+        per_seed, pooled = [], {r: [] for r in REWARDS}
+        for seed in [int(x) for x in args.train_seeds.split(",")]:
+            seconds, scores = {}, {}
+            for reward in REWARDS:
+                out, seconds[reward] = train_one(workdir, models, builds[reward], name, SETTINGS[name], seed)
+                scores[reward] = generate_and_score(models["tiny-sd-a"], out, prompts, args.seeds)
+                pooled[reward] += scores[reward]
+            comp, incomp = scores[REWARDS[0]], scores[REWARDS[1]]
+            row = {"seed": seed, "train_seconds": seconds, "comp_vs_incomp": sign_test(comp, incomp),
+                   "comp_vs_base": sign_test(comp, base), "incomp_vs_base": sign_test(incomp, base)}
+            per_seed.append(row)
+            r = row["comp_vs_incomp"]
+            print(f"{name:<22} seed {seed}: comp-trained beats incomp-trained on compressibility "
+                  f"{r['wins']}/{r['wins'] + r['losses']} (win rate {r['win_rate']:.2f}, p {r['p']:.3g}, mean diff "
+                  f"{r['mean_diff']:+.4f} kB); vs base: comp {row['comp_vs_base']['win_rate']:.2f}, incomp "
+                  f"{row['incomp_vs_base']['win_rate']:.2f}; train {seconds[REWARDS[0]]:.0f}s + "
+                  f"{seconds[REWARDS[1]]:.0f}s", flush=True)
+        total = sign_test(pooled[REWARDS[0]], pooled[REWARDS[1]])
+        results[name] = {"setting": SETTINGS[name], "per_seed": per_seed, "pooled_comp_vs_incomp": total}
+        if len(per_seed) > 1:  # the direction must hold across training seeds, not only within one pair of models
+            right = sum(s["comp_vs_incomp"]["win_rate"] > 0.5 for s in per_seed)
+            print(f"{name:<22} pooled over {len(per_seed)} training seeds: win rate {total['win_rate']:.2f} "
+                  f"(p {total['p']:.3g}); right direction in {right}/{len(per_seed)} seeds", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"builds_seconds": build_seconds, "prompts": len(prompts),
                                                "seeds": args.seeds, "results": results}, indent=2))
