@@ -39,6 +39,11 @@ SETTINGS = {
     "full-1e-5-60": dict(finetune="full", learning_rate=1e-5, max_steps=60),
     "full-1e-4-60": dict(finetune="full", learning_rate=1e-4, max_steps=60),
     "full-1e-3-60": dict(finetune="full", learning_rate=1e-3, max_steps=60),
+    "full-1e-4-60-beta250": dict(finetune="full", learning_rate=1e-4, max_steps=60, beta=250.0),
+    "full-1e-4-60-beta25": dict(finetune="full", learning_rate=1e-4, max_steps=60, beta=25.0),
+    "lora-1e-2-60-beta25": dict(finetune="lora", learning_rate=1e-2, max_steps=60, beta=25.0),
+    "full-1e-3-60-beta25": dict(finetune="full", learning_rate=1e-3, max_steps=60, beta=25.0),
+    "full-1e-4-120-beta25": dict(finetune="full", learning_rate=1e-4, max_steps=120, beta=25.0),
 }
 BASE_TRAIN = dict(resolution=64, batch_size=4, seed=0, torch_threads=1, loss="rankdpo")
 GEN = dict(num_inference_steps=4, guidance_scale=5.0, height=64, width=64)
