@@ -7,7 +7,7 @@ import os
 import sys
 import warnings
 
-from ..core.errors import UserError, pipeline_failure
+from ..core.errors import UserError, error_text, pipeline_failure
 
 
 class _DropNoise(logging.Filter):
@@ -155,15 +155,16 @@ def cmd_train(args, rest) -> int:
     from ..runs.errors import RunRefused
     from ..runs.output_folder import locked_output, require_location
     from ..training.config import TrainConfig
-    from ..training.preflight import preflight_train
+    from ..training.data import TrainInputError
+    from ..training.preflight import preflight_train, resolve_data_format
     from ..training.train import train
 
     if rest:
         raise UserError(f"synpref train: unknown arguments {' '.join(rest)}")
     try:
-        config = load(args, TrainConfig)
+        config = resolve_data_format(load(args, TrainConfig))
         require_location(config.output_dir, "output_dir")
-        preflight_train(config)  # paths, shards, output folder, model files: before the first step
+        preflight_train(config)  # paths, shards, output folder, model files, checkpoint: before the first step
     except (ValueError, FileNotFoundError) as e:
         raise UserError(f"synpref train: {' '.join(str(e).split())}") from None
     try:
@@ -171,6 +172,17 @@ def cmd_train(args, rest) -> int:
             summary = train(config)
     except RunRefused as e:  # another run holds the folder: nothing was done
         raise UserError(f"synpref train: {e}") from None
+    except TrainInputError as e:  # a data or resume mistake only the run could see (no usable sample...)
+        if args.verbose:
+            raise
+        raise UserError(f"synpref train: {' '.join(str(e).split())}") from None
+    except Exception as e:  # the run failed (a model that does not load, a full disk...): one line, exit 1
+        if args.verbose:
+            raise
+        print(f"synpref train: {getattr(e, 'train_step', 'run')} failed: {error_text(e)} "
+              "(-v shows the traceback; with checkpointing_steps, resume_from_checkpoint: latest continues)",
+              file=sys.stderr)
+        return 1
     print(train_summary(summary))
     return 0
 

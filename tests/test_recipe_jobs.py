@@ -12,6 +12,7 @@ import pytest
 
 from synpref.cli import main
 from synpref.schemas.config import load_build_config
+from synpref.schemas.loading import load_config
 from synpref.training.config import TrainConfig
 from synpref.transforms.generators.pipeline_call import call_arguments
 from synpref.transforms.rewards import create_reward
@@ -73,7 +74,7 @@ def test_check_models_names_every_file_offline(capsys, monkeypatch):
 @pytest.mark.parametrize("name, model", [("syn_pic_train_sdxl.yaml", "stabilityai/stable-diffusion-xl-base-1.0"),
                                          ("syn_pic_train_sd3.yaml", "stabilityai/stable-diffusion-3-medium-diffusers")])
 def test_training_jobs_are_the_papers_training(syn_pic, name, model):
-    cfg = TrainConfig.from_yaml(JOBS / name)
+    cfg = load_config(TrainConfig, str(JOBS / name))
     assert cfg.pretrained_model == model and cfg.loss == "rankdpo" and cfg.max_steps == 400
     # 8 processes (the launch line in the file) x prompts per process x accumulation = the paper's batch 1024.
     launch = re.search(r"--num_processes (\d+)", (JOBS / name).read_text())

@@ -102,9 +102,12 @@ def test_open_dataset_follows_data_format(tmp_path):
     write_tar(tmp_path / "pairs-00000.tar", [pair_sample("p1-a__p1-b", 1.0)])
     cfg = TrainConfig(pretrained_model="m", shards=[str(tmp_path)], output_dir="o", resolution=16, data_format="pairs")
     reader = open_dataset(cfg)
-    assert isinstance(reader, PairShards) and next(iter_batches(reader, 2)).images.shape == (2, 3, 16, 16)
+    assert isinstance(reader, PairShards) and next(iter_batches(reader, 1)).images.shape == (2, 3, 16, 16)
     assert isinstance(open_dataset(TrainConfig(pretrained_model="m", shards=[str(tmp_path / "*.tar")],
-                                               output_dir="o")), RankedShards)
+                                               output_dir="o", data_format="ranked")), RankedShards)
+    # data_format auto (the default) reads the first sample's layout: win/lose images are pairs
+    assert isinstance(open_dataset(TrainConfig(pretrained_model="m", shards=[str(tmp_path)], output_dir="o")),
+                      PairShards)
 
 
 # ---- Pick-a-Pic parquet

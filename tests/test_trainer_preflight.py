@@ -27,6 +27,7 @@ def tar(path, samples) -> str:
 def setup(tmp_path):
     model = tmp_path / "model"
     model.mkdir()
+    (model / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     shards = tmp_path / "ranked"
     shards.mkdir()
     tar(shards / "ranked-00000.tar", [{"__key__": "p1", "json": json.dumps({"prompt": "x", "candidates": []}).encode(),
@@ -121,7 +122,7 @@ def test_unknown_data_format(setup):
     _, make = setup
     with pytest.raises(ValueError) as e:
         make(data_format="tfrecord")
-    assert "data_format: 'tfrecord' is not one of ['ranked', 'pairs', 'pickapic']" in one_line(e)
+    assert "data_format: 'tfrecord' is not one of ['auto', 'ranked', 'pairs', 'pickapic']" in one_line(e)
     cfg = make()
     object.__setattr__(cfg, "data_format", "tfrecord")
     with pytest.raises(ValueError) as e:
@@ -149,7 +150,7 @@ def test_pickapic_parquet_missing_columns(setup):
 def test_ranked_pairs_mix_up(setup):
     tmp_path, make = setup
     with pytest.raises(ValueError) as e:
-        preflight_train(make(shards=[str(tmp_path / "pairs")]))
+        preflight_train(make(shards=[str(tmp_path / "pairs")], data_format="ranked"))
     assert "holds pairs samples" in one_line(e) and "data_format: pairs" in str(e.value)
     with pytest.raises(ValueError) as e:
         preflight_train(make(data_format="pairs"))

@@ -91,9 +91,20 @@ class TrainConfig(ConfigModel):
     """A folder with ``pytorch_lora_weights.safetensors`` (as this trainer writes) to start the LoRA from
     instead of its random init, e.g. the previous round's (``synpref run``, ``train_from: previous``); the
     DPO reference stays the base model. Same ``lora_rank`` as when it was trained."""
-    data_format: Literal["ranked", "pairs", "pickapic"] = "ranked"
-    """``ranked`` (synpref ranked tars), ``pairs`` (synpref pairs tars, read as k = 2) or ``pickapic``
-    (Pick-a-Pic v2 parquet: ``caption``, ``jpg_0``, ``jpg_1``, ``label_0``). See ``training/data.py``."""
+    data_format: Literal["auto", "ranked", "pairs", "pickapic"] = "auto"
+    """``auto`` (Parquet files are ``pickapic``; tars are ``pairs`` when their first sample has ``win``/``lose``
+    images, else ``ranked``; ``training/preflight.py``), ``ranked`` (synpref ranked tars), ``pairs`` (synpref
+    pairs tars, read as k = 2) or ``pickapic`` (Pick-a-Pic v2 parquet: ``caption``, ``jpg_0``, ``jpg_1``,
+    ``label_0``). See ``training/data.py``."""
+    # ---- held-out validation (training/validation.py)
+    validation_shards: list[str] = Field(default_factory=list)
+    """Shards read like ``shards`` (same ``data_format``) whose pairs are only evaluated, never trained on."""
+    validation_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    """Or hold out this share of the prompts in ``shards``, chosen by a hash of the prompt id (Pick-a-Pic: of
+    the caption): the same split on any number of processes and after a resume; 0 is off."""
+    validation_every: int = Field(0, ge=0)
+    """Every this many optimiser steps (and after the last) the loss and implicit accuracy on the held-out
+    pairs, with noise and timesteps seeded per prompt, go to train_log.csv, the tracker and train_summary.json."""
     min_pair_agreement: Optional[float] = Field(None, ge=0, lt=1)
     """Pairs whose reward agreement is at or below this leave the loss (null: off); not with ``pickapic``."""
     gradient_checkpointing: bool = False
@@ -146,6 +157,14 @@ class TrainConfig(ConfigModel):
             raise ValueError("shards is empty: give shard paths, globs, directories or URLs")
         if self.min_pair_agreement is not None and self.data_format == "pickapic":
             raise ValueError("min_pair_agreement needs reward scores; data_format pickapic has none: set it to null")
+        if self.validation_shards and self.validation_fraction:
+            raise ValueError("give validation_shards or validation_fraction, not both")
+        has_source = bool(self.validation_shards) or self.validation_fraction > 0
+        if self.validation_every and not has_source:
+            raise ValueError("validation_every > 0 needs validation_shards or validation_fraction")
+        if has_source and not self.validation_every:
+            raise ValueError("validation_shards / validation_fraction need validation_every > 0 "
+                             "(optimiser steps between evaluations)")
         if self.init_lora and self.finetune == "full":
             raise ValueError("init_lora starts a LoRA; finetune: full trains the whole denoiser: use one of them")
         if self.eval_every:
@@ -158,6 +177,20 @@ class TrainConfig(ConfigModel):
                 raise ValueError(f"eval_rewards: a reward is named twice in {names}")
         self.check_environment()
         return self
+
+    def _check_validation(self) -> None:
+        if self.validation_every < 0:
+            raise ValueError(f"validation_every must be >= 0 (0 is off), got {self.validation_every!r}")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ValueError(f"validation_fraction must be in [0, 1) (0 is off), got {self.validation_fraction!r}")
+        if self.validation_shards and self.validation_fraction:
+            raise ValueError("give validation_shards or validation_fraction, not both")
+        has_source = bool(self.validation_shards) or self.validation_fraction > 0
+        if self.validation_every and not has_source:
+            raise ValueError("validation_every > 0 needs validation_shards or validation_fraction")
+        if has_source and not self.validation_every:
+            raise ValueError("validation_shards / validation_fraction need validation_every > 0 "
+                             "(optimiser steps between evaluations)")
 
     def check_environment(self) -> None:
         """Refuse settings this machine cannot run, with one line each (checked at config time and by ``train``).

@@ -83,7 +83,12 @@ class RankedBatch:
     pair_mask: torch.Tensor | None = None
 
 
-class SchemaError(ValueError):
+class TrainInputError(ValueError):
+    """A mistake in the training data or settings found during a run (no usable sample, a changed config on
+    resume): ``synpref train`` reports it as one line, exit 2, like a config error."""
+
+
+class SchemaError(TrainInputError):
     """A whole input file has the wrong layout (e.g. parquet without the Pick-a-Pic columns): not skippable."""
 
 
@@ -323,6 +328,10 @@ class _Reader:
         min_pair_agreement: ``None`` or the agreement at or below which pairs leave the loss.
         empty_prompt_rate, empty_prompt_seed: the share of items whose prompt becomes ``""`` (see
             ``drops_prompt``), and the seed of that draw.
+        holdout, keep_holdout: with ``holdout`` > 0, a sample whose ``split_key`` hashes below it
+            (``in_holdout``) is held out for validation: dropped undecoded (counted in ``held_out``, not a skip)
+            unless ``keep_holdout``, which keeps only those. A hash, so the split is the same on any number of
+            processes and after a resume.
 
     Attributes:
         urls: the resolved shard list (all processes').
@@ -344,6 +353,8 @@ class _Reader:
         min_pair_agreement: float | None = None,
         empty_prompt_rate: float = 0.0,
         empty_prompt_seed: int = 0,
+        holdout: float = 0.0,
+        keep_holdout: bool = False,
     ):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
@@ -357,6 +368,9 @@ class _Reader:
         self.min_pair_agreement = min_pair_agreement
         self.empty_prompt_rate = empty_prompt_rate
         self.empty_prompt_seed = empty_prompt_seed
+        self.holdout = holdout
+        self.keep_holdout = keep_holdout
+        self.held_out = 0  # samples this process left out by the split (on the other side of it), all epochs
         self.skipped: Counter[str] = Counter()
         self._epoch = 0  # the epoch the next iter() starts
         self._skip = 0  # raw samples the next iter() drops undecoded (set by load_state_dict)
@@ -425,8 +439,19 @@ class _Reader:
     def decode(self, sample: dict) -> RankedItem:
         raise NotImplementedError
 
+    def split_key(self, sample: dict) -> str:
+        """What the validation split hashes: the prompt id (all of a prompt's samples fall on one side)."""
+        try:
+            meta = json.loads(sample["json"])
+            return str(meta.get("prompt_id") or sample["__key__"]) if isinstance(meta, dict) else sample["__key__"]
+        except (KeyError, ValueError, TypeError):
+            return str(sample.get("__key__"))  # a bad sample: decode skips it with its reason on either side
+
     def _decode(self, sample: dict) -> RankedItem | None:
         self._position["samples"] += 1
+        if self.holdout > 0 and in_holdout(self.split_key(sample), self.holdout) != self.keep_holdout:
+            self.held_out += 1
+            return None
         try:
             item = self.decode(sample)
         except BadSample as exn:
@@ -443,6 +468,13 @@ class _Reader:
         self.skipped["corrupt_shard"] += 1
         logger.warning("skipping the rest of a corrupt shard: %r", exn)
         return True
+
+
+def in_holdout(key: str, fraction: float) -> bool:
+    """Whether the prompt ``key`` belongs to the held-out ``fraction`` (validation_fraction): a hash of the key
+    alone, so it does not depend on the seed, the read order, the process count or a resume."""
+    digest = hashlib.sha256(f"synpref-validation:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64 < fraction
 
 
 def drops_prompt(seed: int, epoch: int, prompt_id: str, rate: float) -> bool:
@@ -526,13 +558,20 @@ class PickapicParquet(_Reader):
     def decode(self, sample: dict) -> RankedItem:
         return decode_pickapic_row(sample, self.resolution, self.max_image_pixels)
 
+    def split_key(self, sample: dict) -> str:
+        """The caption: Pick-a-Pic rows have no prompt id, and one caption has many rows."""
+        caption = sample.get("caption")
+        return caption if isinstance(caption, str) else str(sample.get("__key__"))
+
 
 
 
 def open_dataset(config, rank: int = 0, world_size: int = 1) -> _Reader:
-    """The reader ``config.data_format`` names, set up from a ``TrainConfig`` for process ``rank`` of ``world_size``."""
-    reader = READERS.lookup(config.data_format)
-    return reader(
+    """The reader ``config.data_format`` names, set up from a ``TrainConfig`` for process ``rank`` of ``world_size``.
+
+    With ``validation_fraction`` the held-out prompts are left out (``open_validation`` reads them).
+    """
+    return _reader_class(config)(
         config.shards,
         config.resolution,
         shuffle_seed=config.seed if config.shuffle else None,
@@ -543,7 +582,36 @@ def open_dataset(config, rank: int = 0, world_size: int = 1) -> _Reader:
         min_pair_agreement=config.min_pair_agreement,
         empty_prompt_rate=config.proportion_empty_prompts,
         empty_prompt_seed=config.seed,
+        holdout=getattr(config, "validation_fraction", 0.0),
     )
+
+
+def open_validation(config) -> _Reader | None:
+    """The held-out validation prompts, all of them, in file order (every process reads the same), or ``None``.
+
+    ``validation_shards`` when given, else the ``validation_fraction`` of ``shards`` that ``open_dataset`` leaves out.
+    No shuffling and no empty prompts: each evaluation sees the same items.
+    """
+    if getattr(config, "validation_shards", None):
+        shards, holdout = config.validation_shards, 0.0
+    elif getattr(config, "validation_fraction", 0.0) > 0:
+        shards, holdout = config.shards, config.validation_fraction
+    else:
+        return None
+    return _reader_class(config)(shards, config.resolution, max_image_pixels=config.max_image_pixels,
+                                 min_pair_agreement=config.min_pair_agreement, holdout=holdout, keep_holdout=True)
+
+
+def _reader_class(config) -> type[_Reader]:
+    data_format = config.data_format
+    if data_format == "auto":
+        from .preflight import detect_data_format
+
+        data_format = detect_data_format(config.shards)
+    try:
+        return READERS[data_format]
+    except KeyError:
+        raise ValueError(f"unknown data_format {config.data_format!r}; valid: {sorted(READERS)}") from None
 
 
 def collate_ranked(items: list[RankedItem]) -> RankedBatch:
@@ -568,16 +636,23 @@ def iter_batches(dataset: _Reader, batch_size: int) -> Iterator[RankedBatch]:
     """Endless batches of ``batch_size`` prompts, repeating the dataset epoch after epoch.
 
     Raises:
-        ValueError: an epoch yields no valid sample (otherwise this would spin forever).
+        TrainInputError: an epoch yields no valid sample (otherwise this would spin forever), or a whole
+            epoch holds fewer prompts than ``batch_size`` (found before the first batch is trained on).
     """
     while True:
         n_items = dataset.resume_skip  # > 0 when resuming mid-epoch: that epoch had valid items
         it = iter(dataset)
         while chunk := list(itertools.islice(it, batch_size)):
             n_items += len(chunk)
+            if n_items < batch_size:  # the first chunk of an epoch came back short: the epoch has ended
+                share = f" (this process's share of {dataset.world_size})" if dataset.world_size > 1 else ""
+                raise TrainInputError(f"batch_size {batch_size} is larger than the data: {dataset.urls} hold "
+                                      f"{n_items} usable prompt(s){share}; lower batch_size")
             yield collate_ranked(chunk)
         if n_items == 0:
-            raise ValueError(f"no valid samples in {dataset.urls}; skipped: {dict(dataset.skipped)}")
+            held = f"; held out for validation: {dataset.held_out}" if dataset.held_out else ""
+            raise TrainInputError(f"no usable sample in {dataset.urls} (skipped: {dict(dataset.skipped)}{held}): "
+                                  "give ranked or pairs shards from synpref build, or Pick-a-Pic parquet")
 
 
 def prefetch(items: Iterator, count: int, snapshot: Callable[[], object], depth: int = 2) -> Iterator[tuple]:

@@ -6,7 +6,8 @@ prompt encoding, noising and target, conditioning extras, LoRA saving) is a plug
 ``training/families/``, chosen from ``model_index.json``. The reference model is the same
 denoiser with its LoRA adapter disabled (Wallace et al. 2023, arXiv 2311.12908; docs/math.md s.5), so there is no second copy; with
 ``finetune: full`` every denoiser weight trains and the reference is a frozen copy made before training.
-``eval_every`` generates and scores fixed prompts during training (``evaluation.py``).
+``eval_every`` generates and scores fixed prompts during training (``evaluation.py``); ``validation_every``
+measures the loss and implicit accuracy on held-out pairs (``validation.py``).
 The math is in ``losses.py``.
 
     python -m synpref.training.train --config jobs/demo_train.yaml --set max_steps=20
@@ -37,9 +38,10 @@ from ..core.fileio import dumps_strict, finite_or_none
 from ..schemas.loading import add_config_args, dump_config, load_config
 from .caching import EncoderCache
 from .config import TrainConfig
-from .data import RankedBatch, iter_batches, open_dataset, prefetch
+from .data import RankedBatch, TrainInputError, iter_batches, open_dataset, prefetch
 from .families import ModelFamily, family_for
 from .losses import implicit_accuracy, preference_pairs, pairwise_dpo_loss, rankdpo_loss_batched
+from .preflight import resolve_data_format
 
 logger = logging.getLogger("synpref.training")
 
@@ -69,9 +71,11 @@ RESUME_FREE_FIELDS = {
     "output_dir", "max_steps", "log_every", "torch_threads", "checkpointing_steps", "checkpoints_total_limit",
     "resume_from_checkpoint", "gradient_checkpointing", "cache_latents", "cache_text_embeddings", "report_to",
     "eval_every", "eval_prompts", "eval_rewards", "eval_seed", "eval_steps", "eval_resolution", "eval_guidance_scale",
+    "validation_shards", "validation_every",
 }
 # Fields added later: left out of the config key at their default, so older checkpoints still resume.
-NEW_FIELD_DEFAULTS = {"use_8bit_adam": False, "finetune": "lora", "proportion_empty_prompts": 0.0}
+NEW_FIELD_DEFAULTS = {"use_8bit_adam": False, "finetune": "lora", "proportion_empty_prompts": 0.0,
+                      "validation_fraction": 0.0}
 TRACKER_PROJECT = "synpref_train"
 
 
@@ -264,14 +268,44 @@ def resolve_checkpoint(config: TrainConfig) -> Path | None:
     return path
 
 
-def _rewrite_log(path: Path, up_to_step: int) -> None:
+def check_resume(config: TrainConfig) -> tuple[Path | None, dict | None]:
+    """The checkpoint to resume from and its ``training_state.json``, or ``(None, None)`` to start fresh.
+
+    Raises:
+        FileNotFoundError: ``resume_from_checkpoint`` names a folder that is not a complete checkpoint.
+        TrainInputError: its state is unreadable (truncated) or it was trained with a different config.
+    """
+    checkpoint = resolve_checkpoint(config)
+    if checkpoint is None:
+        return None, None
+    try:
+        state = json.loads((checkpoint / "training_state.json").read_text())
+        key = state["config_key"]
+    except (ValueError, KeyError, TypeError, OSError) as exn:
+        raise TrainInputError(f"{checkpoint}/training_state.json is unreadable ({type(exn).__name__}: "
+                              f"{' '.join(str(exn).split())}); resume from an earlier checkpoint-<step> folder or "
+                              "delete this one") from None
+    if key != config_key(config):
+        raise TrainInputError(f"{checkpoint} was trained with a different config (key {key} != "
+                              f"{config_key(config)}); resume with the same settings or start a new output_dir")
+    return checkpoint, state
+
+
+def log_columns(config: TrainConfig) -> list[str]:
+    """``train_log.csv``'s columns: ``LOG_COLUMNS``, and the validation figures when validating."""
+    from .validation import VALIDATION_COLUMNS
+
+    return LOG_COLUMNS + (VALIDATION_COLUMNS if config.validation_every else [])
+
+
+def _rewrite_log(path: Path, up_to_step: int, columns: list[str] = LOG_COLUMNS) -> None:
     """Keep the per-step CSV rows up to a resumed step (an interrupted run may have logged past it)."""
     if not path.is_file():
         return
     with path.open(newline="") as f:
         rows = [r for r in csv.DictReader(f) if int(r["step"]) <= up_to_step]
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, LOG_COLUMNS)
+        writer = csv.DictWriter(f, columns)
         writer.writeheader()
         writer.writerows(rows)
 
@@ -305,6 +339,17 @@ def _make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> to
 
 
 def train(config: TrainConfig) -> dict:
+    """Train (``_train``); an exception leaves with ``train_step`` set to the part of the run it came from
+    (``load models``, ``step 3``, ``checkpoint-4``, ``save weights``...), for a one-line report."""
+    where = {"step": "setup"}
+    try:
+        return _train(resolve_data_format(config), where)
+    except Exception as exn:
+        exn.train_step = where["step"]
+        raise
+
+
+def _train(config: TrainConfig, where: dict) -> dict:
     """Train a LoRA adapter with ``config``; save it and ``train_summary.json`` to ``config.output_dir``.
 
     Returns:
@@ -316,7 +361,9 @@ def train(config: TrainConfig) -> dict:
         the samples this launch decoded: a resume does not decode what came before its checkpoint), lora_checksums (per
         process: sum of the LoRA weights, equal when gradients were synchronised), and cache (the
         encoder caches' memory and encoder call counts of this process); with ``eval_every``, eval (log_path,
-        prompts, the evaluated steps, means per reward over those steps, last: the final means).
+        prompts, the evaluated steps, means per reward over those steps, last: the final means); with
+        ``validation_every``, validation (source, prompts, pairs, every, steps, loss, implicit_acc, last:
+        the held-out figures, ``training/validation.py``).
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -344,6 +391,7 @@ def train(config: TrainConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
 
     # ---- models: frozen base + LoRA adapter on the family's denoiser
+    where["step"] = "load models"
     models = load_models(config, accelerator.device, WEIGHT_DTYPES[mixed_precision])
     logger.info("model family: %s (%s)", type(models).__name__, models.pipeline_class)
     full = config.finetune == "full"
@@ -382,6 +430,7 @@ def train(config: TrainConfig) -> dict:
         accelerator.register_load_state_pre_hook(load_model_hook)
 
     # ---- data
+    where["step"] = "read data"
     # data_format picks the reader (ranked / pairs / pickapic); each process reads its own share
     dataset = open_dataset(config, rank=accelerator.process_index, world_size=accelerator.num_processes)
     decoded = [0]  # samples this process decoded (its share only), counted at the reader
@@ -418,15 +467,20 @@ def train(config: TrainConfig) -> dict:
         from .evaluation import Evaluator
 
         evaluator = Evaluator(config, models, eval_path)
-    checkpoint = resolve_checkpoint(config)
+    validator = None
+    if config.validation_every:  # reads the held-out prompts once (counts them) before the first step
+        from .validation import Validator
+
+        validator = Validator(config, models)
+    columns = log_columns(config)
+    where["step"] = "resume"
+    checkpoint, state = check_resume(config)
     if checkpoint is not None:
-        state = json.loads((checkpoint / "training_state.json").read_text())
-        if state["config_key"] != config_key(config):
-            raise ValueError(f"{checkpoint} was trained with a different config (key {state['config_key']} != "
-                             f"{config_key(config)}); resume with the same settings or start a new output_dir")
         accelerator.load_state(str(checkpoint))
         generator.set_state(torch.load(checkpoint / f"generator_{accelerator.process_index}.pt"))
         losses, step_metrics, micro_batches = state["losses"], state["metrics"], state["micro_batches"]
+        if validator is not None:
+            validator.history = [h for h in state.get("validation", []) if h["step"] <= len(losses)]
         data_state = checkpoint / f"data_{accelerator.process_index}.json"
         if data_state.is_file():  # jump to this process's data position: skipped samples are not decoded
             share = json.loads(data_state.read_text())
@@ -437,7 +491,7 @@ def train(config: TrainConfig) -> dict:
             for _ in range(micro_batches):
                 note_batch(next(batches))
         if accelerator.is_main_process:
-            _rewrite_log(log_path, len(losses))
+            _rewrite_log(log_path, len(losses), columns)
             from .evaluation import rewrite_eval_log
 
             rewrite_eval_log(eval_path, len(losses))
@@ -448,12 +502,28 @@ def train(config: TrainConfig) -> dict:
 
     def evaluate(step: int) -> None:
         """Generate and score the eval prompts on the main process; the others wait."""
+        where["step"] = f"evaluation at step {step}"
         if accelerator.is_main_process:
             evaluator.run(step, accelerator.unwrap_model(models.denoiser), accelerator.autocast)
         accelerator.wait_for_everyone()
 
+    def validate(step: int) -> dict:
+        """Held-out loss and accuracy of the unwrapped denoiser (DDP must not run a forward on one process)."""
+        where["step"] = f"validation at step {step}"
+        figures = {}
+        if accelerator.is_main_process:
+            wrapped = models.denoiser
+            models.denoiser = accelerator.unwrap_model(wrapped)
+            try:
+                figures = validator.run(step, accelerator.autocast)
+            finally:
+                models.denoiser = wrapped
+        accelerator.wait_for_everyone()
+        return figures
+
     def save_checkpoint(step: int) -> None:
         path = out / f"checkpoint-{step}"
+        where["step"] = path.name
         accelerator.save_state(str(path))
         torch.save(generator.get_state(), path / f"generator_{accelerator.process_index}.pt")
         share = {**data_position, "prompts": prompts_read[0], "first_prompt_ids": first_prompt_ids}
@@ -483,6 +553,7 @@ def train(config: TrainConfig) -> dict:
     start, start_step = time.perf_counter(), len(losses)
     try:
         while len(losses) < config.max_steps:
+            where["step"] = f"step {len(losses) + 1}"
             with accelerator.accumulate(models.denoiser):
                 batch, data_position = next(fetched)
                 out_step = compute_step(models, note_batch(batch), config, generator, cache)
@@ -504,15 +575,19 @@ def train(config: TrainConfig) -> dict:
             row = {"step": step, "loss": step_loss, **dict(zip(METRICS, step_stats)),
                    "lr": lr_scheduler.get_last_lr()[0]}
             step_metrics.append({k: row[k] for k in LOG_COLUMNS[2:]})
+            if validator is not None and validator.due(step):
+                figures = validate(step)
+                if figures:
+                    row.update(val_loss=figures["loss"], val_implicit_acc=figures["implicit_acc"])
             if accelerator.is_main_process:
                 new_file = not log_path.is_file()
                 with log_path.open("a", newline="") as f:
-                    writer = csv.DictWriter(f, LOG_COLUMNS)
+                    writer = csv.DictWriter(f, columns)
                     if new_file:
                         writer.writeheader()
                     writer.writerow(row)
             if config.report_to != "none":
-                accelerator.log({k: row[k] for k in LOG_COLUMNS[1:]}, step=step)
+                accelerator.log({k: row[k] for k in columns[1:] if k in row}, step=step)
             if step % config.log_every == 0 or step == config.max_steps:
                 rate = (step - start_step) / (time.perf_counter() - start)
                 eta = (config.max_steps - step) / rate
@@ -527,6 +602,7 @@ def train(config: TrainConfig) -> dict:
     seconds = time.perf_counter() - start
 
     # ---- save the LoRA (diffusers format, loadable with pipe.load_lora_weights) and a summary
+    where["step"] = "save weights"
     accelerator.wait_for_everyone()
     from accelerate.utils import gather_object
 
@@ -557,6 +633,8 @@ def train(config: TrainConfig) -> dict:
         "cache": {"bytes": cache.nbytes, "vae_images_encoded": cache.vae_images_encoded,
                   "prompts_encoded": cache.prompts_encoded},
     }
+    if validator is not None:
+        summary["validation"] = validator.summary()
     if evaluator is not None:
         from .evaluation import read_eval_log
 

@@ -152,18 +152,24 @@ class ModelFamily:
     def save_lora(self, output_dir: str | Path, denoiser: torch.nn.Module) -> None:
         """Write ``pytorch_lora_weights.safetensors``, loadable with the pipeline's ``load_lora_weights``.
 
-        The adapter metadata stores ``lora_alpha``, so a reload scales the adapter as trained.
+        The adapter metadata stores ``lora_alpha``, so a reload scales the adapter as trained. The same
+        weights give the same bytes: sets (``target_modules``) are written sorted (diffusers lists a set in
+        iteration order, which changes with the interpreter's hash seed) and so are the file's metadata keys.
         """
         import diffusers
 
+        metadata = {k: sorted(v) if isinstance(v, set) else v for k, v in denoiser.peft_config["default"].to_dict().items()}
         getattr(diffusers, self.pipeline_class).save_lora_weights(
             output_dir,
             safe_serialization=True,
             **{
                 f"{self.denoiser_name}_lora_layers": self.lora_layers(denoiser),
-                f"{self.denoiser_name}_lora_adapter_metadata": denoiser.peft_config["default"].to_dict(),
+                f"{self.denoiser_name}_lora_adapter_metadata": metadata,
             },
         )
+        from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
+
+        sort_safetensors_metadata(Path(output_dir) / LORA_WEIGHT_NAME_SAFE)
 
     def load_lora(self, input_dir: str | Path, denoiser: torch.nn.Module) -> None:
         """Load a file written by ``save_lora`` into the existing ``default`` adapter (checkpoint resume)."""
@@ -179,3 +185,25 @@ class ModelFamily:
         unexpected = getattr(result, "unexpected_keys", None)
         if unexpected:
             raise ValueError(f"{input_dir}: LoRA keys that match no adapter layer: {unexpected[:5]}")
+
+
+def sort_safetensors_metadata(path: str | Path) -> None:
+    """Rewrite a safetensors file's header with its ``__metadata__`` keys sorted, in place (same length).
+
+    safetensors (0.8) keeps the metadata in a Rust ``HashMap``, whose order is random per process, so two
+    saves of the same tensors with two metadata keys (diffusers writes ``format`` and
+    ``lora_adapter_metadata``) differ in bytes. Tensors, offsets and data are untouched.
+    """
+    path = Path(path)
+    data = path.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    if len(header.get("__metadata__") or {}) < 2:
+        return
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > size:  # never: same entries, serde_json's compact form; leave the file valid as written
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data[:8] + text.ljust(size) + data[8 + size:])  # safetensors pads its header with spaces
+    tmp.replace(path)
