@@ -532,7 +532,11 @@ def _train(config: TrainConfig, where: dict) -> dict:
         if accelerator.is_main_process:
             state = {"step": step, "micro_batches": micro_batches, "losses": losses, "metrics": step_metrics,
                      "config_key": config_key(config)}
-            (path / "training_state.json").write_text(dumps_strict(finite_or_none(state)))  # last: marks the checkpoint complete
+            if validator is not None:
+                state["validation"] = validator.history
+            marker = path / "training_state.json"  # written last, whole or not at all: marks the checkpoint complete
+            marker.with_suffix(".tmp").write_text(dumps_strict(finite_or_none(state)))
+            marker.with_suffix(".tmp").replace(marker)
             limit = config.checkpoints_total_limit
             for old in list_checkpoints(out)[:-limit] if limit else []:
                 shutil.rmtree(old)
