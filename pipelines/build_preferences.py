@@ -26,7 +26,7 @@ from ..transforms.accounting import CountAs, WriteDeadLetters, WriteManifest
 from ..transforms.filtering import FilterPairs
 from ..transforms.generation import GenerateCandidates
 from ..transforms.prompts import ReadPrompts
-from ..transforms.ranking import RankGroups
+from ..transforms.ranking import FilterCandidates, GroupByPrompt, RankGroups
 from ..transforms.scoring import ScoreCandidates
 from ..transforms.writing import WriteShards
 
@@ -53,16 +53,18 @@ class BuildPreferences(beam.PTransform):
             jpeg_quality=cfg.output.jpeg_quality)
         scored = generated["units"] | "ScoreCandidates" >> ScoreCandidates(
             cfg.rewards, expected_images=None if n is None else n * per_prompt, torch_threads=cfg.torch_threads)
-        ranked = (prompts["prompts"], scored["scored"]) | "RankCandidates" >> RankGroups(
+        grouped = (prompts["prompts"], scored["scored"]) | "GroupByPrompt" >> GroupByPrompt()
+        candidates = grouped | "FilterCandidates" >> FilterCandidates(cfg.filter)
+        ranked = candidates["groups"] | "RankCandidates" >> RankGroups(
             list(cfg.ranking_rewards), cfg.ranking.aggregator, cfg.filter.min_candidates,
-            reward_weights=cfg.ranking.reward_weights, zscore_scope=cfg.ranking.zscore_scope,
-            candidate_filter=cfg.filter)
+            reward_weights=cfg.ranking.reward_weights, zscore_scope=cfg.ranking.zscore_scope)
         filtered = ranked["groups"] | "FilterNoisyPairs" >> FilterPairs(cfg.filter)
         reward_info = {r["name"]: {"version": r["version"], "fingerprint": r["fingerprint"]}
                        for r in describe_rewards(cfg.rewards)}
         shards = filtered["groups"] | "WriteShards" >> WriteShards(out, cfg.output.samples_per_shard, n, reward_info)
 
-        drops = [s["dropped"] for s in (prompts, generated, scored, ranked, filtered)] | "AllDrops" >> beam.Flatten()
+        drops = ([s["dropped"] for s in (prompts, generated, scored, candidates, ranked, filtered)]
+                 | "AllDrops" >> beam.Flatten())
         dead_letter_files = drops | "DeadLetters" >> WriteDeadLetters(out)
         counts = [
             prompts["read"] | "CountRead" >> CountAs("prompts_read"),

@@ -221,36 +221,48 @@ def _rankable_table(rewards: Sequence[str], min_candidates: int):
     return fn
 
 
-class RankGroups(beam.PTransform):
-    """(prompt_id, PromptRecord) + (prompt_id, Candidate) -> RankedGroup per prompt; drops on the side.
-    With ``candidate_filter`` (a FilterConfig), the candidate filters run on each prompt's candidates
-    first (``candidate_filters.filter_group``) and the dataset statistics see only what they keep;
-    ``stats``: one dict with the aggregator, its reward weights and any dataset-wide statistics
-    (``moments``: count/mean/sd per reward; ``reliability``: agree/weight per reward), for the manifest.
+class GroupByPrompt(beam.PTransform):
+    """(PromptRecord, (prompt_id, Candidate)) -> (prompt_id, {"prompt": [...], "candidates": [...]}).
 
-    The CoGroupByKey carries prompt text, ids, scores and staging URIs, never pixels.
-    """
-
-    def __init__(self, rewards: Sequence[str], aggregator: str = "syn_pic", min_candidates: int = 2,
-                 reward_weights: Optional[Mapping[str, float]] = None, zscore_scope: str = "dataset",
-                 candidate_filter=None):
-        super().__init__()
-        get_aggregator(aggregator)  # fail at construction on an unknown name
-        self.rewards, self.aggregator, self.min_candidates = list(rewards), aggregator, min_candidates
-        self.reward_weights, self.zscore_scope = dict(reward_weights or {}), zscore_scope
-        self.candidate_filter = candidate_filter  # a FilterConfig: the candidate filters run first; None: off
+    The CoGroupByKey carries prompt text, ids, scores and staging URIs, never pixels."""
 
     def expand(self, inputs):
         prompts, scored = inputs
         keyed_prompts = prompts | "KeyPrompts" >> beam.Map(lambda p: (p.prompt_id, p))
-        grouped = {"prompt": keyed_prompts, "candidates": scored} | "GroupByPrompt" >> beam.CoGroupByKey()
-        drops = []
-        if self.candidate_filter is not None:
-            checked = grouped | "FilterCandidates" >> beam.ParDo(
-                _FilterCandidates(self.candidate_filter)).with_outputs(DROPPED, main="groups")
-            grouped = checked.groups
-            drops.append(checked[DROPPED])
-            scored = grouped | "KeptCandidates" >> beam.FlatMap(_candidates_of)  # statistics see what is ranked
+        return {"prompt": keyed_prompts, "candidates": scored} | "CoGroup" >> beam.CoGroupByKey()
+
+
+class FilterCandidates(beam.PTransform):
+    """Grouped prompts -> the same with ``candidate_filters.filter_group`` applied (a FilterConfig's
+    candidate filters); ``{"groups", "dropped"}``. Runs before ranking, so labels and dataset statistics
+    see only the candidates that are kept."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+
+    def expand(self, grouped):
+        checked = grouped | "Check" >> beam.ParDo(_FilterCandidates(self.cfg)).with_outputs(DROPPED, main="groups")
+        return {"groups": checked.groups, "dropped": checked[DROPPED]}
+
+
+class RankGroups(beam.PTransform):
+    """Grouped prompts (``GroupByPrompt``'s output, or the (prompts, scored) pair it takes) -> RankedGroup per
+    prompt; drops on the side. ``stats``: one dict with the aggregator, its reward weights and any
+    dataset-wide statistics (``moments``: count/mean/sd per reward; ``reliability``: agree/weight per
+    reward), for the manifest.
+    """
+
+    def __init__(self, rewards: Sequence[str], aggregator: str = "syn_pic", min_candidates: int = 2,
+                 reward_weights: Optional[Mapping[str, float]] = None, zscore_scope: str = "dataset"):
+        super().__init__()
+        get_aggregator(aggregator)  # fail at construction on an unknown name
+        self.rewards, self.aggregator, self.min_candidates = list(rewards), aggregator, min_candidates
+        self.reward_weights, self.zscore_scope = dict(reward_weights or {}), zscore_scope
+
+    def expand(self, inputs):
+        grouped = inputs | "GroupByPrompt" >> GroupByPrompt() if isinstance(inputs, tuple) else inputs
+        scored = grouped | "Candidates" >> beam.FlatMap(_candidates_of)  # statistics see what is ranked
         spec = get_aggregator(self.aggregator)
         need = spec.needs_stats({"zscore_scope": self.zscore_scope})
         header = {"aggregator": self.aggregator, "zscore_scope": self.zscore_scope,
@@ -273,5 +285,4 @@ class RankGroups(beam.PTransform):
                 _RankGroup(self.rewards, self.aggregator, self.min_candidates, self.reward_weights,
                            self.zscore_scope), stats=beam.pvalue.AsSingleton(raw))
         out = grouped | "RankLabels" >> labels.with_outputs(DROPPED, main="groups")
-        dropped = out[DROPPED] if not drops else [*drops, out[DROPPED]] | "RankDrops" >> beam.Flatten()
-        return {"groups": out.groups, "dropped": dropped, STATS: stats}
+        return {"groups": out.groups, "dropped": out[DROPPED], STATS: stats}
