@@ -190,12 +190,18 @@ def cmd_train(args, rest) -> int:
 def cmd_inspect(args, rest) -> int:
     import fsspec
 
+    from ..core.fileio import check_file_writable
     from ..reporting.inspect_build import collect_report, format_text
 
     fs, path = fsspec.core.url_to_fs(args.output_dir.rstrip("/") + "/manifest.json")
     if not fs.exists(path):
         raise UserError(f"synpref inspect: no manifest.json in {args.output_dir}: the build has not finished. "
                         "Shards with a _stats/ file are complete; rerun the same build command to resume.")
+    if args.html:  # before the work: a page that cannot be written is a mistake, not a failed run
+        try:
+            check_file_writable(args.html)
+        except ValueError as e:
+            raise UserError(f"synpref inspect: --html {e}") from None
     try:
         report = collect_report(args.output_dir, samples=args.samples, verify_shards=not args.no_verify)
     except ValueError as e:  # a manifest this version cannot read

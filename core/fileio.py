@@ -10,7 +10,7 @@ import uuid
 
 import fsspec
 
-from .errors import one_line
+from .errors import error_text, one_line
 
 
 class AtomicFile:
@@ -105,3 +105,19 @@ def finite_or_none(obj):
     if isinstance(obj, (list, tuple)):
         return [finite_or_none(v) for v in obj]
     return obj
+
+
+def check_file_writable(uri: str) -> None:
+    """A file can be written at ``uri`` (not a folder, its folder writable); ValueError, one line, if not.
+    Leaves nothing behind that was not there."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    if fs.isdir(path):
+        raise ValueError(f"{uri} is a folder: give a file name, e.g. {uri.rstrip('/')}/report.html")
+    existed = fs.exists(path)
+    try:
+        with fs.open(path, "ab"):
+            pass
+        if not existed:
+            fs.rm(path)
+    except Exception as e:  # permissions, a missing parent, a read-only file system: no page can be written
+        raise ValueError(f"{uri} cannot be written ({error_text(e)})") from None

@@ -100,9 +100,14 @@ def read_manifest(build_dir: str) -> dict:
         raise ExportError(f"no manifest.json in {build_dir}: not a finished synpref build "
                           "(rerun the build command to finish it)")
     try:
-        return json.loads(fs.cat(path))
+        manifest = json.loads(fs.cat(path))
     except ValueError as e:
         raise ExportError(f"{build_dir}/manifest.json does not parse: {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("job", "build") != "build" or "shards" not in manifest:
+        kind = manifest.get("job", "unknown") if isinstance(manifest, dict) else "unknown"
+        raise ExportError(f"{build_dir} is a synpref {kind} output, not a build: export reads a build's "
+                          "ranked and pairs shards")
+    return manifest
 
 
 def iter_tar_samples(uri: str) -> Iterator[dict]:

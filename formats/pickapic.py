@@ -5,6 +5,9 @@ how an image cell is stored (raw bytes in the release; ``{"bytes", "path"}`` in 
 """
 from __future__ import annotations
 
+import glob
+
+import fsspec
 import pyarrow as pa
 
 # Column for column as released.
@@ -37,3 +40,19 @@ PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
 def image_bytes(value):
     """An image cell's bytes: Pick-a-Pic stores bytes, HF image columns store {"bytes": ..., "path": ...}."""
     return value.get("bytes") if isinstance(value, dict) else value
+
+
+def parquet_files(location: str) -> list[str]:
+    """The Parquet files a location names: a file, a glob, or a folder (its ``*.parquet``, else those below
+    it, as the published Pick-a-Pic v2 keeps them in ``data/``), local or any fsspec URL, sorted."""
+    fs, path = fsspec.core.url_to_fs(location)
+    if fs.isdir(path):
+        found = fs.glob(path.rstrip("/") + "/*.parquet") or fs.glob(path.rstrip("/") + "/**/*.parquet")
+    elif glob.has_magic(path):
+        found = fs.glob(path)
+    else:
+        found = [path] if fs.exists(path) else []
+    if not found:
+        raise FileNotFoundError(f"no Parquet files at {location!r}: give a .parquet file, a glob or a folder of them")
+    local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+    return [p if local else fs.unstrip_protocol(p) for p in sorted(found)]

@@ -22,7 +22,8 @@ import fsspec
 import numpy as np
 import pyarrow.parquet as pq
 
-from ..formats.pickapic import PICKAPIC_COLUMNS, image_bytes
+from ..core.errors import error_text
+from ..formats.pickapic import PICKAPIC_COLUMNS, image_bytes, parquet_files
 from ..schemas.config import BuildConfig
 from ..transforms.aggregators import dataset_stats, get_aggregator
 from ..transforms.ranking import label_table
@@ -34,15 +35,20 @@ from ..transforms.scoring import score_ensemble
 COLUMNS = PICKAPIC_COLUMNS
 
 
-def read_pairs(path: str, batch_rows: int = 64) -> Iterator[list[dict[str, Any]]]:
-    """Row batches of the preference parquet (streamed: the file is never held in memory whole)."""
-    with fsspec.open(path, "rb") as f:
-        pf = pq.ParquetFile(f)
-        missing = [c for c in COLUMNS if c not in pf.schema_arrow.names]
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {missing}; expected the Pick-a-Pic v2 schema {list(COLUMNS)}")
-        for batch in pf.iter_batches(batch_size=batch_rows, columns=list(COLUMNS)):
-            yield batch.to_pylist()
+def read_pairs(location: str, batch_rows: int = 64) -> Iterator[list[dict[str, Any]]]:
+    """Row batches of the preference parquet(s) at ``location`` (a file, a glob or a folder, as Pick-a-Pic v2
+    is published); streamed: no file is ever held in memory whole."""
+    for path in parquet_files(location):
+        with fsspec.open(path, "rb") as f:
+            try:
+                pf = pq.ParquetFile(f)
+            except Exception as e:  # not Parquet at all: a user mistake, one line
+                raise ValueError(f"{path} is not a readable Parquet file ({error_text(e)})") from None
+            missing = [c for c in COLUMNS if c not in pf.schema_arrow.names]
+            if missing:
+                raise ValueError(f"{path}: missing column(s) {missing}; expected the Pick-a-Pic v2 schema {list(COLUMNS)}")
+            for batch in pf.iter_batches(batch_size=batch_rows, columns=list(COLUMNS)):
+                yield batch.to_pylist()
 
 
 def _credit(a: float, b: float, label_0: float) -> float | None:

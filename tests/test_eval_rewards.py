@@ -159,3 +159,18 @@ def test_reliability_weighted_estimates_weights_from_the_pairs_first(tmp_path):
 
     assert "estimated reward weights: eval_red=0.333, eval_green=0.000, eval_blue=0.000, eval_red_copy=0.333" \
         in format_table(results["reliability_weighted"])
+
+
+def test_pairs_in_the_published_folder_layout_or_a_glob_read_as_one_set(pairs, tmp_path):
+    """Pick-a-Pic v2 is published as data/train-NNNNN-of-MMMMM.parquet: a folder or a glob is the whole set."""
+    table = pq.read_table(pairs)
+    (tmp_path / "pap" / "data").mkdir(parents=True)
+    pq.write_table(table.slice(0, 2), tmp_path / "pap/data/train-00000-of-00002.parquet")
+    pq.write_table(table.slice(2), tmp_path / "pap/data/train-00001-of-00002.parquet")
+    cfg = build_config_from_dict(config(tmp_path))
+    whole = {k: v for k, v in evaluate(cfg, str(pairs)).items() if k != "pairs_file"}
+    for location in (tmp_path / "pap", tmp_path / "pap/data", tmp_path / "pap/data/train-*.parquet"):
+        report = evaluate(cfg, str(location))
+        assert report.pop("pairs_file") == str(location) and report == whole, location
+    with pytest.raises(FileNotFoundError, match="no Parquet files at"):
+        evaluate(cfg, str(tmp_path / "empty_dir_*"))
