@@ -121,3 +121,24 @@ def check_file_writable(uri: str) -> None:
             fs.rm(path)
     except Exception as e:  # permissions, a missing parent, a read-only file system: no page can be written
         raise ValueError(f"{uri} cannot be written ({error_text(e)})") from None
+
+
+def expand_locations(entries, ext: str) -> list[str]:
+    """Files, globs and folders (their ``*.<ext>``), local or fsspec URLs, in the given order, each entry's
+    matches sorted; FileNotFoundError naming an entry that matches nothing (a typo must not read nothing)."""
+    import glob
+
+    urls = []
+    for entry in entries:
+        fs, path = fsspec.core.url_to_fs(entry)
+        if fs.isdir(path):
+            found = fs.glob(path.rstrip("/") + f"/*.{ext}")
+        elif glob.has_magic(path):
+            found = fs.glob(path)
+        else:
+            found = [path] if fs.exists(path) else []
+        if not found:
+            raise FileNotFoundError(f"no shards found for {entry!r}: give a .{ext} file, a glob or a directory of .{ext}")
+        local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+        urls += [p if local else fs.unstrip_protocol(p) for p in sorted(found)]
+    return urls

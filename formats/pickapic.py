@@ -5,10 +5,10 @@ how an image cell is stored (raw bytes in the release; ``{"bytes", "path"}`` in 
 """
 from __future__ import annotations
 
-import glob
-
 import fsspec
 import pyarrow as pa
+
+from ..core.fileio import expand_locations
 
 # Column for column as released.
 PICKAPIC_V2_SCHEMA = pa.schema([
@@ -46,13 +46,10 @@ def parquet_files(location: str) -> list[str]:
     """The Parquet files a location names: a file, a glob, or a folder (its ``*.parquet``, else those below
     it, as the published Pick-a-Pic v2 keeps them in ``data/``), local or any fsspec URL, sorted."""
     fs, path = fsspec.core.url_to_fs(location)
-    if fs.isdir(path):
-        found = fs.glob(path.rstrip("/") + "/*.parquet") or fs.glob(path.rstrip("/") + "/**/*.parquet")
-    elif glob.has_magic(path):
-        found = fs.glob(path)
-    else:
-        found = [path] if fs.exists(path) else []
-    if not found:
-        raise FileNotFoundError(f"no Parquet files at {location!r}: give a .parquet file, a glob or a folder of them")
-    local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
-    return [p if local else fs.unstrip_protocol(p) for p in sorted(found)]
+    if fs.isdir(path) and not fs.glob(path.rstrip("/") + "/*.parquet"):
+        location = location.rstrip("/") + "/**/*.parquet"
+    try:
+        return expand_locations([location], "parquet")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no Parquet files at {location!r}: give a .parquet file, a glob or a folder "
+                                "of them") from None

@@ -178,20 +178,6 @@ class TrainConfig(ConfigModel):
         self.check_environment()
         return self
 
-    def _check_validation(self) -> None:
-        if self.validation_every < 0:
-            raise ValueError(f"validation_every must be >= 0 (0 is off), got {self.validation_every!r}")
-        if not 0.0 <= self.validation_fraction < 1.0:
-            raise ValueError(f"validation_fraction must be in [0, 1) (0 is off), got {self.validation_fraction!r}")
-        if self.validation_shards and self.validation_fraction:
-            raise ValueError("give validation_shards or validation_fraction, not both")
-        has_source = bool(self.validation_shards) or self.validation_fraction > 0
-        if self.validation_every and not has_source:
-            raise ValueError("validation_every > 0 needs validation_shards or validation_fraction")
-        if has_source and not self.validation_every:
-            raise ValueError("validation_shards / validation_fraction need validation_every > 0 "
-                             "(optimiser steps between evaluations)")
-
     def check_environment(self) -> None:
         """Refuse settings this machine cannot run, with one line each (checked at config time and by ``train``).
 

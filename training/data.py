@@ -24,7 +24,6 @@ are read as raw bytes and dropped (the shuffle buffer needs them to reproduce th
 """
 from __future__ import annotations
 
-import glob
 import hashlib
 import itertools
 import json
@@ -44,6 +43,7 @@ import torch
 import webdataset as wds
 from PIL import Image, ImageOps
 
+from ..core.fileio import expand_locations
 from ..core.registry import Registry
 from ..formats.pickapic import PICKAPIC_COLUMNS, image_bytes
 from ..transforms.imageio import DEFAULT_MAX_PIXELS, ImageDecodeError, check_member_name, decode_image
@@ -106,20 +106,7 @@ def resolve_shards(shards: Iterable[str], ext: str = "tar") -> list[str]:
     Raises:
         FileNotFoundError: an entry matches no shard (a typo should not train on nothing).
     """
-    urls = []
-    for entry in shards:
-        fs, path = fsspec.core.url_to_fs(entry)
-        if fs.isdir(path):
-            found = fs.glob(path.rstrip("/") + f"/*.{ext}")
-        elif glob.has_magic(path):
-            found = fs.glob(path)
-        else:
-            found = [path] if fs.exists(path) else []
-        if not found:
-            raise FileNotFoundError(f"no shards found for {entry!r}: give a .{ext} file, a glob or a directory of .{ext}")
-        local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
-        urls += [p if local else fs.unstrip_protocol(p) for p in sorted(found)]
-    return urls
+    return expand_locations(shards, ext)
 
 
 def _check_names(sample: dict) -> None:
