@@ -132,7 +132,8 @@ def test_scoring_runs_through_run_inference_and_every_failure_is_a_counted_drop(
 def test_the_scoring_step_carries_the_rewards_accelerator_hint(corpus, tmp_path):
     import apache_beam as beam
 
-    from synpref.pipelines.filter_corpus import FilterCorpus, manifest_header
+    from synpref.pipelines.filter_corpus import FilterCorpus
+    from synpref.runs.manifests import filter_header as manifest_header
     from synpref.transforms.corpus_sources import CorpusInput
 
     cfg = job(corpus["root"], tmp_path / "out", [])

@@ -67,15 +67,17 @@ def test_missing_models_and_unknown_types_fail_clearly(tmp_path):
 def test_a_missing_model_fails_before_the_pipeline_starts(demo_models, tmp_path):
     from conftest import tiny_build_config
     from synpref.pipelines.build_preferences import build
+    from synpref.runs.errors import RunRefused
     from synpref.schemas.config import build_config_from_dict
 
     cfg = tiny_build_config(demo_models, tmp_path / "out")
     cfg["generators"][1]["model"] = str(tmp_path / "models" / "sd-typo")
-    with pytest.raises(FileNotFoundError, match=r"generator tiny-sd-b: model: .*sd-typo does not exist"):
+    # preflight runs inside build(): a mistake it finds is a RunRefused (the CLI's one line, exit 2)
+    with pytest.raises(RunRefused, match=r"generator tiny-sd-b: model: .*sd-typo does not exist"):
         build(build_config_from_dict(cfg))
     cfg = tiny_build_config(demo_models, tmp_path / "out")
     cfg["rewards"][0]["params"]["checkpoint"] = "memory:///no/such.safetensors"
-    with pytest.raises(FileNotFoundError, match="reward clip_score: checkpoint: memory:///no/such.safetensors"):
+    with pytest.raises(RunRefused, match="reward clip_score: checkpoint: memory:///no/such.safetensors"):
         build(build_config_from_dict(cfg))
     assert not (tmp_path / "out").exists()
 
