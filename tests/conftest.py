@@ -43,3 +43,12 @@ def tiny_build_config(models: dict, output_dir, **overrides) -> dict:
     for key, value in overrides.items():
         cfg[key] = value
     return cfg
+
+
+def digests(out) -> dict:
+    """sha256 of every shard and index file, keyed by its path under ``out``."""
+    import glob
+    import hashlib
+
+    files = sorted(glob.glob(f"{out}/ranked/*") + glob.glob(f"{out}/pairs/*"))
+    return {os.path.relpath(f, out): hashlib.sha256(open(f, "rb").read()).hexdigest() for f in files}

@@ -12,7 +12,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from conftest import tiny_build_config
+from conftest import digests, tiny_build_config
 from synpref.pipelines.build_preferences import build
 from synpref.schemas.config import build_config_from_dict
 from synpref.transforms.prompts import read_raw_prompts
@@ -20,12 +20,6 @@ from synpref.transforms.prompts import read_raw_prompts
 
 def run_build(models, out, pipeline_args=None, **overrides):
     return build(build_config_from_dict(tiny_build_config(models, out, **overrides)), pipeline_args)
-
-
-def digests(out) -> dict:
-    """sha256 of every shard and index file, keyed by its path under ``out``."""
-    files = sorted(glob.glob(f"{out}/ranked/*") + glob.glob(f"{out}/pairs/*"))
-    return {os.path.relpath(f, out): hashlib.sha256(open(f, "rb").read()).hexdigest() for f in files}
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,7 @@ import synpref
 from conftest import tiny_build_config
 from synpref.pipelines.build_preferences import build
 from synpref.schemas.config import build_config_from_dict
-from test_build_e2e import digests
+from conftest import digests
 
 REPO = Path(__file__).resolve().parents[1]
 PORTABLE_BUILD_TIMEOUT_S = int(os.environ.get("SYNPREF_PORTABLE_TIMEOUT_S", "900"))

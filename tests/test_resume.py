@@ -19,7 +19,7 @@ import yaml
 from conftest import tiny_build_config
 from synpref.pipelines.build_preferences import build
 from synpref.schemas.config import BuildConfig, build_config_from_dict
-from test_build_e2e import digests
+from conftest import digests
 
 KEEP = {"samples_per_shard": 4, "staging": "keep"}
 

@@ -13,7 +13,7 @@ import webdataset as wds
 
 from synpref.pipelines.build_preferences import build
 from synpref.schemas.config import build_config_from_dict
-from test_candidate_filters import K, dead_letters, job_dict  # registers the test_planted generator
+from planted_candidates import K, dead_letters, job_dict  # registers the test_planted generator
 
 PROMPTS = ["normal", "dup", "flat mark"]  # distinct images, a near duplicate, a flat one
 RANKING = [{"name": "sharpness"}, {"name": "colourfulness"}, {"name": "near_blank"}]

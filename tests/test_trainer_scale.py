@@ -260,10 +260,10 @@ def test_tensorboard_writes_event_files(model_dir, shard_dir, tmp_path):
 @pytest.mark.parametrize("family", ["sdxl", "sd3"])
 def test_caches_give_the_same_losses_for_sdxl_and_sd3(family, shard_dir, tmp_path_factory, tmp_path):
     # SDXL: pooled embeddings and time ids per prompt, fp32 VAE; SD3: shift factor, flow matching
-    from test_trainer_families import BUILDERS
+    from synpref.demo.tiny_families import save_tiny_sd3, save_tiny_sdxl
 
     root = tmp_path_factory.mktemp(f"{family}-models")
-    model = BUILDERS[family][0](root / family, root / "tok")
+    model = {"sdxl": save_tiny_sdxl, "sd3": save_tiny_sd3}[family](root / family)
     runs = [train(config(model, [shard_dir / "ranked-00000.tar"], tmp_path / str(c), max_steps=4,
                          cache_latents=c, cache_text_embeddings=c)) for c in (False, True)]
     assert len(runs[0]["losses"]) == 4 and all(math.isfinite(x) for x in runs[0]["losses"])
