@@ -25,7 +25,7 @@ demo: venv
 	$(VENV)/bin/synpref demo --workdir $(WORKDIR)
 
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 tests   # two workers: the 2-core CI machine; tests are single-threaded
 
 bench: venv
 	$(PY) bench/bench_stages.py

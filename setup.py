@@ -56,7 +56,7 @@ setup(
     extras_require={
         "gcp": ["apache-beam[gcp]", "gcsfs"],
         "aws": ["s3fs"],
-        "test": ["pytest>=7", "scikit-image>=0.19", "tensorboard>=2.10"],  # tensorboard: the trainer logs through it
+        "test": ["pytest>=7", "pytest-xdist>=3", "scikit-image>=0.19", "tensorboard>=2.10"],  # tensorboard: the trainer logs through it
     },
     entry_points={"console_scripts": ["synpref=synpref.cli:main"]},
 )
