@@ -56,7 +56,7 @@ def main(argv=None):
     cfg = eval_config_from_dict(data)
 
     prompts = {}
-    for r in read_raw_prompts(cfg.prompts.to_prompts_config()):
+    for r in read_raw_prompts(cfg.prompts):
         text = normalize_prompt(r.text)
         prompts.setdefault(prompt_id_of(text), text)
     chosen = sorted(prompts, key=lambda pid: sample_key(cfg.seed, pid))[: args.prompts]

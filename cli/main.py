@@ -66,21 +66,26 @@ def _run_pipeline(command: str, run, args) -> int:
         return 1
 
 
+def _pipeline_command(args, rest, model_cls, job, summary) -> int:
+    """build and filter: the config, then the job (its preflight, lock and Beam run inside), then its summary."""
+    try:
+        cfg = load(args, model_cls)
+    except (ValueError, FileNotFoundError) as e:
+        raise UserError(f"synpref {args.command}: {' '.join(str(e).split())}") from None
+
+    def run() -> int:
+        result = job(cfg, rest, force_unlock=args.force_unlock)
+        print(summary(result))
+        return 1 if result["summary"]["problems"] else 0
+    return _run_pipeline(args.command, run, args)
+
+
 def cmd_build(args, rest) -> int:
     from ..pipelines.build_preferences import build
     from ..reporting.summaries import build_summary
     from ..schemas.config import BuildConfig
 
-    try:
-        cfg = load(args, BuildConfig)
-    except (ValueError, FileNotFoundError) as e:
-        raise UserError(f"synpref build: {e}") from None
-
-    def run() -> int:
-        result = build(cfg, rest, force_unlock=args.force_unlock)
-        print(build_summary(result))
-        return 1 if result["summary"]["problems"] else 0
-    return _run_pipeline("build", run, args)
+    return _pipeline_command(args, rest, BuildConfig, build, build_summary)
 
 
 def cmd_evaluate(args, rest) -> int:
@@ -237,16 +242,7 @@ def cmd_filter(args, rest) -> int:
     from ..reporting.summaries import filter_summary
     from ..schemas.filter_config import FilterJobConfig
 
-    try:
-        cfg = load(args, FilterJobConfig)
-    except (ValueError, FileNotFoundError) as e:
-        raise UserError(f"synpref filter: {' '.join(str(e).split())}") from None
-
-    def run() -> int:
-        result = filter_corpus(cfg, rest, force_unlock=args.force_unlock)
-        print(filter_summary(result))
-        return 1 if result["summary"]["problems"] else 0
-    return _run_pipeline("filter", run, args)
+    return _pipeline_command(args, rest, FilterJobConfig, filter_corpus, filter_summary)
 
 
 def cmd_demo(args, rest) -> int:

@@ -68,7 +68,7 @@ def check_judges(cfg: EvalConfig) -> None:
 
 def preflight_evaluate(cfg: EvalConfig) -> None:
     """Everything that can be checked before generation: prompts, models and weights, judges, output."""
-    check_prompt_source(cfg.prompts.to_prompts_config())
+    check_prompt_source(cfg.prompts)
     check_eval_models(cfg)
     check_judges(cfg)
     check_writable(cfg.output_dir, "output_dir")

@@ -102,7 +102,7 @@ class Evaluate(beam.PTransform):
         n = cfg.prompts.num_prompts
         images = None if n is None else n * cfg.seeds_per_prompt * len(models)
 
-        prompts = pbegin | "ReadPrompts" >> ReadPrompts(cfg.prompts.to_prompts_config(), cfg.seed)
+        prompts = pbegin | "ReadPrompts" >> ReadPrompts(cfg.prompts, cfg.seed)
         generated = prompts["prompts"] | "GenerateImages" >> GenerateCandidates(
             cfg.generator_configs(), cfg.seeds_per_prompt, cfg.seed, cfg.staging, expected_prompts=n,
             torch_threads=cfg.torch_threads, paired_seeds=True)

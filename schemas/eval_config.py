@@ -65,21 +65,6 @@ class EvalModel(ConfigModel):
         return self
 
 
-class EvalPrompts(ConfigModel):
-    """The build's ``prompts`` section (``schemas.config.PromptsConfig``): file, ``builtin`` or ``hf://``."""
-
-    source: str = "builtin"
-    format: Literal["auto", "txt", "jsonl", "csv", "parquet", "hf"] = "auto"
-    text_field: str = "prompt"
-    category_field: str = "category"
-    split: str = "train"
-    max_chars: int = Field(300, ge=1)
-    num_prompts: Optional[int] = Field(None, ge=1)
-
-    def to_prompts_config(self) -> PromptsConfig:
-        return PromptsConfig(**self.model_dump())
-
-
 class Judge(ConfigModel):
     """A reward scoring every image, as the build's ``rewards`` (names are checked at preflight)."""
 
@@ -99,7 +84,7 @@ class EvalConfig(ConfigModel):
     """The whole ``synpref evaluate`` job."""
 
     models: list[EvalModel] = Field(min_length=1)
-    prompts: EvalPrompts = EvalPrompts()
+    prompts: PromptsConfig = PromptsConfig()  # the build's prompts section: a file, builtin or hf://
     seeds_per_prompt: int = Field(2, ge=1, le=1000)
     seed: int = Field(0, ge=0, le=2**63 - 1)
     judges: list[Judge] = Field(min_length=1)
