@@ -269,19 +269,24 @@ def cmd_run(args, rest) -> int:
     """build -> train -> evaluate per round; stages whose key matches are skipped (docs/run.md)."""
     from ..pipelines.run_loop import StageFailed, format_run_loop, preflight_run, run_loop
     from ..runs.beam_flags import check_beam_flags
+    from ..runs.errors import RunRefused
     from ..runs.output_folder import locked_output
     from ..schemas.run_config import RunConfig
 
     try:
         cfg = load(args, RunConfig)
         check_beam_flags(rest)
-        preflight_run(cfg)
     except (ValueError, FileNotFoundError) as e:
         raise UserError(f"synpref run: {' '.join(str(e).split())}") from None
 
     def run() -> int:
         try:
+            # the lock first: a run refused because another holds the folder creates nothing in it
             with locked_output(cfg.output_dir, "synpref run", args.force_unlock, what="output_dir"):
+                try:
+                    preflight_run(cfg)
+                except (ValueError, FileNotFoundError) as e:
+                    raise RunRefused(" ".join(str(e).split())) from None
                 result = run_loop(cfg, rest)
         except StageFailed as e:  # one line naming the round and stage; finished stages are kept
             print(f"synpref run: {' '.join(str(e).split())}\n(-v shows the traceback; finished stages are kept: "
