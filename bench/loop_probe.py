@@ -28,7 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-REWARDS = ("jpeg_compressibility", "jpeg_incompressibility")
+REWARDS = ["jpeg_compressibility", "jpeg_incompressibility"]  # --rewards replaces them
 # name -> TrainConfig fields (on top of BASE_TRAIN)
 SETTINGS = {
     "lora-1e-4-20": dict(finetune="lora", learning_rate=1e-4, max_steps=20),  # the demo's defaults
@@ -45,6 +45,18 @@ SETTINGS = {
     "full-1e-3-60-beta25": dict(finetune="full", learning_rate=1e-3, max_steps=60, beta=25.0),
     "full-1e-4-120-beta25": dict(finetune="full", learning_rate=1e-4, max_steps=120, beta=25.0),
 }
+
+
+def parse_setting(name: str) -> dict:
+    """A named setting, or ``finetune:key=value:...`` (e.g. ``full:learning_rate=3e-5:max_steps=200``)."""
+    if name in SETTINGS:
+        return SETTINGS[name]
+    finetune, *pairs = name.split(":")
+    setting = {"finetune": finetune}
+    for pair in pairs:
+        key, value = pair.split("=", 1)
+        setting[key] = json.loads(value) if not value.replace(".", "").isalpha() else value
+    return setting
 BASE_TRAIN = dict(resolution=64, batch_size=4, seed=0, torch_threads=1, loss="rankdpo")
 GEN = dict(num_inference_steps=4, guidance_scale=5.0, height=64, width=64)
 
@@ -114,7 +126,7 @@ def generate_and_score(model_dir: str, tuned: Path | None, prompts: list[str], s
     if tuned is not None and not (tuned / "unet").is_dir():
         pipe.load_lora_weights(str(tuned))
     pipe.set_progress_bar_config(disable=True)
-    reward = create_reward("jpeg_compressibility", {})
+    reward = create_reward(REWARDS[0], {})
     reward.load()
     scores = []
     for prompt in prompts:
@@ -146,8 +158,10 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--candidates", type=int, default=4)
     parser.add_argument("--train-seeds", default="0", help="comma-separated training seeds; each trains both models")
+    parser.add_argument("--rewards", default="jpeg_compressibility,jpeg_incompressibility", help="a reward and its exact negative")
     parser.add_argument("--json", default="")
     args = parser.parse_args(argv)
+    REWARDS[:] = args.rewards.split(",")
 
     import torch
 
@@ -174,7 +188,7 @@ def main(argv=None) -> int:
         for seed in [int(x) for x in args.train_seeds.split(",")]:
             seconds, scores = {}, {}
             for reward in REWARDS:
-                out, seconds[reward] = train_one(workdir, models, builds[reward], name, SETTINGS[name], seed)
+                out, seconds[reward] = train_one(workdir, models, builds[reward], name.replace(':', '_'), parse_setting(name), seed)
                 scores[reward] = generate_and_score(models["tiny-sd-a"], out, prompts, args.seeds)
                 pooled[reward] += scores[reward]
             comp, incomp = scores[REWARDS[0]], scores[REWARDS[1]]
@@ -188,7 +202,7 @@ def main(argv=None) -> int:
                   f"{row['incomp_vs_base']['win_rate']:.2f}; train {seconds[REWARDS[0]]:.0f}s + "
                   f"{seconds[REWARDS[1]]:.0f}s", flush=True)
         total = sign_test(pooled[REWARDS[0]], pooled[REWARDS[1]])
-        results[name] = {"setting": SETTINGS[name], "per_seed": per_seed, "pooled_comp_vs_incomp": total}
+        results[name] = {"setting": parse_setting(name), "per_seed": per_seed, "pooled_comp_vs_incomp": total}
         if len(per_seed) > 1:  # the direction must hold across training seeds, not only within one pair of models
             right = sum(s["comp_vs_incomp"]["win_rate"] > 0.5 for s in per_seed)
             print(f"{name:<22} pooled over {len(per_seed)} training seeds: win rate {total['win_rate']:.2f} "
