@@ -5,7 +5,8 @@
                                         [--skip-throughput] [--workdir DIR]
 
 ``--reward tiny_clip`` scores with ``clip_score`` on a tiny random open_clip (64 px input, built here),
-the case where ``--jpeg-draft`` (``input.jpeg_draft``) applies; ``--max-side 1024`` makes images more
+``--reward tiny_pickscore`` with ``pickscore`` on a tiny transformers CLIP behind the real PIL image
+processor at 224 px (the cases where ``--jpeg-draft``, ``input.jpeg_draft``, applies); ``--max-side 1024`` makes images more
 like un-resized web originals.
 
 The corpus is synthetic but in img2dataset's exact WebDataset layout: ``NNNNN.tar`` shards of
@@ -115,12 +116,18 @@ def build_corpus(root: str, n: int, per_shard: int, seed: int = 0, max_side: int
 
 
 def reward_spec(name: str, work: str) -> dict:
-    """The reward config: a registry name, or ``tiny_clip`` (clip_score on a tiny open_clip saved under work)."""
-    if name != "tiny_clip":
-        return {"name": name, "params": {}}
-    from synpref.demo.tiny_models import save_tiny_open_clip
+    """The reward config: a registry name, ``tiny_clip`` (clip_score on a tiny open_clip saved under work) or
+    ``tiny_pickscore`` (pickscore on a tiny transformers CLIP with its PIL image processor, 224 px)."""
+    if name == "tiny_clip":
+        from synpref.demo.tiny_models import save_tiny_open_clip
 
-    return {"name": "clip_score", "params": {**save_tiny_open_clip(f"{work}/tiny_clip"), "variant": "cosine"}}
+        return {"name": "clip_score", "params": {**save_tiny_open_clip(f"{work}/tiny_clip"), "variant": "cosine"}}
+    if name == "tiny_pickscore":
+        from synpref.demo.tiny_models import save_tiny_hf_clip
+
+        return {"name": "pickscore", "params": {**save_tiny_hf_clip(f"{work}/tiny_pickscore", side=224),
+                                                "device": "cpu"}}
+    return {"name": name, "params": {}}
 
 
 def job_config(source: str, out: str, spec: dict, per_shard: int, jpeg_draft: bool = False):
@@ -259,9 +266,9 @@ def parse_args(argv=None):
     p.add_argument("--samples", type=int, default=400)
     p.add_argument("--per-shard", type=int, default=100)
     p.add_argument("--reward", default="sharpness", help="a cheap registry reward (sharpness, resolution ...) "
-                   "or tiny_clip")
+                   "or tiny_clip, tiny_pickscore")
     p.add_argument("--max-side", type=int, default=512, help="images' long side is drawn from 256..this")
-    p.add_argument("--jpeg-draft", action="store_true", help="input.jpeg_draft (applies to tiny_clip)")
+    p.add_argument("--jpeg-draft", action="store_true", help="input.jpeg_draft (applies to tiny_clip, tiny_pickscore)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--mem-scale", type=int, default=4)
     p.add_argument("--skip-memory", action="store_true")

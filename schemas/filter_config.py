@@ -50,8 +50,9 @@ class CorpusInputConfig(ConfigModel):
     batch_size: int = Field(16, ge=1)  # images per scoring call inside one shard
     max_caption_chars: int = Field(0, ge=0)  # 0: no limit; longer captions are dropped as caption_too_long
     # JPEGs decoded at 1/2..1/8 scale (libjpeg DCT scaling) when every reward first shrinks images to a
-    # fixed size (CLIP-style preprocessing: clip_score, laion_aesthetic, image_reward, hpsv2, vqascore),
-    # never below that size; scores move slightly. Otherwise full-size decoding (a warning says why).
+    # fixed size (CLIP-style preprocessing: clip_score, laion_aesthetic, image_reward, hpsv2, vqascore, and
+    # the HF image processor's resize of pickscore, mps, nsfw), never below that size; scores move slightly.
+    # Otherwise full-size decoding (a warning says why).
     jpeg_draft: bool = False
 
     @field_validator("source")

@@ -44,21 +44,17 @@ from .scoring import LoadedRewards, ScoreWithEnsemble
 DROPPED = "dropped"
 READ = "read"
 
-# preprocess_key()s that start by shrinking the image to ``key[1]`` pixels (the short side for a
-# centre crop, the long side for padding to a square), so a smaller decode changes their input little.
-_SHRINKING_KEYS = ("clip_center_crop", "clip_pad_square", "clip_expand2square")
-
-
 def draft_side(rewards) -> tuple[int, str]:
     """(side, why): the short side a JPEG may be decoded down to for every reward (0 if some reward
     reads pixels at full resolution, e.g. sharpness or resolution, with the reason). ``rewards``:
-    Reward objects or (name, preprocess_key) pairs (``LoadedRewards.preprocess_keys()``)."""
+    Reward objects or (name, side) pairs (``LoadedRewards.decode_min_sides()``); see
+    ``Reward.decode_min_side``."""
     sides = []
     for r in rewards:
-        name, key = r if isinstance(r, tuple) else (r.name, r.preprocess_key())
-        if not (isinstance(key, tuple) and len(key) > 1 and key[0] in _SHRINKING_KEYS and isinstance(key[1], int)):
+        name, side = r if isinstance(r, tuple) else (r.name, r.decode_min_side())
+        if not side:
             return 0, f"reward {name} reads pixels at full resolution"
-        sides.append(key[1])
+        sides.append(side)
     return max(sides), ""
 
 
@@ -155,7 +151,7 @@ class ScoreCorpusSamples(ScoreWithEnsemble):
         if self._draft is None:
             self._draft = 0
             if self.jpeg_draft:
-                self._draft, why = draft_side(model.preprocess_keys())
+                self._draft, why = draft_side(model.decode_min_sides())
                 if not self._draft:
                     logging.getLogger("synpref.filter").warning("input.jpeg_draft: %s; decoding at full size", why)
         return self._draft
