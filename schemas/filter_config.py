@@ -89,6 +89,10 @@ class CorpusFilterConfig(ConfigModel):
 class FilterOutputConfig(ConfigModel):
     output_dir: Location = "out/filter"
     samples_per_shard: int = Field(1000, ge=1)
+    # After the manifest is written, delete the _cache/ entries this run did not use (other scoring
+    # settings, changed or removed input): _cache/ then holds exactly what a rerun of this job reuses.
+    # false: keep them (to switch back to an earlier reward setting without re-scoring).
+    prune_cache: bool = True
 
 
 class FilterJobConfig(ConfigModel):
