@@ -2,7 +2,7 @@
 
     python bench/bench_filter_corpus.py [--samples 400] [--per-shard 100] [--reward sharpness] [--repeats 3]
                                         [--max-side 512] [--jpeg-draft] [--mem-scale 4] [--skip-memory]
-                                        [--skip-throughput] [--workdir DIR]
+                                        [--skip-throughput] [--workdir DIR] [--preprocess-cost]
 
 ``--reward tiny_clip`` scores with ``clip_score`` on a tiny random open_clip (64 px input, built here),
 ``--reward tiny_pickscore`` with ``pickscore`` on a tiny transformers CLIP behind the real PIL image
@@ -219,6 +219,30 @@ def throughput(args, work: str) -> dict:
             "all_loop_s": [round(x, 3) for x in loops]}
 
 
+def preprocess_cost(n: int = 300, max_side: int = 512) -> dict:
+    """CPU ms per image of ``decode_image`` and of CLIP's resize + centre crop to 224 px
+    (``preprocess.clip_center_crop``, in calls of 16) on this bench's JPEGs; best of 2, one torch thread."""
+    import torch
+
+    from synpref.transforms.imageio import decode_image
+    from synpref.transforms.rewards.preprocess import clip_center_crop
+
+    torch.set_num_threads(1)
+    rng, photos = np.random.default_rng(0), _photos()
+    data = [_image(i, rng, photos, max_side) for i in range(n)]
+    best = None
+    for _ in range(2):
+        t0 = time.process_time()
+        images = [decode_image(d) for d in data]
+        t1 = time.process_time()
+        for i in range(0, n, 16):
+            clip_center_crop(images[i:i + 16], 224)
+        t2 = time.process_time()
+        run = (1000 * (t1 - t0) / n, 1000 * (t2 - t1) / n)
+        best = run if best is None else tuple(min(a, b) for a, b in zip(best, run))
+    return {"images": n, "max_side": max_side, "decode_ms": round(best[0], 2), "clip_crop_224_ms": round(best[1], 2)}
+
+
 def child_main(args) -> None:
     """One job in this fresh process; prints its peak RSS (after imports) as one JSON line."""
     import logging
@@ -274,6 +298,8 @@ def parse_args(argv=None):
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--workdir", default=None)
+    p.add_argument("--preprocess-cost", action="store_true",
+                   help="only time decode_image and CLIP's 224 px resize + crop per image (CPU ms), then exit")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--source", help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
@@ -286,6 +312,12 @@ def main(argv=None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if args.child:
         child_main(args)
+        return 0
+    if args.preprocess_cost:
+        cost = preprocess_cost(max_side=args.max_side)
+        print(f"preprocess  {cost['images']} JPEGs, long side 256-{cost['max_side']} px: decode {cost['decode_ms']} ms, "
+              f"CLIP resize + crop to 224 px {cost['clip_crop_224_ms']} ms per image (CPU)")
+        print("BENCH_JSON " + json.dumps({"preprocess": cost}))
         return 0
     work = args.workdir or tempfile.mkdtemp(prefix="bench_filter_")
     try:
