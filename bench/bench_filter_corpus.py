@@ -2,10 +2,11 @@
 
     python bench/bench_filter_corpus.py [--samples 400] [--per-shard 100] [--reward sharpness] [--repeats 3]
                                         [--max-side 512] [--jpeg-draft] [--mem-scale 4] [--skip-memory]
-                                        [--skip-throughput] [--workdir DIR]
+                                        [--skip-throughput] [--workdir DIR] [--preprocess-cost]
 
 ``--reward tiny_clip`` scores with ``clip_score`` on a tiny random open_clip (64 px input, built here),
-the case where ``--jpeg-draft`` (``input.jpeg_draft``) applies; ``--max-side 1024`` makes images more
+``--reward tiny_pickscore`` with ``pickscore`` on a tiny transformers CLIP behind the real PIL image
+processor at 224 px (the cases where ``--jpeg-draft``, ``input.jpeg_draft``, applies); ``--max-side 1024`` makes images more
 like un-resized web originals.
 
 The corpus is synthetic but in img2dataset's exact WebDataset layout: ``NNNNN.tar`` shards of
@@ -115,12 +116,18 @@ def build_corpus(root: str, n: int, per_shard: int, seed: int = 0, max_side: int
 
 
 def reward_spec(name: str, work: str) -> dict:
-    """The reward config: a registry name, or ``tiny_clip`` (clip_score on a tiny open_clip saved under work)."""
-    if name != "tiny_clip":
-        return {"name": name, "params": {}}
-    from synpref.demo.tiny_models import save_tiny_open_clip
+    """The reward config: a registry name, ``tiny_clip`` (clip_score on a tiny open_clip saved under work) or
+    ``tiny_pickscore`` (pickscore on a tiny transformers CLIP with its PIL image processor, 224 px)."""
+    if name == "tiny_clip":
+        from synpref.demo.tiny_models import save_tiny_open_clip
 
-    return {"name": "clip_score", "params": {**save_tiny_open_clip(f"{work}/tiny_clip"), "variant": "cosine"}}
+        return {"name": "clip_score", "params": {**save_tiny_open_clip(f"{work}/tiny_clip"), "variant": "cosine"}}
+    if name == "tiny_pickscore":
+        from synpref.demo.tiny_models import save_tiny_hf_clip
+
+        return {"name": "pickscore", "params": {**save_tiny_hf_clip(f"{work}/tiny_pickscore", side=224),
+                                                "device": "cpu"}}
+    return {"name": name, "params": {}}
 
 
 def job_config(source: str, out: str, spec: dict, per_shard: int, jpeg_draft: bool = False):
@@ -212,6 +219,30 @@ def throughput(args, work: str) -> dict:
             "all_loop_s": [round(x, 3) for x in loops]}
 
 
+def preprocess_cost(n: int = 300, max_side: int = 512) -> dict:
+    """CPU ms per image of ``decode_image`` and of CLIP's resize + centre crop to 224 px
+    (``preprocess.clip_center_crop``, in calls of 16) on this bench's JPEGs; best of 2, one torch thread."""
+    import torch
+
+    from synpref.transforms.imageio import decode_image
+    from synpref.transforms.rewards.preprocess import clip_center_crop
+
+    torch.set_num_threads(1)
+    rng, photos = np.random.default_rng(0), _photos()
+    data = [_image(i, rng, photos, max_side) for i in range(n)]
+    best = None
+    for _ in range(2):
+        t0 = time.process_time()
+        images = [decode_image(d) for d in data]
+        t1 = time.process_time()
+        for i in range(0, n, 16):
+            clip_center_crop(images[i:i + 16], 224)
+        t2 = time.process_time()
+        run = (1000 * (t1 - t0) / n, 1000 * (t2 - t1) / n)
+        best = run if best is None else tuple(min(a, b) for a, b in zip(best, run))
+    return {"images": n, "max_side": max_side, "decode_ms": round(best[0], 2), "clip_crop_224_ms": round(best[1], 2)}
+
+
 def child_main(args) -> None:
     """One job in this fresh process; prints its peak RSS (after imports) as one JSON line."""
     import logging
@@ -259,14 +290,16 @@ def parse_args(argv=None):
     p.add_argument("--samples", type=int, default=400)
     p.add_argument("--per-shard", type=int, default=100)
     p.add_argument("--reward", default="sharpness", help="a cheap registry reward (sharpness, resolution ...) "
-                   "or tiny_clip")
+                   "or tiny_clip, tiny_pickscore")
     p.add_argument("--max-side", type=int, default=512, help="images' long side is drawn from 256..this")
-    p.add_argument("--jpeg-draft", action="store_true", help="input.jpeg_draft (applies to tiny_clip)")
+    p.add_argument("--jpeg-draft", action="store_true", help="input.jpeg_draft (applies to tiny_clip, tiny_pickscore)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--mem-scale", type=int, default=4)
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--workdir", default=None)
+    p.add_argument("--preprocess-cost", action="store_true",
+                   help="only time decode_image and CLIP's 224 px resize + crop per image (CPU ms), then exit")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--source", help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
@@ -279,6 +312,12 @@ def main(argv=None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if args.child:
         child_main(args)
+        return 0
+    if args.preprocess_cost:
+        cost = preprocess_cost(max_side=args.max_side)
+        print(f"preprocess  {cost['images']} JPEGs, long side 256-{cost['max_side']} px: decode {cost['decode_ms']} ms, "
+              f"CLIP resize + crop to 224 px {cost['clip_crop_224_ms']} ms per image (CPU)")
+        print("BENCH_JSON " + json.dumps({"preprocess": cost}))
         return 0
     work = args.workdir or tempfile.mkdtemp(prefix="bench_filter_")
     try:

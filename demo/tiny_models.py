@@ -148,6 +148,61 @@ def save_tiny_open_clip(out_dir: str | os.PathLike, seed: int = 0) -> dict:
     return {"model": TINY_CLIP_NAME, "model_config": str(cfg_path), "checkpoint": str(ckpt)}
 
 
+def save_tiny_hf_clip(out_dir: str | os.PathLike, seed: int = 0, side: int = 64) -> dict:
+    """Save a random tiny transformers ``CLIPModel`` (``model/``, safetensors) and its PIL image processor +
+    tokenizer (``processor/``: shortest side to ``side``, centre crop, as the LAION CLIP-H repo's), the
+    layout ``pickscore`` loads (and ``mps`` uses for its processor and CLIP config).
+
+    Returns the reward params that load it (``model`` + ``processor``).
+    """
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    out = Path(out_dir)
+    _write_clip_tokenizer_files(out / "bpe")
+    tokenizer = CLIPTokenizer.from_pretrained(str(out / "bpe"), pad_token="<|endoftext|>", model_max_length=77)
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": side}, crop_size={"height": side, "width": side}, resample=3,
+        image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711])
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(str(out / "processor"))
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                         num_hidden_layers=2, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+                         pad_token_id=1),
+        vision_config=dict(image_size=side, patch_size=16, hidden_size=32, intermediate_size=37,
+                           num_attention_heads=4, num_hidden_layers=2),
+        projection_dim=16)
+    CLIPModel(config).eval().save_pretrained(str(out / "model"), safe_serialization=True)
+    return {"model": str(out / "model"), "processor": str(out / "processor")}
+
+
+def save_tiny_safety_checker(out_dir: str | os.PathLike, seed: int = 0, side: int = 64) -> dict:
+    """Save a random tiny diffusers ``StableDiffusionSafetyChecker`` with the CompVis repo's legacy
+    ``preprocessor_config.json`` (shortest side to ``side``, centre crop). Returns ``nsfw``'s params."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig
+
+    out = Path(out_dir)
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config=dict(hidden_size=16, intermediate_size=16, num_attention_heads=2, num_hidden_layers=1),
+        vision_config=dict(image_size=side, patch_size=16, hidden_size=32, intermediate_size=37,
+                           num_attention_heads=4, num_hidden_layers=2),
+        projection_dim=16)
+    checker = StableDiffusionSafetyChecker(config).eval()
+    with torch.no_grad():  # thresholds near the random cosines, so scores spread on both sides of 0
+        checker.concept_embeds_weights.uniform_(-0.2, 0.2)
+        checker.special_care_embeds_weights.fill_(1.5)
+    checker.save_pretrained(str(out), safe_serialization=True)
+    legacy = {"crop_size": side, "do_center_crop": True, "do_convert_rgb": True, "do_normalize": True,
+              "do_resize": True, "feature_extractor_type": "CLIPFeatureExtractor",
+              "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+              "resample": 3, "size": side}
+    (out / "preprocessor_config.json").write_text(json.dumps(legacy))
+    return {"model": str(out)}
+
+
 def save_demo_models(models_dir: str | os.PathLike) -> dict:
     """Everything the demo job needs, idempotent: two SD generators and a CLIP reward."""
     root = Path(models_dir)

@@ -5,6 +5,7 @@
 ```
 ListShards -> ScoreShards -> DedupKeys -> DedupExact [-> DedupNear] -> ApplyFilters -> WriteFiltered ------------\
                   \______________ every drop, with its reason ____\-> WriteOutcomes --> WriteManifest
+                   \___ every chunk's cache key ___________________________ PruneCache (once the manifest exists)
 ```
 Pixels exist only inside ``ScoreShards``; later steps carry key, caption, metadata, scores and the image's
 location in its source tar, and the writer copies the original bytes from there. The run's bookkeeping
@@ -26,9 +27,10 @@ from ..schemas.filter_config import FilterJobConfig, load_filter_config
 from ..schemas.loading import add_config_args, dump_config
 from ..transforms.accounting import CountDrops, WriteFilterManifest
 from ..transforms.corpus_dedup import DedupExact, DedupKeys, DedupNear
+from ..transforms.corpus_cache import PruneCache
 from ..transforms.corpus_scoring import DROPPED, ScoreCorpus
 from ..transforms.corpus_thresholds import ApplyFilters
-from ..transforms.corpus_writing import WriteFiltered, WriteOutcomes
+from ..transforms.corpus_writing import WriteFiltered, WriteOutcomes, WriteShardSizes
 from ..transforms.corpus_sources import available_sources, corpus_input_from_config
 from ..transforms.rewards import check_rewards
 from ..core.fileio import check_writable
@@ -90,13 +92,19 @@ class FilterCorpus(beam.PTransform):
         dropped = drops | "AllDrops" >> beam.Flatten()
         outcomes = (dropped, kept) | "AllOutcomes" >> beam.Flatten() | "WriteOutcomes" >> WriteOutcomes(out, names)
         drop_counts = dropped | "TheirDrops" >> beam.Map(lambda r: r.dropped) | CountDrops()
-        return (pbegin
-                | "Once" >> beam.Create([None])
-                | "WriteManifest" >> beam.ParDo(
-                    WriteFilterManifest(f"{out}/manifest.json", self.header),
-                    beam.pvalue.AsList(scored["read"]), beam.pvalue.AsDict(drop_counts),
-                    beam.pvalue.AsList(shards), beam.pvalue.AsList(outcomes),
-                    beam.pvalue.AsSingleton(filtered["cutoff"], default_value=None)))
+        sizes = (pbegin
+                 | "OnceForSizes" >> beam.Create([None])
+                 | "WriteShardSizes" >> beam.ParDo(WriteShardSizes(out), beam.pvalue.AsList(shards)))
+        manifest = (pbegin
+                    | "Once" >> beam.Create([None])
+                    | "WriteManifest" >> beam.ParDo(
+                        WriteFilterManifest(f"{out}/manifest.json", self.header),
+                        beam.pvalue.AsList(scored["read"]), beam.pvalue.AsDict(drop_counts),
+                        beam.pvalue.AsList(shards), beam.pvalue.AsList(outcomes),
+                        beam.pvalue.AsSingleton(filtered["cutoff"], default_value=None), beam.pvalue.AsList(sizes)))
+        if cfg.output.prune_cache:
+            _ = scored["live"] | "PruneCache" >> PruneCache(f"{out}/_cache", manifest)
+        return manifest
 
 
 def filter_corpus(cfg: FilterJobConfig, pipeline_args: Optional[list[str]] = None, test_pipeline=None,

@@ -78,6 +78,7 @@ def filter_header(cfg: FilterJobConfig, shards: list[str]) -> dict[str, Any]:
             "shards": "shards/filtered-{n}-{k}.tar: the kept samples of input shard n in input order, samples_per_shard "
                       "per tar; keys as written (see docs/output_folders.md), "
                       "image and .txt bytes; json = the original metadata + synpref_scores + synpref_source",
+            "sizes": "shards/sizes.json: {tar file name: samples}, the dataset-size file open_clip's trainer reads",
             "index": "index/samples-{n}.parquet: every sample of input shard n: key, scores, kept, reason",
             "dead_letter": "dead_letter/drops-{n}.jsonl: every dropped sample of input shard n, with reason",
         },

@@ -50,8 +50,9 @@ class CorpusInputConfig(ConfigModel):
     batch_size: int = Field(16, ge=1)  # images per scoring call inside one shard
     max_caption_chars: int = Field(0, ge=0)  # 0: no limit; longer captions are dropped as caption_too_long
     # JPEGs decoded at 1/2..1/8 scale (libjpeg DCT scaling) when every reward first shrinks images to a
-    # fixed size (CLIP-style preprocessing: clip_score, laion_aesthetic, image_reward, hpsv2, vqascore),
-    # never below that size; scores move slightly. Otherwise full-size decoding (a warning says why).
+    # fixed size (CLIP-style preprocessing: clip_score, laion_aesthetic, image_reward, hpsv2, vqascore, and
+    # the HF image processor's resize of pickscore, mps, nsfw), never below that size; scores move slightly.
+    # Otherwise full-size decoding (a warning says why).
     jpeg_draft: bool = False
 
     @field_validator("source")
@@ -88,6 +89,10 @@ class CorpusFilterConfig(ConfigModel):
 class FilterOutputConfig(ConfigModel):
     output_dir: Location = "out/filter"
     samples_per_shard: int = Field(1000, ge=1)
+    # After the manifest is written, delete the _cache/ entries this run did not use (other scoring
+    # settings, changed or removed input): _cache/ then holds exactly what a rerun of this job reuses.
+    # false: keep them (to switch back to an earlier reward setting without re-scoring).
+    prune_cache: bool = True
 
 
 class FilterJobConfig(ConfigModel):

@@ -138,3 +138,60 @@ def test_changed_scoring_never_reuses_scores_and_changed_thresholds_do(tmp_path,
     before = scored(log)
     filter_corpus(filter_config_from_dict(config(tmp_path / "in", out, scale=2.0, threshold=120.0)))
     assert scored(log) - before == CHUNK
+
+
+def cache_names(out: pathlib.Path) -> set[str]:
+    return {str(p.relative_to(out / "_cache")) for p in (out / "_cache").rglob("*") if p.is_file()}
+
+
+def test_a_finished_run_prunes_the_cache_to_the_entries_it_used(tmp_path, monkeypatch):
+    """After the manifest, _cache/ holds exactly what a fresh run of the same job writes there (other scoring
+    settings, changed input bytes and a killed run's .tmp files are gone; files that are not cache entries
+    stay), and a rerun still scores nothing; ``output.prune_cache: false`` keeps everything."""
+    make_corpus(tmp_path / "in")
+    log, out = tmp_path / "log", tmp_path / "out"
+    monkeypatch.setenv("SYNPREF_TEST_SCORE_LOG", str(log))
+
+    def run(out_dir, **kw):
+        cfg = config(tmp_path / "in", out_dir, **{k: v for k, v in kw.items() if k != "prune"})
+        cfg["output"]["prune_cache"] = kw.get("prune", True)
+        return filter_corpus(filter_config_from_dict(cfg))
+
+    run(out)
+    first = cache_names(out)
+    run(tmp_path / "fresh_1")
+    assert first == cache_names(tmp_path / "fresh_1") and len(first) == SHARDS * PER_SHARD // CHUNK
+    mine = {"README.txt": b"my notes", "ab/notes.parquet": b"not a cache entry name"}
+    for name, data in mine.items():
+        (out / "_cache" / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / "_cache" / name).write_bytes(data)
+    (out / "_cache" / "00").mkdir(exist_ok=True)
+    (out / "_cache" / "00" / ("0" * 64 + ".parquet.tmp")).write_bytes(b"half a file from a killed run")
+
+    # another reward param: every old entry is unused and goes; the new ones are a fresh run's
+    result = run(out, scale=2.0)
+    run(tmp_path / "fresh_2", scale=2.0)
+    assert cache_names(out) == cache_names(tmp_path / "fresh_2") | set(mine)
+    assert not first & cache_names(out)
+    assert result["summary"]["counters"]["cache_entries_pruned"] == len(first) + 1  # + the .tmp
+    assert all((out / "_cache" / name).read_bytes() == data for name, data in mine.items())
+    before = scored(log)
+    run(out, scale=2.0)
+    assert scored(log) == before  # resume kept: nothing scored again
+
+    # changed bytes in one chunk: only that chunk's old entry goes
+    with tarfile.open(tmp_path / "in" / "00000.tar") as t:
+        members = [(m.name, t.extractfile(m).read()) for m in t.getmembers()]
+    with tarfile.open(tmp_path / "in" / "00000.tar", "w") as t:
+        for name, data in members:
+            add(t, name, generated(99) if name == "k00.jpg" else data)
+    previous = cache_names(out)
+    run(out, scale=2.0)
+    run(tmp_path / "fresh_3", scale=2.0)
+    assert cache_names(out) == cache_names(tmp_path / "fresh_3") | set(mine)
+    assert len(previous - cache_names(out)) == 1 and len(cache_names(out) - previous) == 1
+
+    # prune_cache: false keeps the entries of another setting
+    kept = cache_names(out)
+    run(out, prune=False)
+    assert kept < cache_names(out) and len(cache_names(out) - kept) == SHARDS * PER_SHARD // CHUNK

@@ -94,3 +94,30 @@ def test_hugging_face_datasets_by_name_or_folder(tmp_path):
                    folder / "train-00000.parquet")
     prompts, drops, read = run_read(PromptsConfig(source=str(folder), format="hf"))
     assert prompts == ["a red kite", "a tin robot"] and drops == [] and read == 2
+
+
+def test_streamed_seeded_sample_is_exactly_the_n_smallest_sample_keys(tmp_path):
+    """``SeededSample`` (per-bucket counts, then one bucket's keys) picks the same prompts as sorting every
+    sha256(seed:prompt_id), for any bucket width (16 buckets: the boundary bucket is cut inside), n below,
+    at and above the prompt count."""
+    import hashlib
+
+    from synpref.schemas.records import PromptRecord
+    from synpref.transforms.prompts import SeededSample
+
+    texts = [f"prompt number {i}: a {['red', 'blue', 'green'][i % 3]} thing" for i in range(300)]
+    records = [PromptRecord(prompt_id_of(t), t, "", "mem", i) for i, t in enumerate(texts)]
+    for seed, n, bucket_hex in ((0, 137, 1), (5, 137, 2), (5, 1, 1), (3, 300, 1), (3, 400, 4), (9, 299, 4)):
+        ranked = sorted(records, key=lambda r: hashlib.sha256(f"{seed}:{r.prompt_id}".encode()).hexdigest())
+        expected = {r.prompt_id for r in ranked[:n]}
+        out = tmp_path / f"{seed}-{n}-{bucket_hex}"
+        with TestPipeline() as p:
+            split = p | beam.Create(records) | SeededSample(n, seed, bucket_hex)
+            _ = (split.ok | "Ids" >> beam.Map(lambda r: r.prompt_id)
+                 | "W1" >> beam.io.WriteToText(f"{out}-kept", num_shards=1, shard_name_template=""))
+            _ = (split.dropped | "Reasons" >> beam.Map(lambda d: d.reason)
+                 | "W2" >> beam.io.WriteToText(f"{out}-dropped", num_shards=1, shard_name_template=""))
+        kept = open(f"{out}-kept").read().split()
+        dropped = open(f"{out}-dropped").read().split()
+        assert len(kept) == len(set(kept)) and set(kept) == expected, (seed, n, bucket_hex)
+        assert dropped == ["not_sampled"] * (len(records) - len(expected))

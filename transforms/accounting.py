@@ -111,14 +111,14 @@ class WriteFilterManifest(beam.DoFn):
     def __init__(self, path: str, header: dict[str, Any]):
         self.path, self.header = path, header
 
-    def process(self, _, read: list, drops: dict, shards: list, outcomes: list, cutoff):
+    def process(self, _, read: list, drops: dict, shards: list, outcomes: list, cutoff, sizes_files: list = ()):
         shards = sorted(shards, key=lambda s: s["shard"])
         counts = ledger(FILTER_LEVELS, {"samples": sum(read)}, {"samples": sum(s["samples"] for s in shards)},
                         drops)
         manifest = {**self.header, "counts": counts, "shards": shards,
                     "index_files": sorted(o["index"] for o in outcomes),
                     "dead_letter_files": sorted(o["dead_letter"] for o in outcomes),
-                    "top_fraction_cutoff": cutoff}
+                    "top_fraction_cutoff": cutoff, **({"sizes_file": sizes_files[0]} if sizes_files else {})}
         with AtomicFile(self.path) as f:  # last: a manifest on disk means the run finished
             f.write(dumps_strict(manifest, indent=2, sort_keys=True).encode())
         yield manifest

@@ -32,7 +32,7 @@ from PIL import Image
 from ..core.progress import progress
 from ..schemas.config import RewardConfig
 from ..schemas.records import CorpusRecord
-from .corpus_cache import CACHED, chunk_path, read_chunk, scoring_key, write_chunk
+from .corpus_cache import CACHED, LIVE, chunk_key, chunk_path, read_chunk, scoring_key, write_chunk
 from .corpus_sources import CorpusInput
 from .generation import error_line
 from .imageio import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageDecodeError, decode_image
@@ -44,21 +44,17 @@ from .scoring import LoadedRewards, ScoreWithEnsemble
 DROPPED = "dropped"
 READ = "read"
 
-# preprocess_key()s that start by shrinking the image to ``key[1]`` pixels (the short side for a
-# centre crop, the long side for padding to a square), so a smaller decode changes their input little.
-_SHRINKING_KEYS = ("clip_center_crop", "clip_pad_square", "clip_expand2square")
-
-
 def draft_side(rewards) -> tuple[int, str]:
     """(side, why): the short side a JPEG may be decoded down to for every reward (0 if some reward
     reads pixels at full resolution, e.g. sharpness or resolution, with the reason). ``rewards``:
-    Reward objects or (name, preprocess_key) pairs (``LoadedRewards.preprocess_keys()``)."""
+    Reward objects or (name, side) pairs (``LoadedRewards.decode_min_sides()``); see
+    ``Reward.decode_min_side``."""
     sides = []
     for r in rewards:
-        name, key = r if isinstance(r, tuple) else (r.name, r.preprocess_key())
-        if not (isinstance(key, tuple) and len(key) > 1 and key[0] in _SHRINKING_KEYS and isinstance(key[1], int)):
+        name, side = r if isinstance(r, tuple) else (r.name, r.decode_min_side())
+        if not side:
             return 0, f"reward {name} reads pixels at full resolution"
-        sides.append(key[1])
+        sides.append(side)
     return max(sides), ""
 
 
@@ -109,8 +105,12 @@ class ReadShards(beam.DoFn):
         self.cache_dir, self.scoring_key = cache_dir, scoring_key
 
     def _emit(self, chunk: list):
-        """The chunk for scoring, or (resume) its cached records, tagged ``cached``."""
-        cached = read_chunk(chunk_path(self.cache_dir, self.scoring_key, chunk), chunk) if self.cache_dir else None
+        """The chunk for scoring, or (resume) its cached records, tagged ``cached``; its cache key, tagged ``live``."""
+        cached = None
+        if self.cache_dir:
+            path = chunk_path(self.cache_dir, self.scoring_key, chunk)
+            yield beam.pvalue.TaggedOutput(LIVE, chunk_key(path))
+            cached = read_chunk(path, chunk)
         if cached is None:
             yield chunk
         else:
@@ -155,7 +155,7 @@ class ScoreCorpusSamples(ScoreWithEnsemble):
         if self._draft is None:
             self._draft = 0
             if self.jpeg_draft:
-                self._draft, why = draft_side(model.preprocess_keys())
+                self._draft, why = draft_side(model.decode_min_sides())
                 if not self._draft:
                     logging.getLogger("synpref.filter").warning("input.jpeg_draft: %s; decoding at full size", why)
         return self._draft
@@ -221,7 +221,7 @@ def _failed_chunks(failure):
 
 class ScoreCorpus(beam.PTransform):
     """(shard index, URL) -> {"scored": CorpusRecords with scores, "dropped": dropped records,
-    "read": samples read per shard}. Every sample read is in exactly one of scored and dropped."""
+    "read": samples read per shard, "live": the cache key of every chunk (with a ``cache_dir``)}. Every sample read is in exactly one of scored and dropped."""
 
     def __init__(self, rewards: Sequence[RewardConfig], corpus_input: Optional[CorpusInput] = None, *,
                  max_pixels: int = DEFAULT_MAX_PIXELS, batch_size: int = 16, max_caption_chars: int = 0,
@@ -245,7 +245,7 @@ class ScoreCorpus(beam.PTransform):
         key = self.scoring_key() if self.cache_dir else ""
         read = shards | "ReadShards" >> beam.ParDo(ReadShards(
             self.corpus_input, self.batch_size, self.max_caption_chars, self.total_shards, self.cache_dir,
-            key)).with_outputs(DROPPED, READ, CACHED, main="chunks")
+            key)).with_outputs(DROPPED, READ, CACHED, LIVE, main="chunks")
         work = ScoreCorpusSamples(self.rewards, self.max_pixels, self.perceptual_hash, self.jpeg_draft)
         names = ",".join(r.name for r in self.rewards)
         handler = PluginModelHandler(work, f"score_{names}", batch_size=min(r.units_per_call for r in self.rewards),
@@ -261,4 +261,4 @@ class ScoreCorpus(beam.PTransform):
         failed = failures.failed_inferences | "ScoringErrors" >> beam.FlatMap(_failed_chunks)
         dropped = (read[DROPPED], routed[DROPPED], cached[DROPPED], failed) | "ScoringDrops" >> beam.Flatten()
         return {"scored": (routed.scored, cached.scored) | "AllScored" >> beam.Flatten(), "dropped": dropped,
-                "read": read[READ]}
+                "read": read[READ], "live": read[LIVE]}

@@ -117,6 +117,21 @@ class WriteFiltered(beam.PTransform):
                 | "WriteShards" >> beam.ParDo(_WriteInputShard(self.output_dir, self.per_shard, self.corpus_input)))
 
 
+class WriteShardSizes(beam.DoFn):
+    """``shards/sizes.json``: {tar file name: samples} over every output tar, the file open_clip's trainer
+    (``open_clip_train.data.get_dataset_size``) reads for the dataset's length, so a filter output trains
+    without ``--train-num-samples``. Holds one small dict per output tar, never per sample."""
+
+    def __init__(self, output_dir: str):
+        self.path = f"{output_dir.rstrip('/')}/shards/sizes.json"
+
+    def process(self, _, shards: list):
+        sizes = {s["tar"].rsplit("/", 1)[-1]: s["samples"] for s in shards}
+        with AtomicFile(self.path) as f:
+            f.write(canonical_json(dict(sorted(sizes.items()))))
+        yield "shards/sizes.json"
+
+
 def index_schema(reward_names: Sequence[str]) -> pa.Schema:
     return pa.schema([
         ("key", pa.string()), ("source_shard", pa.string()), ("image_member", pa.string()),

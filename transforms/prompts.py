@@ -180,8 +180,60 @@ def sample_key(seed: int, prompt_id: str) -> str:
     return hashlib.sha256(f"{seed}:{prompt_id}".encode()).hexdigest()
 
 
-def _split_sampled(record: PromptRecord, selected: set):
-    if record.prompt_id in selected:
+def _boundary(counts: list, n: int) -> Optional[tuple[str, int]]:
+    """(bucket, rank): the prefix bucket holding the ``n``-th smallest sample key and that key's rank (1-based)
+    inside it, from the per-bucket counts; None when there are at most ``n`` prompts (all are kept)."""
+    seen = 0
+    for bucket, count in sorted(counts):
+        if seen + count >= n:
+            return bucket, n - seen
+        seen += count
+    return None
+
+
+def _in_boundary_bucket(key: str, boundary: Optional[tuple[str, int]]):
+    if boundary is not None and key.startswith(boundary[0]):
+        yield key
+
+
+def _nth_smallest(keys: list, boundary: Optional[tuple[str, int]]) -> Optional[str]:
+    return None if boundary is None else sorted(keys)[boundary[1] - 1]
+
+
+class SeededSample(beam.PTransform):
+    """PromptRecords -> the ``n`` whose ``sample_key(seed, prompt_id)`` is smallest (the same set as sorting
+    every key), streamed: no step holds all prompts or all keys.
+
+    Keys are uniform hex digests, so their first ``bucket_hex`` digits cut them into 16**bucket_hex ordered
+    buckets of about the same size. One pass counts prompts per bucket (at most 16**bucket_hex numbers);
+    the cumulative counts name the bucket holding the ``n``-th smallest key and its rank there; only that
+    bucket's keys (about 1/65536 of the prompts by default) are gathered to find that key, the threshold.
+    A prompt is sampled iff its key <= the threshold (hex digests of equal length order as numbers). Same
+    seed and prompts: same sample, on any runner.
+    """
+
+    def __init__(self, n: int, seed: int, bucket_hex: int = 4):
+        super().__init__()
+        self.n, self.seed, self.bucket_hex = n, seed, bucket_hex
+
+    def expand(self, prompts):
+        n, seed, width = self.n, self.seed, self.bucket_hex
+        keys = prompts | "SampleKeys" >> beam.Map(lambda r: sample_key(seed, r.prompt_id))
+        boundary = (keys
+                    | "ByBucket" >> beam.Map(lambda k: (k[:width], 1))
+                    | "CountPerBucket" >> beam.CombinePerKey(sum)
+                    | "AllBucketCounts" >> beam.combiners.ToList()  # at most 16**bucket_hex pairs
+                    | "Boundary" >> beam.Map(_boundary, n))
+        threshold = (keys
+                     | "BoundaryBucket" >> beam.FlatMap(_in_boundary_bucket, beam.pvalue.AsSingleton(boundary))
+                     | "ItsKeys" >> beam.combiners.ToList()
+                     | "Threshold" >> beam.Map(_nth_smallest, beam.pvalue.AsSingleton(boundary)))
+        return prompts | "KeepSampled" >> beam.ParDo(
+            _split_sampled, seed, beam.pvalue.AsSingleton(threshold)).with_outputs(DROPPED, main="ok")
+
+
+def _split_sampled(record: PromptRecord, seed: int, threshold: Optional[str]):
+    if threshold is None or sample_key(seed, record.prompt_id) <= threshold:
         yield record
     else:
         yield beam.pvalue.TaggedOutput(DROPPED, Drop(
@@ -193,7 +245,7 @@ class ReadPrompts(beam.PTransform):
 
     Returns ``{"prompts", "dropped", "read"}`` where ``read`` is every raw line/row.
     Sampling takes the ``num_prompts`` prompts with the smallest sha256(seed:prompt_id):
-    a seeded sample that does not depend on input order or runner.
+    a seeded sample that does not depend on input order or runner (``SeededSample``: streamed).
     """
 
     def __init__(self, cfg: PromptsConfig, seed: int):
@@ -213,12 +265,7 @@ class ReadPrompts(beam.PTransform):
         dropped = [cleaned[DROPPED], unique[DROPPED]]
         prompts = unique.ok
         if cfg.num_prompts is not None:
-            selected = (prompts
-                        | "SampleKeys" >> beam.Map(lambda r: (sample_key(seed, r.prompt_id), r.prompt_id))
-                        | "SeededSample" >> beam.combiners.Top.Smallest(cfg.num_prompts)
-                        | "SelectedIds" >> beam.Map(lambda top: {pid for _, pid in top}))
-            split = prompts | "KeepSampled" >> beam.ParDo(
-                _split_sampled, beam.pvalue.AsSingleton(selected)).with_outputs(DROPPED, main="ok")
+            split = prompts | "SeededSample" >> SeededSample(cfg.num_prompts, seed)
             prompts = split.ok
             dropped.append(split[DROPPED])
         return {"prompts": prompts, "dropped": dropped | "PromptDrops" >> beam.Flatten(), "read": raw}

@@ -73,9 +73,9 @@ class LoadedRewards:
         """``score_ensemble`` over these rewards."""
         return score_ensemble(self.rewards, images, prompts)
 
-    def preprocess_keys(self) -> list[tuple[str, object]]:
-        """(reward name, its ``preprocess_key()``) in config order."""
-        return [(r.name, r.preprocess_key()) for r in self.rewards]
+    def decode_min_sides(self) -> list[tuple[str, int]]:
+        """(reward name, its ``decode_min_side()``) in config order (0: reads pixels at full resolution)."""
+        return [(r.name, r.decode_min_side()) for r in self.rewards]
 
 
 class ScoreWithEnsemble(Work):

@@ -15,6 +15,10 @@ from ...core.registry import Registry
 
 REWARDS = Registry("reward")
 
+# preprocess_key()s whose recipe starts by shrinking the image to ``key[1]`` pixels (the short side for a
+# centre crop, the long side for padding to a square), so a smaller decode changes their input little.
+SHRINKING_KEYS = ("clip_center_crop", "clip_pad_square", "clip_expand2square")
+
 
 def register_reward(name: str):
     """Class decorator: make a reward selectable by ``name`` in job configs (sets ``cls.name``)."""
@@ -68,6 +72,16 @@ class Reward(abc.ABC):
 
     def score_preprocessed(self, pixels: Any, prompts: Sequence[str]) -> list[float]:
         raise NotImplementedError
+
+    def decode_min_side(self) -> int:
+        """The shorter side an image may be decoded down to (JPEG DCT scaling, ``input.jpeg_draft``) because
+        this reward's preprocessing shrinks every image to about that size anyway; 0 (the default) = it reads
+        pixels at full resolution. Derived from ``preprocess_key()`` for the shared recipes in
+        ``SHRINKING_KEYS``; a reward with its own resizing overrides it."""
+        key = self.preprocess_key()
+        if isinstance(key, tuple) and len(key) > 1 and key[0] in SHRINKING_KEYS and isinstance(key[1], int):
+            return key[1]
+        return 0
 
     def files(self) -> dict[str, str]:
         """Every file or folder the reward loads (name -> location), hidden second downloads included:

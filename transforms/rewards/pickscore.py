@@ -49,6 +49,22 @@ class HFClipProcessor:
         """Not ``clip_center_crop``'s key: the processor's crop offsets round differently (see PickScore)."""
         return ("hf_clip_image_processor", self.processor, self.image_backend)
 
+    def decode_min_side(self) -> int:
+        """The processor's resize target, read from its loaded config: ``shortest_edge`` (CLIP's recipe: short
+        side to that size, then a centre crop), or the larger of ``height`` / ``width`` for a squash to a fixed
+        size; 0 when it does not resize (it would crop or read the full-size image)."""
+        if self._image_processor is None:
+            self._load_processor()
+        size = getattr(self._image_processor, "size", None)
+        if not getattr(self._image_processor, "do_resize", False) or size is None:
+            return 0
+        get = size.get if isinstance(size, dict) else lambda k: getattr(size, k, None)
+        if get("shortest_edge"):
+            return int(get("shortest_edge"))
+        if get("height") and get("width"):
+            return int(max(get("height"), get("width")))
+        return 0
+
     def preprocess(self, images):
         if self._image_processor is None:
             self._load_processor()
