@@ -9,7 +9,11 @@ image is more compressible than the other model's; a two-sided sign test (binomi
 whether the wins are more than noise. Training alone moves images too, in a direction that does not depend on
 the labels: comparing the two tuned models with each other, not with the base, cancels it.
 
-    .venv/bin/python bench/loop_probe.py --workdir out/loop_probe --settings lora-1e-3-60,full-1e-4-60
+    .venv/bin/python bench/loop_probe.py --workdir out/loop_probe --rewards brightness,darkness \
+        --settings full:learning_rate=1e-4:max_steps=60,lora:learning_rate=1e-3:max_steps=60 --train-seeds 0,1,2
+
+``--model random`` uses the random demo pipeline instead of the briefly trained one (``demo/tiny_trained.py``);
+a setting is a named one or ``finetune:key=value:...`` (TrainConfig fields).
 
 Builds are cached in ``--workdir`` (one per reward); each setting trains twice. Prints one line per setting
 (win rate, p, mean score difference, seconds) and writes ``--json``.
@@ -66,7 +70,7 @@ def build_dataset(workdir: Path, models: dict, reward: str, train_prompts: int, 
     from synpref.pipelines.build_preferences import build
     from synpref.schemas.config import build_config_from_dict
 
-    out = workdir / f"build-{reward}"
+    out = workdir / f"build-{reward}-{Path(models['tiny-sd-a']).name}"
     cfg = {"seed": 0, "candidates_per_generator": candidates,
            "prompts": {"source": "builtin", "num_prompts": train_prompts},
            "generators": [dict(id="tiny-sd-a", model=models["tiny-sd-a"], **GEN)],
@@ -99,7 +103,7 @@ def train_one(workdir: Path, models: dict, build_dir: Path, name: str, setting: 
     from synpref.training.train import train
 
     reward = build_dir.name.removeprefix("build-")
-    out = workdir / (f"train-{name}-{reward}" if seed == 0 else f"train-{name}-s{seed}-{reward}")
+    out = workdir / f"train-{name}-s{seed}-{reward}"
     cfg = TrainConfig(pretrained_model=models["tiny-sd-a"], shards=[str(build_dir / "ranked")], output_dir=str(out),
                       **{**BASE_TRAIN, **setting, "seed": seed})
     done = out / "train_summary.json"
@@ -159,6 +163,8 @@ def main(argv=None) -> int:
     parser.add_argument("--candidates", type=int, default=4)
     parser.add_argument("--train-seeds", default="0", help="comma-separated training seeds; each trains both models")
     parser.add_argument("--rewards", default="jpeg_compressibility,jpeg_incompressibility", help="a reward and its exact negative")
+    parser.add_argument("--model", choices=["trained", "random"], default="trained",
+                        help="the tiny SD pipeline trained for a minute (demo/tiny_trained.py) or the random demo one")
     parser.add_argument("--json", default="")
     args = parser.parse_args(argv)
     REWARDS[:] = args.rewards.split(",")
@@ -175,13 +181,20 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     workdir = Path(args.workdir)
     models = save_demo_models(workdir / "models")
+    if args.model == "trained":  # the builds, training and evaluation all use the key "tiny-sd-a"
+        from synpref.demo.tiny_trained import save_trained_tiny_sd
+
+        trained = workdir / "models" / "tiny-trained"
+        if not (trained / "synpref_pretraining.json").is_file():
+            save_trained_tiny_sd(trained, seed=0)
+        models = {**models, "tiny-sd-a": str(trained)}
     start = time.perf_counter()
     builds = {r: build_dataset(workdir, models, r, args.train_prompts, args.candidates) for r in REWARDS}
     build_seconds = time.perf_counter() - start
     prompts = held_out_prompts(builds[REWARDS[0]], args.eval_prompts)
     base = generate_and_score(models["tiny-sd-a"], None, prompts, args.seeds)
     print(f"builds {build_seconds:.0f}s; {len(prompts)} held-out prompts x {args.seeds} seeds; "
-          f"base jpeg_compressibility mean {sum(base) / len(base):.3f}", flush=True)
+          f"base {REWARDS[0]} mean {sum(base) / len(base):.3f}", flush=True)
     results = {}
     for name in args.settings.split(","):
         per_seed, pooled = [], {r: [] for r in REWARDS}
@@ -196,9 +209,9 @@ def main(argv=None) -> int:
                    "comp_vs_base": sign_test(comp, base), "incomp_vs_base": sign_test(incomp, base)}
             per_seed.append(row)
             r = row["comp_vs_incomp"]
-            print(f"{name:<22} seed {seed}: comp-trained beats incomp-trained on compressibility "
+            print(f"{name:<22} seed {seed}: {REWARDS[0]}-trained beats {REWARDS[1]}-trained on {REWARDS[0]} "
                   f"{r['wins']}/{r['wins'] + r['losses']} (win rate {r['win_rate']:.2f}, p {r['p']:.3g}, mean diff "
-                  f"{r['mean_diff']:+.4f} kB); vs base: comp {row['comp_vs_base']['win_rate']:.2f}, incomp "
+                  f"{r['mean_diff']:+.4f}); vs base: {REWARDS[0]}-trained {row['comp_vs_base']['win_rate']:.2f}, other "
                   f"{row['incomp_vs_base']['win_rate']:.2f}; train {seconds[REWARDS[0]]:.0f}s + "
                   f"{seconds[REWARDS[1]]:.0f}s", flush=True)
         total = sign_test(pooled[REWARDS[0]], pooled[REWARDS[1]])
