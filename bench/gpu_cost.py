@@ -126,7 +126,7 @@ def _line(r: dict) -> str:
     mem = f" peak {r['peak_memory_gib']:6.1f} GiB" if "peak_memory_gib" in r else ""
     mfu = f" MFU {r['mfu']:.0%}" if r.get("mfu") is not None else ""
     return (f"{r['model']:<17} {r['stage']:<40} b{r['batch']:<2} {r['seconds_per_call'] * 1e3:9.1f} ms/call "
-            f"{r['tflops_per_s']:7.1f} TFLOP/s{mfu}{mem} (built in {r['build_s']:.0f} s)")
+            f"{r["tflops_per_s"]:7.2f} TFLOP/s{mfu}{mem} (built in {r['build_s']:.0f} s)")
 
 
 def summarise(result: dict, device: str, prompts: int) -> dict:
@@ -166,7 +166,7 @@ def print_summary(s: dict, dry_run: bool) -> None:
         print(f"{model:<17} {m['seconds_per_image']:>9.3f} {m['images_per_s']:>9.2f} {m['tflops_per_s']:>8.1f} "
               f"{m['images']:>10,} {m['gpu_hours']:>10,.1f}{flag}")
     gen, lab = s["gpu_hours"]["generation"], s["gpu_hours"]["labelling"]
-    print(f"jobs/syn_pic.yaml on this GPU: generation {gen:,.0f} h + labelling {lab:,.0f} h = {gen + lab:,.0f} "
+    print(f"jobs/syn_pic.yaml on this device: generation {gen:,.0f} h + labelling {lab:,.0f} h = {gen + lab:,.0f} "
           f"GPU-hours ({(gen + lab) / 24:.1f} GPU-days){'' if s['complete'] else ' (INCOMPLETE: see above)'}; "
           "the paper: 10 A100 GPU-days. Training: the train_* rows, per model (the paper: 8 A100 x 16 h = 128 h).")
 
