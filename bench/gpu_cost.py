@@ -126,7 +126,7 @@ def _line(r: dict) -> str:
     mem = f" peak {r['peak_memory_gib']:6.1f} GiB" if "peak_memory_gib" in r else ""
     mfu = f" MFU {r['mfu']:.0%}" if r.get("mfu") is not None else ""
     return (f"{r['model']:<17} {r['stage']:<40} b{r['batch']:<2} {r['seconds_per_call'] * 1e3:9.1f} ms/call "
-            f"{r["tflops_per_s"]:7.2f} TFLOP/s{mfu}{mem} (built in {r['build_s']:.0f} s)")
+            f"{r['tflops_per_s']:7.2f} TFLOP/s{mfu}{mem} (built in {r['build_s']:.0f} s)")
 
 
 def summarise(result: dict, device: str, prompts: int) -> dict:
