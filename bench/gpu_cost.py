@@ -69,12 +69,14 @@ def time_stage(stage: fsm.Stage, net, batch: int, iters: int, device: str) -> di
     return row
 
 
-def select(only: str) -> list[fsm.Stage]:
+def select(only: str) -> list[fsm.Stage] | None:
+    """The stages of the named models (all when none); None when a name is unknown (reported)."""
     names = [n for n in only.split(",") if n]
     known = sorted({s.model for s in fsm.ALL_STAGES})
     unknown = [n for n in names if n not in known]
     if unknown:
-        raise SystemExit(f"gpu_cost: unknown model(s) {unknown}; one of {known}")
+        print(f"gpu_cost: unknown model(s) {unknown} in --only; one of {known}", file=sys.stderr)
+        return None
     return [s for s in fsm.ALL_STAGES if not names or s.model in names]
 
 
@@ -197,6 +199,8 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     stages = select(args.only)
+    if stages is None:
+        return 2
     print(f"torch {torch.__version__}, device {device}, batches {batches}, {args.iters} timed calls per stage",
           flush=True)
     with fsm.quiet():
