@@ -14,8 +14,10 @@ the conditional and unconditional batch together (diffusers concatenates them: b
 stages are one image of a RankDPO step (``train=True``: forward with gradients, backward, with the
 job's gradient checkpointing).
 
-``run(stage, device, dtype, batch)`` builds the module on ``device`` and returns (module, closure); on
-``meta`` nothing is allocated (FLOP counting), on ``cuda`` it is what ``bench/gpu_cost.py`` times.
+``build(stage, device)`` makes the module on ``device`` and ``forward_closure(stage, module, batch, device)``
+one call of it: on ``meta`` nothing is allocated (``count_flops``), on ``cuda`` it is what
+``bench/gpu_cost.py`` times. Needs torch, diffusers, transformers and open_clip only (synpref's reward
+modules are imported from this checkout when synpref is not installed), so it runs on a bare GPU image.
 """
 from __future__ import annotations
 

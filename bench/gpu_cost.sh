@@ -4,7 +4,7 @@
 #   bench/gpu_cost.sh fetch            # here, with PyPI: the wheels a bare PyTorch image lacks, into .whl/
 #   bench/gpu_cost.sh run [ARGS]       # there: install them to /tmp/site, time every stage (about 5 min on an
 #                                      # H100), write gpu_cost.json and gpu_cost.log to $OUT (or the cwd)
-#   bench/gpu_cost.sh dry-run          # anywhere: the same script on the meta device (no GPU, a minute or two)
+#   bench/gpu_cost.sh dry-run [ARGS]   # anywhere: the same script on the meta device (no GPU, a minute or two)
 #
 # Through the device tool: run(command="bash bench/gpu_cost.sh run", carry=[".whl"], timeout_s=540).
 # ARGS go to gpu_cost.py (default --device cuda --batch 1,4 --iters 3 --budget-s 420).
@@ -34,7 +34,8 @@ case "${1:-}" in
     "$PY" bench/gpu_cost.py --device cuda --batch 1,4 --iters 3 --budget-s 420 --json "$OUTDIR/gpu_cost.json" "$@" \
       2>&1 | grep -v "should be kept in float32\|No pretrained weights" | tee "$OUTDIR/gpu_cost.log" ;;
   dry-run)
-    "$PY" bench/gpu_cost.py --dry-run 2>&1 | grep -v "should be kept in float32\|No pretrained weights" ;;
+    shift
+    "$PY" bench/gpu_cost.py --dry-run "$@" 2>&1 | grep -v "should be kept in float32\|No pretrained weights" ;;
   *)
     echo "usage: bench/gpu_cost.sh fetch | run [gpu_cost.py args] | dry-run" >&2; exit 2 ;;
 esac
