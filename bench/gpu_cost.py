@@ -113,6 +113,7 @@ def run(stages: list[fsm.Stage], device: str, batches: list[int], iters: int, bu
                 if "seconds_per_call" in row:
                     row["tflops_per_s"] = flops * batch / row["seconds_per_call"] / 1e12
                     peak = device_peak(device, stage.dtype)
+                    row["device_peak_flops"] = peak
                     row["mfu"] = row["tflops_per_s"] * 1e12 / peak if peak else None
                 rows.append(row)
                 print(_line(row), flush=True)
@@ -144,19 +145,30 @@ def summarise(result: dict, device: str, prompts: int) -> dict:
     failed = {r["model"] for r in result["rows"] if "seconds_per_image" not in r}
     failed |= {s.split("/")[0] for s in result["skipped"]}
     for (model, _), r in best.items():
-        m = models.setdefault(model, {"seconds_per_image": 0.0, "flops_per_image": 0.0})
+        m = models.setdefault(model, {"seconds_per_image": 0.0, "flops_per_image": 0.0, "a100_seconds_per_image": 0.0})
         m["seconds_per_image"] += r["seconds_per_image"]
         m["flops_per_image"] += r["flops_per_call"] * r["calls"]
+        # the same stage on an A100 at the MFU measured here: time x (this GPU's peak / the A100's), per dtype
+        a100 = PEAKS["A100"]["float32" if r["dtype"] == "float32" else "half"]
+        if r.get("device_peak_flops") and m["a100_seconds_per_image"] is not None:
+            m["a100_seconds_per_image"] += r["seconds_per_image"] * r["device_peak_flops"] / a100
+        else:
+            m["a100_seconds_per_image"] = None
     for model, m in models.items():
         m["complete"] = model not in failed
         m["images_per_s"] = 1.0 / m["seconds_per_image"]
         m["tflops_per_s"] = m["flops_per_image"] / m["seconds_per_image"] / 1e12
         m["images"] = fsm.images_per_model(model, prompts)
         m["gpu_hours"] = m["seconds_per_image"] * m["images"] / 3600
+        a100 = m.pop("a100_seconds_per_image")
+        m["a100_hours_at_same_mfu"] = a100 * m["images"] / 3600 if a100 is not None else None
     groups = {"generation": {s.model for s in fsm.GENERATION}, "labelling": {s.model for s in fsm.REWARDS}}
     totals = {g: sum(models[m]["gpu_hours"] for m in names if m in models) for g, names in groups.items()}
+    known = all(m["a100_hours_at_same_mfu"] is not None for m in models.values())
+    a100_totals = {g: sum(models[m]["a100_hours_at_same_mfu"] for m in names if m in models) if known else None
+                   for g, names in groups.items()}
     gpu = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else device
-    return {"device": gpu, "models": models, "gpu_hours": totals,
+    return {"device": gpu, "models": models, "gpu_hours": totals, "a100_hours_at_same_mfu": a100_totals,
             "complete": all(m in models and models[m]["complete"] for names in groups.values() for m in names)}
 
 
@@ -171,6 +183,13 @@ def print_summary(s: dict, dry_run: bool) -> None:
     print(f"jobs/syn_pic.yaml on this device: generation {gen:,.0f} h + labelling {lab:,.0f} h = {gen + lab:,.0f} "
           f"GPU-hours ({(gen + lab) / 24:.1f} GPU-days){'' if s['complete'] else ' (INCOMPLETE: see above)'}; "
           "the paper: 10 A100 GPU-days. Training: the train_* rows, per model (the paper: 8 A100 x 16 h = 128 h).")
+    a100 = s["a100_hours_at_same_mfu"]
+    if a100["generation"] is not None:
+        train = ", ".join(f"{m} {v['a100_hours_at_same_mfu']:,.0f} h" for m, v in s["models"].items()
+                          if m.startswith("train_"))
+        print(f"On an A100 at the MFU measured here (a projection: an A100 usually reaches a higher MFU than an "
+              f"H100 on the same code): dataset {a100['generation'] + a100['labelling']:,.0f} A100-hours "
+              f"({(a100['generation'] + a100['labelling']) / 24:.1f} days){'; training ' + train if train else ''}.")
 
 
 def main(argv=None) -> int:

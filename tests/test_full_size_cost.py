@@ -115,3 +115,21 @@ def test_gpu_cost_refuses_bad_arguments(capsys):
     assert gpu_cost.main(["--dry-run", "--only", "no_such_model"]) == 2
     err = capsys.readouterr().err
     assert "--batch" in err and "no_such_model" in err
+
+
+def test_gpu_cost_summary_takes_the_faster_batch_and_scales_to_an_a100():
+    def row(model, stage, batch, seconds, dtype="float16", calls=50):
+        return {"model": model, "stage": stage, "batch": batch, "dtype": dtype, "calls": calls,
+                "flops_per_call": 13e12, "seconds_per_call": seconds, "seconds_per_image": seconds / batch * calls,
+                "device_peak_flops": 989e12 if dtype != "float32" else 67e12}
+    rows = [row("sdxl", "unet", 1, 0.1), row("sdxl", "unet", 4, 0.3),  # batch 4: 0.075 s per image-call
+            row("hpsv2", "open_clip ViT-H-14", 4, 0.2, dtype="float32", calls=1)]
+    s = gpu_cost.summarise({"rows": rows, "skipped": ["pickscore/CLIP-H"]}, "cpu", prompts=100)
+    sdxl, hps = s["models"]["sdxl"], s["models"]["hpsv2"]
+    assert sdxl["seconds_per_image"] == pytest.approx(0.075 * 50)
+    assert sdxl["gpu_hours"] == pytest.approx(0.075 * 50 * 100 / 3600)
+    assert sdxl["a100_hours_at_same_mfu"] == pytest.approx(0.075 * 50 * 100 / 3600 * 989 / 312)
+    assert hps["a100_hours_at_same_mfu"] == pytest.approx(0.05 * 400 / 3600 * 67 / 19.5)
+    assert s["gpu_hours"]["labelling"] == pytest.approx(0.05 * 400 / 3600)
+    assert not s["complete"]  # two generators and three rewards were not timed
+    json.dumps(s, allow_nan=False)
