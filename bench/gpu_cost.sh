@@ -3,7 +3,7 @@
 #
 #   bench/gpu_cost.sh fetch            # here, with PyPI: the wheels a bare PyTorch image lacks, into .whl/
 #   bench/gpu_cost.sh run [ARGS]       # there: install them to /tmp/site, time every stage (about 5 min on an
-#                                      # H100), write gpu_cost.json and gpu_cost.log to $OUT (or the cwd)
+#                                      # H100), write gpu_cost.json and gpu_cost.log to $OUT (or out/)
 #   bench/gpu_cost.sh dry-run [ARGS]   # anywhere: the same script on the meta device (no GPU, a minute or two)
 #
 # Through the device tool: run(command="bash bench/gpu_cost.sh run", carry=[".whl"], timeout_s=540).
@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$(command -v python3)}
 [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=.venv/bin/python
-OUTDIR=${OUT:-.}
+OUTDIR=${OUT:-out}; mkdir -p "$OUTDIR"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 
 case "${1:-}" in
