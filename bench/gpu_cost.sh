@@ -2,8 +2,8 @@
 # Full-size GPU timing of the paper's recipe (bench/gpu_cost.py) on a bare GPU machine, in one command.
 #
 #   bench/gpu_cost.sh fetch            # here, with PyPI: the wheels a bare PyTorch image lacks, into .whl/
-#   bench/gpu_cost.sh run [ARGS]       # there: install them to /tmp/site, time every stage (about 5 min on an
-#                                      # H100), write gpu_cost.json and gpu_cost.log to $OUT (or out/)
+#   bench/gpu_cost.sh run [ARGS]       # there: install them to /tmp/site, time every stage (new stages stop
+#                                      # after 420 s), write gpu_cost.json and gpu_cost.log to $OUT (or out/)
 #   bench/gpu_cost.sh dry-run [ARGS]   # anywhere: the same script on the meta device (no GPU, a minute or two)
 #
 # Through the device tool: run(command="bash bench/gpu_cost.sh run", carry=[".whl"], timeout_s=540).
