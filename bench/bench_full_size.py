@@ -129,7 +129,8 @@ def print_projection(p: dict) -> None:
         hours = ", ".join(f"{h:,.0f} h / {h / 24:.1f} days / ${s['usd'][k]:,.0f} at MFU {k}"
                           for k, h in s["a100_hours"].items())
         print(f"{group:<11}: {s['flops_total'] / 1e18:.1f} EFLOP -> {hours}")
-    half = ", ".join(f"{h:,.1f} h at MFU {k}" for k, h in p["summary"]["labelling_half_precision"]["a100_hours"].items())
+    half_hours = p["summary"]["labelling_half_precision"]["a100_hours"]
+    half = ", ".join(f"{h:,.1f} h at MFU {k}" for k, h in half_hours.items())
     print(f"(labelling runs HPSv2.1, MPS, PickScore and ImageReward in float32, the job's default: at the A100's "
           f"fp32 peak of 19.5 TFLOP/s. With every reward in bf16/fp16 it would take {half}.)")
     paper = p["paper"]

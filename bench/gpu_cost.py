@@ -11,7 +11,7 @@ and of each training job (400 steps x 1024 prompts x 4 images) on this GPU.
 
 One prepared run (``bench/gpu_cost.sh`` carries the two packages a bare GPU machine lacks)::
 
-    python bench/gpu_cost.py --device cuda --batch 1,4 --json gpu_cost.json   # not yet run on a GPU; under 8 min by --budget-s
+    python bench/gpu_cost.py --device cuda --batch 1,4 --json gpu_cost.json   # not yet run on a GPU
     python bench/gpu_cost.py --dry-run          # every stage on the meta device: builds, shapes, dtypes, report
     python bench/gpu_cost.py --device cpu --only image_reward --iters 1      # a real (slow) run on a CPU
 
