@@ -34,7 +34,7 @@ demo: venv
 	$(VENV)/bin/synpref demo --workdir $(WORKDIR)
 
 test: venv $(OPEN_CLIP_VENV)/.installed
-	SYNPREF_OPEN_CLIP_TRAIN_PYTHON=$(OPEN_CLIP_VENV)/bin/python $(PY) -m pytest -q -n 2 tests   # two workers: the 2-core CI machine; tests are single-threaded
+	SYNPREF_OPEN_CLIP_TRAIN_PYTHON=$(OPEN_CLIP_VENV)/bin/python $(PY) -m pytest -q -n 2 --dist loadgroup tests   # two workers: the 2-core CI machine; tests are single-threaded
 
 bench: venv
 	$(PY) bench/bench_stages.py

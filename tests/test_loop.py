@@ -37,7 +37,7 @@ from synpref.training.config import TrainConfig
 from synpref.training.train import train
 from trainer_fixtures import one_thread  # noqa: F401  (fixture)
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("loop")]  # one worker builds the fixtures once
 
 REWARDS = ("brightness", "darkness")
 SAMPLING = dict(num_inference_steps=4, guidance_scale=5.0, height=64, width=64)
