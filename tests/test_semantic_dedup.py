@@ -250,3 +250,11 @@ def test_bad_semantic_dedup_settings_are_one_line_exit_2_before_any_work(corpus,
     err = capsys.readouterr().err.strip()
     assert rc == 2 and message in err and len(err.splitlines()) == 1, err
     assert not (out / "embeddings").exists() and not (out / "manifest.json").exists()
+
+
+def test_inspect_names_the_semantic_dedup_and_its_drops(thumb_runs, capsys):
+    out, _ = thumb_runs[0]
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "semantic duplicates at cosine >= 0.8 (thumbnail embeddings, 3 clusters)" in text
+    assert "semantic_duplicate" in text

@@ -40,7 +40,7 @@ def create_embedder(name: str, params: dict[str, Any] | None = None, where: str 
 
 
 class Embedder(abc.ABC):
-    """Decoded images -> an (n, dim) float32 array with unit-length rows."""
+    """Decoded images -> an (n, dim) float32 array with unit-length rows (a zero row: similar to nothing)."""
 
     name: ClassVar[str]
     version: ClassVar[str] = "1"
@@ -152,7 +152,9 @@ class OpenClipEmbedder(Embedder):
 class ThumbnailEmbedder(Embedder):
     """Not learned: the image shrunk to ``side`` x ``side`` (box filter, aspect ignored), each channel's mean
     removed, as one vector. Cosine similarity is then the correlation of two thumbnails: high for
-    re-encodes, resizes, small crops and brightness / colour shifts; it knows nothing of meaning.
+    re-encodes, resizes, small crops and brightness / colour shifts; it knows nothing of meaning. A flat
+    image (one colour) has no pattern to compare: its row is zero, similar to nothing (exact dedup still
+    catches identical bytes).
 
     Args:
         side: thumbnail side in pixels (the vector has 3 * side * side entries).
