@@ -258,3 +258,19 @@ def test_inspect_names_the_semantic_dedup_and_its_drops(thumb_runs, capsys):
     text = capsys.readouterr().out
     assert "semantic duplicates at cosine >= 0.8 (thumbnail embeddings, 3 clusters)" in text
     assert "semantic_duplicate" in text
+
+
+def test_moved_shards_reuse_the_embeddings_and_rewrite_their_location(corpus, tmp_path):
+    import shutil
+
+    out = tmp_path / "out"
+    filter_corpus(filter_config_from_dict(job(corpus["root"], out, **THUMB)))
+    before = embeddings(out)
+    moved = tmp_path / "moved"
+    shutil.copytree(corpus["root"], moved)
+    again = filter_corpus(filter_config_from_dict(job(moved, out, **THUMB)))
+    assert again["summary"]["counters"].get("embeddings_computed", 0) == 0
+    table = pq.read_table(sorted((out / "embeddings").glob("*.parquet")))
+    assert {os.path.dirname(s) for s in table.column("source_shard").to_pylist()} == {str(moved)}
+    after = embeddings(out)
+    assert sorted(after) == sorted(before) and all(np.array_equal(after[k], before[k]) for k in before)

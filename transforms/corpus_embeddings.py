@@ -71,8 +71,8 @@ def read_embeddings(path: str, key: str) -> Optional[pa.Table]:
 
 
 class _PlanShard(beam.DoFn):
-    """(input shard index, its records) -> reused (shard, (record, embedding, True)) tagged ``reused``, and
-    chunks of (record, image bytes) to embed, in input order."""
+    """(input shard index, its records) -> reused (shard, (record, embedding, row unchanged)) tagged
+    ``reused``, and chunks of (record, image bytes) to embed, in input order."""
 
     def __init__(self, output_dir: str, key: str, corpus_input: CorpusInput, chunk_size: int):
         self.output_dir, self.key, self.corpus_input, self.chunk_size = output_dir, key, corpus_input, chunk_size
@@ -83,14 +83,16 @@ class _PlanShard(beam.DoFn):
         table = read_embeddings(embeddings_path(self.output_dir, index), self.key)
         known = {}
         if table is not None:
-            for k, sha, emb in zip(*(table.column(c).to_pylist() for c in ("key", "image_sha256", "embedding"))):
-                known[k] = (sha, emb)
+            columns = ("key", "image_sha256", "source_shard", "image_member", "embedding")
+            for k, sha, src, member, emb in zip(*(table.column(c).to_pylist() for c in columns)):
+                known[k] = (sha, (src, member), emb)
         todo = []
         for rec in records:
             hit = known.get(rec.key)
-            if hit is not None and hit[0] == rec.image_sha256:
+            if hit is not None and hit[0] == rec.image_sha256:  # same bytes, same embedder: same embedding
                 Metrics.counter("synpref", "embeddings_reused").inc()
-                yield beam.pvalue.TaggedOutput(REUSED, (index, (rec, np.asarray(hit[1], dtype=np.float32), True)))
+                same_row = hit[1] == (rec.source_shard, rec.image_member)  # else the file is rewritten
+                yield beam.pvalue.TaggedOutput(REUSED, (index, (rec, np.asarray(hit[2], dtype=np.float32), same_row)))
             else:
                 todo.append(rec)
         if not todo:
@@ -152,7 +154,7 @@ class EmbedImages(Work):
         return out
 
 
-def _computed(result):
+def _computed(result):  # (shard, (record, embedding or None, row unchanged))
     for rec, emb in result.inference:
         yield rec.shard_index, (rec, emb, False)
 
