@@ -98,7 +98,7 @@ class FilterCorpus(beam.PTransform):
                 model_copies=embedder.model_copies, accelerator=embedder.accelerator)
             similar = embedded["embedded"] | "DedupSemantic" >> SemanticDedup(
                 semantic.threshold, num_clusters=semantic.num_clusters, sample_size=semantic.sample_size,
-                iterations=semantic.iterations, seed=semantic.seed)
+                iterations=semantic.iterations, seed=semantic.seed, keep_highest=semantic.keep_highest)
             drops += [embedded["dropped"], similar["dropped"]]
             records = similar["kept"]
         filtered = records | "ApplyFilters" >> ApplyFilters(cfg.filter.thresholds, cfg.filter.top_fraction,

@@ -83,8 +83,9 @@ class SemanticDedupConfig(ConfigModel):
     """SemDeDup (arXiv 2303.09540): embed, cluster by k-means, drop near-duplicates within each cluster.
 
     A sample whose cosine similarity to a kept sample of its cluster is at least ``threshold`` is dropped
-    (``semantic_duplicate``); within a cluster samples are visited by key, smallest first, so the kept
-    representative is the smallest key. Centroids are fitted on at most ``sample_size`` embeddings (a
+    (``semantic_duplicate``); within a cluster samples are visited by key, smallest first (or by the
+    ``keep_highest`` reward's score, highest first, then key), so the kept representative is the smallest
+    key (the best-scored sample). Centroids are fitted on at most ``sample_size`` embeddings (a
     seeded sample), so no worker holds every embedding.
     """
 
@@ -94,6 +95,7 @@ class SemanticDedupConfig(ConfigModel):
     sample_size: int = Field(50_000, ge=1)  # embeddings the centroids are fitted on
     iterations: int = Field(20, ge=1)  # Lloyd iterations
     seed: int = 0
+    keep_highest: Optional[str] = None  # a reward name: of near duplicates, keep the one it scores highest
 
     @model_validator(mode="after")
     def _enough_samples(self) -> "SemanticDedupConfig":
@@ -140,6 +142,10 @@ class FilterJobConfig(ConfigModel):
             raise ValueError("rewards[].rank applies to the build only; synpref filter ranks nothing "
                              "(filter with filter.thresholds)")
         check_thresholds(self.filter.thresholds, names, "filter.thresholds")
+        semantic = self.filter.semantic_dedup
+        if semantic is not None and semantic.keep_highest is not None and semantic.keep_highest not in names:
+            raise ValueError(f"filter.semantic_dedup.keep_highest: reward {semantic.keep_highest!r} is not in "
+                             f"rewards {names}")
         top = self.filter.top_fraction
         if top is not None and top.reward not in names:
             raise ValueError(f"filter.top_fraction: reward {top.reward!r} is not in rewards {names}")

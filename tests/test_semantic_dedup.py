@@ -58,7 +58,8 @@ def corpus(tmp_path_factory):
     planted = {"q100": ("p000", jpeg(crop(photos["astronaut"], 0.92).resize((480, 480)))),
                "q101": ("p001", jpeg(photos["coffee"], quality=30)),
                "q102": ("p002", jpeg(colour_shift(photos["chelsea"]))),
-               "a000": ("p003", jpeg(ImageEnhance.Brightness(photos["rocket"]).enhance(1.15)))}
+               "a000": ("p003", jpeg(ImageEnhance.Brightness(photos["rocket"]).enhance(1.15))),
+               "q103": ("p004", jpeg(photos["camera"].resize((600, 600), Image.BICUBIC)))}  # more pixels
     for key, (_, data) in planted.items():
         images[key] = data
     with tarfile.open(root / "00000.tar", "w") as t0, tarfile.open(root / "00001.tar", "w") as t1:
@@ -234,6 +235,7 @@ def test_tiny_open_clip_embeddings_and_drops_match_an_independent_computation(co
     ("filter.semantic_dedup.embedder.params={model: ViT-Nope-1}", "unknown open_clip model 'ViT-Nope-1'"),
     ("filter.semantic_dedup.embedder.params={side: 1000}", "side must be an integer in [4, 64]"),
     ("filter.semantic_dedup.num_clusters=9", "sample_size (4) must be at least num_clusters (9)"),
+    ("filter.semantic_dedup.keep_highest=clip", "keep_highest: reward 'clip' is not in rewards ['resolution']"),
 ])
 def test_bad_semantic_dedup_settings_are_one_line_exit_2_before_any_work(corpus, tmp_path, capsys, setting,
                                                                           message):
@@ -274,3 +276,14 @@ def test_moved_shards_reuse_the_embeddings_and_rewrite_their_location(corpus, tm
     assert {os.path.dirname(s) for s in table.column("source_shard").to_pylist()} == {str(moved)}
     after = embeddings(out)
     assert sorted(after) == sorted(before) and all(np.array_equal(after[k], before[k]) for k in before)
+
+
+def test_keep_highest_keeps_the_best_scored_copy(corpus, tmp_path):
+    """By resolution, the upscaled camera (600x600) is kept over its 512x512 original; ties keep the smaller key."""
+    out = tmp_path / "out"
+    filter_corpus(filter_config_from_dict(job(corpus["root"], out, **THUMB, keep_highest="resolution")))
+    expected = {**{k: v for k, v in corpus["expected"].items() if k != "q103"}, "p004": "q103"}
+    rows = index_rows(out)
+    got = {k: r["detail"].split(" to kept key ")[1].split()[0] for k, r in rows.items()
+           if r["reason"] == "semantic_duplicate"}
+    assert got == expected

@@ -5,7 +5,8 @@
 2. ``FitCentroids``: spherical k-means (Lloyd's algorithm on unit vectors, cosine assignment) over that
    sample on one worker; the ``num_clusters`` x dim centroids are a small side input.
 3. ``AssignClusters``: each embedding to its most similar centroid, in parallel.
-4. ``DedupWithinCluster``: one cluster per group; members visited by key (smallest first); a member whose
+4. ``DedupWithinCluster``: one cluster per group; members visited by key (smallest first; or by one
+   reward's score, highest first, ties by key, with ``keep_highest``); a member whose
    cosine similarity to an already kept member is at least ``threshold`` is dropped as
    ``semantic_duplicate`` naming the most similar kept key and the similarity; otherwise it is kept.
 
@@ -60,9 +61,15 @@ def _assign(item, centroids: Optional[np.ndarray]):
     return int(np.argmax(centroids @ np.asarray(emb, dtype=np.float64))), (rec, emb)
 
 
-def _dedup_cluster(element, threshold: float):
+def _visit_order(keep_highest: Optional[str]):
+    if keep_highest is None:
+        return lambda m: (m[0].key, m[0].source_shard)
+    return lambda m: (-m[0].scores[keep_highest], m[0].key, m[0].source_shard)
+
+
+def _dedup_cluster(element, threshold: float, keep_highest: Optional[str] = None):
     cluster, members = element
-    members = sorted(members, key=lambda m: (m[0].key, m[0].source_shard))
+    members = sorted(members, key=_visit_order(keep_highest))
     kept_vectors = np.zeros((len(members), len(members[0][1])), dtype=np.float64)
     kept = []
     for rec, emb in members:
@@ -90,13 +97,15 @@ class SemanticDedup(beam.PTransform):
         sample_size: embeddings the centroids are fitted on.
         iterations: at most this many Lloyd iterations.
         seed: picks the sample and the initial centroids.
+        keep_highest: a reward name: members are visited by its score, highest first (then key), so the
+            best-scored of a group of near duplicates is kept; None: by key, the smallest kept.
     """
 
     def __init__(self, threshold: float, *, num_clusters: int = 64, sample_size: int = 50_000, iterations: int = 20,
-                 seed: int = 0):
+                 seed: int = 0, keep_highest: Optional[str] = None):
         super().__init__()
         self.threshold, self.num_clusters, self.sample_size = threshold, num_clusters, sample_size
-        self.iterations, self.seed = iterations, seed
+        self.iterations, self.seed, self.keep_highest = iterations, seed, keep_highest
 
     def expand(self, embedded):
         seed = self.seed
@@ -107,6 +116,6 @@ class SemanticDedup(beam.PTransform):
         out = (embedded
                | "AssignClusters" >> beam.Map(_assign, beam.pvalue.AsSingleton(centroids))
                | "GroupByCluster" >> beam.GroupByKey()
-               | "DedupWithinCluster" >> beam.FlatMap(_dedup_cluster, self.threshold).with_outputs(DROPPED,
-                                                                                                 main="kept"))
+               | "DedupWithinCluster" >> beam.FlatMap(_dedup_cluster, self.threshold, self.keep_highest)
+               .with_outputs(DROPPED, main="kept"))
         return {"kept": out.kept, "dropped": out[DROPPED]}
