@@ -287,3 +287,56 @@ def test_keep_highest_keeps_the_best_scored_copy(corpus, tmp_path):
     got = {k: r["detail"].split(" to kept key ")[1].split()[0] for k, r in rows.items()
            if r["reason"] == "semantic_duplicate"}
     assert got == expected
+
+
+def _planted_clusters(n_centres=6, per=40, dim=32, noise=0.05, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_centres, dim))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    labels = np.repeat(np.arange(n_centres), per)
+    x = centres[labels] + noise * rng.normal(size=(len(labels), dim))
+    return centres, labels, x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_kmeans_finds_planted_centres_whatever_the_input_order():
+    from synpref.transforms.semantic_dedup import fit_centroids
+
+    centres, _, x = _planted_clusters()
+    sample = [(f"r{i:04d}", f"k{i:04d}", x[i].astype(np.float32)) for i in range(len(x))]
+    fitted = fit_centroids(sample, len(centres), 20, seed=3)
+    assert fitted.shape == centres.shape
+    np.testing.assert_allclose(np.linalg.norm(fitted, axis=1), 1.0, atol=1e-9)
+    assert (fitted @ centres.T).max(axis=0).min() > 0.99  # every planted centre has a centroid on it
+    assert np.array_equal(fit_centroids(sample[::-1], len(centres), 20, seed=3), fitted)
+    assert fit_centroids([], 4, 20, 0) is None
+
+
+def test_semantic_dedup_step_on_hand_set_embeddings_matches_greedy_per_planted_cluster():
+    """Beam TestPipeline over records with hand-set embeddings: groups far apart, so k-means keeps each
+    planted group in one cluster and the expected drops are the greedy pass within each group."""
+    import apache_beam as beam
+    from apache_beam.testing.test_pipeline import TestPipeline
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from synpref.schemas.records import CorpusRecord
+    from synpref.transforms.semantic_dedup import SemanticDedup
+
+    centres, labels, x = _planted_clusters(n_centres=4, per=12, dim=16, noise=0.1, seed=1)
+    rng = np.random.default_rng(2)
+    keys = [f"{k:05d}" for k in rng.permutation(len(x))]
+    items = [(CorpusRecord(key=k, shard_index=0, source_shard="s.tar"), x[i].astype(np.float32))
+             for i, k in enumerate(keys)]
+    vectors = {k: x[i].astype(np.float32).astype(np.float64) for i, k in enumerate(keys)}
+    threshold = 0.93
+    expected = {}
+    for g in range(len(centres)):
+        expected.update(greedy({k: vectors[k] for i, k in enumerate(keys) if labels[i] == g}, threshold))
+    assert 0 < len(expected) < len(keys) - len(centres)
+    with TestPipeline() as p:
+        out = (p | beam.Create(items)
+               | SemanticDedup(threshold, num_clusters=len(centres), sample_size=len(items), seed=0))
+        assert_that(out["kept"] | "KeptKeys" >> beam.Map(lambda r: r.key),
+                    equal_to(sorted(set(keys) - set(expected))), label="Kept")
+        assert_that(out["dropped"] | "DropNames" >> beam.Map(
+            lambda r: (r.key, r.dropped.detail.split(" to kept key ")[1].split()[0])),
+            equal_to(sorted((k, v[0]) for k, v in expected.items())), label="Dropped")

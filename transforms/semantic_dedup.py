@@ -13,7 +13,7 @@
 No step holds every embedding: the sample is bounded and a group holds one cluster. Near duplicates that
 land in different clusters are not compared (SemDeDup's approximation; more clusters = smaller groups,
 fewer comparisons, a little lower recall). k-means is a few lines of numpy (float64, fixed order, seeded
-initialisation) rather than scikit-learn, which is not a dependency and whose threaded Lloyd step can
+k-means++ initialisation) rather than scikit-learn, which is not a dependency and whose threaded Lloyd step can
 reduce in a thread-count-dependent order.
 """
 from __future__ import annotations
@@ -31,26 +31,46 @@ def sample_rank(seed: int, key: str) -> str:
     return hashlib.sha256(f"{seed}\0{key}".encode()).hexdigest()
 
 
+def nearest(x: np.ndarray, centroids: np.ndarray, block: int = 4096) -> np.ndarray:
+    """Index of each row's most similar centroid, ``block`` rows at a time (never an n x k matrix)."""
+    return np.concatenate([np.argmax(x[i:i + block] @ centroids.T, axis=1) for i in range(0, len(x), block)])
+
+
+def _kmeans_plus_plus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k rows of ``x``: the first uniformly, each next with probability proportional to its cosine distance
+    to the nearest one chosen (uniformly again once every row coincides with a chosen one)."""
+    chosen = [int(rng.integers(len(x)))]
+    distance = np.clip(1.0 - x @ x[chosen[0]], 0.0, None)
+    for _ in range(1, k):
+        total = distance.sum()
+        i = int(rng.choice(len(x), p=distance / total)) if total > 0 else int(rng.integers(len(x)))
+        chosen.append(i)
+        distance = np.minimum(distance, np.clip(1.0 - x @ x[i], 0.0, None))
+    return x[chosen].copy()
+
+
 def fit_centroids(sample: list, num_clusters: int, iterations: int, seed: int) -> Optional[np.ndarray]:
     """Spherical k-means over ``sample`` ([(rank, key, embedding)]); unit-row float64 centroids, or None if empty.
 
-    Initial centroids: ``num_clusters`` distinct sample rows chosen by a generator seeded with ``seed``;
-    an empty cluster keeps its centroid. Stops early when no assignment changes.
+    Initial centroids by k-means++ (Arthur and Vassilvitskii 2007) over cosine distance, drawn by a
+    generator seeded with ``seed`` (k passes over the sample, as many as k/n Lloyd iterations); an empty
+    cluster keeps its centroid. Stops early when no assignment changes.
     """
     if not sample:
         return None
     x = np.stack([np.asarray(e, dtype=np.float64) for _, _, e in sorted(sample, key=lambda s: s[:2])])
-    k = min(num_clusters, len(x))
-    rng = np.random.default_rng(seed)
-    centroids = x[np.sort(rng.choice(len(x), size=k, replace=False))].copy()
+    centroids = _kmeans_plus_plus(x, min(num_clusters, len(x)), np.random.default_rng(seed))
     labels = None
     for _ in range(iterations):
-        new = np.argmax(x @ centroids.T, axis=1)
+        new = nearest(x, centroids)
         if labels is not None and np.array_equal(new, labels):
             break
         labels = new
-        sums = np.zeros_like(centroids)
-        np.add.at(sums, labels, x)
+        order = np.argsort(labels, kind="stable")  # members of each cluster together, in sample order
+        sorted_labels = labels[order]
+        starts = np.flatnonzero(np.r_[True, sorted_labels[1:] != sorted_labels[:-1]])
+        sums = centroids.copy()  # an empty cluster keeps its centroid
+        sums[sorted_labels[starts]] = np.add.reduceat(x[order], starts, axis=0)
         norms = np.linalg.norm(sums, axis=1, keepdims=True)
         centroids = np.where(norms > 0, sums / np.where(norms > 0, norms, 1.0), centroids)
     return centroids
