@@ -57,6 +57,22 @@ def embedding_key(embedder: Embedder, max_pixels: int, jpeg_draft: bool) -> str:
                         "jpeg_draft": jpeg_draft})
 
 
+def embedding_matrix(table: pa.Table) -> np.ndarray:
+    """The ``embedding`` column as an (n, dim) float32 array, without a Python float per entry."""
+    column = table.column("embedding").combine_chunks()
+    if len(column) == 0:
+        return np.zeros((0, 0), np.float32)
+    values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    return values.reshape(len(column), -1)
+
+
+def embedding_array(vectors: Sequence[np.ndarray]) -> pa.Array:
+    """(n, dim) rows as the file's list<float32> column."""
+    values = np.concatenate([np.asarray(v, dtype=np.float32).reshape(-1) for v in vectors])
+    offsets = np.concatenate([[0], np.cumsum([len(v) for v in vectors])]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=pa.float32()))
+
+
 def read_embeddings(path: str, key: str) -> Optional[pa.Table]:
     """The file's table if it exists, is readable and was written under ``key``; else None."""
     fs, p = fsspec.core.url_to_fs(path)
@@ -83,16 +99,17 @@ class _PlanShard(beam.DoFn):
         table = read_embeddings(embeddings_path(self.output_dir, index), self.key)
         known = {}
         if table is not None:
-            columns = ("key", "image_sha256", "source_shard", "image_member", "embedding")
-            for k, sha, src, member, emb in zip(*(table.column(c).to_pylist() for c in columns)):
-                known[k] = (sha, (src, member), emb)
+            vectors = embedding_matrix(table)
+            columns = ("key", "image_sha256", "source_shard", "image_member")
+            for row, (k, sha, src, member) in enumerate(zip(*(table.column(c).to_pylist() for c in columns))):
+                known[k] = (sha, (src, member), vectors[row])
         todo = []
         for rec in records:
             hit = known.get(rec.key)
             if hit is not None and hit[0] == rec.image_sha256:  # same bytes, same embedder: same embedding
                 Metrics.counter("synpref", "embeddings_reused").inc()
                 same_row = hit[1] == (rec.source_shard, rec.image_member)  # else the file is rewritten
-                yield beam.pvalue.TaggedOutput(REUSED, (index, (rec, np.asarray(hit[2], dtype=np.float32), same_row)))
+                yield beam.pvalue.TaggedOutput(REUSED, (index, (rec, hit[2], same_row)))
             else:
                 todo.append(rec)
         if not todo:
@@ -186,10 +203,14 @@ class _WriteShard(beam.DoFn):
         good = [(rec, emb, reused) for rec, emb, reused in items if emb is not None]
         path = embeddings_path(self.output_dir, index)
         if good and not (all(reused for _, _, reused in good) and _rows_in(path) == len(good)):
-            table = pa.Table.from_pylist(
-                [{"key": r.key, "source_shard": r.source_shard, "shard_index": r.shard_index,
-                  "image_member": r.image_member, "image_sha256": r.image_sha256, "embedding": e.tolist()}
-                 for r, e, _ in good],
+            records = [r for r, _, _ in good]
+            table = pa.Table.from_arrays(
+                [pa.array([r.key for r in records], pa.string()),
+                 pa.array([r.source_shard for r in records], pa.string()),
+                 pa.array([r.shard_index for r in records], pa.int64()),
+                 pa.array([r.image_member for r in records], pa.string()),
+                 pa.array([r.image_sha256 for r in records], pa.string()),
+                 embedding_array([e for _, e, _ in good])],
                 schema=SCHEMA.with_metadata({KEY_METADATA: self.key.encode(),
                                              b"synpref_embedder": json.dumps(self.describe, sort_keys=True).encode()}))
             with AtomicFile(path) as f:
