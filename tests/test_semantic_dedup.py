@@ -21,6 +21,7 @@ from PIL import Image, ImageEnhance
 from synpref.cli import main
 from synpref.pipelines.filter_corpus import filter_corpus
 from synpref.schemas.filter_config import filter_config_from_dict
+from synpref.transforms.embedders import EMBEDDERS, Embedder
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "immunohistochemistry", "moon", "brick",
           "grass")
@@ -340,3 +341,23 @@ def test_semantic_dedup_step_on_hand_set_embeddings_matches_greedy_per_planted_c
         assert_that(out["dropped"] | "DropNames" >> beam.Map(
             lambda r: (r.key, r.dropped.detail.split(" to kept key ")[1].split()[0])),
             equal_to(sorted((k, v[0]) for k, v in expected.items())), label="Dropped")
+
+
+@EMBEDDERS.register("test_raising_embedder")
+class RaisingEmbedder(Embedder):
+    """Fails on every call after loading, as a model that runs out of memory would."""
+
+    def embed(self, images):
+        raise RuntimeError("CUDA out of memory (planted)")
+
+
+def test_an_embedder_that_raises_drops_its_samples_as_embedding_error_and_the_ledger_balances(corpus, tmp_path):
+    out = tmp_path / "out"
+    result = filter_corpus(filter_config_from_dict(job(corpus["root"], out, embedder={"name": "test_raising_embedder"},
+                                                       threshold=0.9, num_clusters=2)))
+    c = result["manifest"]["counts"]["samples"]
+    assert c["balanced"] and c["written"] == 0 and c["dropped"] == {"embedding_error": len(corpus["images"])}
+    rows = index_rows(out)
+    assert {r["stage"] for r in rows.values()} == {"embed"}
+    assert all("CUDA out of memory (planted)" in r["detail"] for r in rows.values())
+    assert not list((out / "embeddings").glob("*.parquet"))  # nothing cached for a failed call
