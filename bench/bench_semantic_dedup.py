@@ -59,7 +59,8 @@ def _pattern(i: int) -> Image.Image:
     rng = np.random.default_rng(1000 + i)
     yy, xx = np.mgrid[0:192, 0:256] / 25.0
     f = rng.uniform(0.3, 2.0, 6)
-    base = np.stack([np.sin(xx * f[0] + yy * f[1] + i), np.cos(yy * f[2] - xx * f[3]), np.sin(xx * yy * f[4] / 4 + f[5])], -1)
+    base = np.stack([np.sin(xx * f[0] + yy * f[1] + i), np.cos(yy * f[2] - xx * f[3]),
+                     np.sin(xx * yy * f[4] / 4 + f[5])], -1)
     return Image.fromarray(np.clip(127 + 100 * base + rng.normal(0, 6, base.shape), 0, 255).astype(np.uint8))
 
 

@@ -136,7 +136,8 @@ def test_planted_near_duplicates_are_dropped_naming_the_kept_original(corpus, th
     c = result["manifest"]["counts"]["samples"]
     assert c["balanced"] and c["dropped"] == {"semantic_duplicate": len(corpus["expected"])}
     assert c["written"] == len(corpus["images"]) - len(corpus["expected"])
-    drops = [json.loads(line) for p in sorted((out / "dead_letter").glob("*.jsonl")) for line in p.read_text().splitlines()]
+    drops = [json.loads(line) for p in sorted((out / "dead_letter").glob("*.jsonl"))
+             for line in p.read_text().splitlines()]
     assert {d["record_id"]: d["reason"] for d in drops} == {k: "semantic_duplicate" for k in corpus["expected"]}
     assert result["summary"]["counters"]["embeddings_computed"] == len(corpus["images"])
 

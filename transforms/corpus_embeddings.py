@@ -15,7 +15,6 @@ decode setting is another key, so nothing stale is read. A file is rewritten onl
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from typing import Any, Optional, Sequence
@@ -30,7 +29,6 @@ from apache_beam.ml.inference.base import RunInference
 
 from ..core.errors import error_line
 from ..core.fileio import AtomicFile
-from ..schemas.records import CorpusRecord
 from .corpus_scoring import DROPPED
 from .corpus_sources import CorpusInput
 from .corpus_writing import input_order, shard_name

@@ -106,7 +106,8 @@ class OpenClipEmbedder(Embedder):
             if open_clip.get_model_config(model) is None:
                 raise ValueError(f"unknown open_clip model {model!r} (open_clip.list_models() lists them; "
                                  "or give model_config)")
-        self.model_name, self.pretrained, self.checkpoint, self.model_config = model, pretrained, checkpoint, model_config
+        self.model_name, self.pretrained = model, pretrained
+        self.checkpoint, self.model_config = checkpoint, model_config
         self.device, self.cache_dir, self.dtype = device, cache_dir, dtype
         self._model = None
 
