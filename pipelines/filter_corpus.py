@@ -3,7 +3,8 @@
     synpref filter --config jobs/demo_filter.yaml [--set k=v] [beam flags]
 
 ```
-ListShards -> ScoreShards -> DedupKeys -> DedupExact [-> DedupNear] -> ApplyFilters -> WriteFiltered ------------\
+ListShards -> ScoreShards -> DedupKeys -> DedupExact [-> DedupNear] [-> EmbedImages -> DedupSemantic]
+    -> ApplyFilters -> WriteFiltered --------------------------------------------------------------------\
                   \______________ every drop, with its reason ____\-> WriteOutcomes --> WriteManifest
                    \___ every chunk's cache key ___________________________ PruneCache (once the manifest exists)
 ```
@@ -28,6 +29,9 @@ from ..schemas.loading import add_config_args, dump_config
 from ..transforms.accounting import CountDrops, WriteFilterManifest
 from ..transforms.corpus_dedup import DedupExact, DedupKeys, DedupNear
 from ..transforms.corpus_cache import PruneCache
+from ..transforms.corpus_embeddings import EmbedCorpus
+from ..transforms.embedders import create_embedder
+from ..transforms.semantic_dedup import SemanticDedup
 from ..transforms.corpus_scoring import DROPPED, ScoreCorpus
 from ..transforms.corpus_thresholds import ApplyFilters
 from ..transforms.corpus_writing import WriteFiltered, WriteOutcomes, WriteShardSizes
@@ -45,6 +49,9 @@ def preflight_filter(cfg: FilterJobConfig) -> list[str]:
         raise ValueError(f"config.input.format must be auto or one of {available_sources()}, "
                          f"got {cfg.input.format!r}")
     check_rewards(cfg.rewards)
+    semantic = cfg.filter.semantic_dedup
+    if semantic is not None:
+        create_embedder(semantic.embedder.name, semantic.embedder.params, "filter.semantic_dedup.embedder")
     corpus_input = corpus_input_from_config(cfg.input)
     shards = corpus_input.list_units(cfg.input.source)
     corpus_input.check(shards)
@@ -84,6 +91,18 @@ class FilterCorpus(beam.PTransform):
             near = records | "DedupNear" >> DedupNear(cfg.filter.near_duplicate_distance)
             drops.append(near[DROPPED])
             records = near.kept
+        semantic = cfg.filter.semantic_dedup
+        if semantic is not None:
+            embedder = semantic.embedder
+            embedded = records | "EmbedImages" >> EmbedCorpus(
+                embedder.name, embedder.params, out, corpus_input, batch_size=cfg.input.batch_size,
+                max_pixels=cfg.input.max_pixels, jpeg_draft=cfg.input.jpeg_draft, torch_threads=cfg.torch_threads,
+                model_copies=embedder.model_copies, accelerator=embedder.accelerator)
+            similar = embedded["embedded"] | "DedupSemantic" >> SemanticDedup(
+                semantic.threshold, num_clusters=semantic.num_clusters, sample_size=semantic.sample_size,
+                iterations=semantic.iterations, seed=semantic.seed, keep_highest=semantic.keep_highest)
+            drops += [embedded["dropped"], similar["dropped"]]
+            records = similar["kept"]
         filtered = records | "ApplyFilters" >> ApplyFilters(cfg.filter.thresholds, cfg.filter.top_fraction,
                                                             cfg.filter.mode)
         drops.append(filtered["dropped"])

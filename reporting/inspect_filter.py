@@ -271,8 +271,11 @@ def describe_filter(manifest: dict) -> str:
         parts.append(f"top {top['fraction']:.0%} by {top['reward']}"
                      + (f" (cutoff {cut:.4g})" if cut is not None else ""))
     near = f.get("near_duplicate_distance", -1)
+    sem = f.get("semantic_dedup")
     return (f"mode {f.get('mode', 'and')}: " + ("; ".join(parts) or "no score criteria")
-            + f"; dedup {f.get('dedup', 'exact')}" + (f", near duplicates within {near} bits" if near >= 0 else ""))
+            + f"; dedup {f.get('dedup', 'exact')}" + (f", near duplicates within {near} bits" if near >= 0 else "")
+            + (f", semantic duplicates at cosine >= {sem['threshold']:g} ({sem['embedder']['name']} embeddings, "
+               f"{sem['num_clusters']} clusters)" if sem else ""))
 
 
 def format_filter_text(rep: FilterReport) -> str:

@@ -5,7 +5,7 @@ are plug-ins, checked by the filter's preflight.
 """
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
@@ -71,6 +71,40 @@ class TopFraction(ConfigModel):
     num_quantiles: int = Field(1001, ge=2)  # resolution of Beam's ApproximateQuantiles (exact on small corpora)
 
 
+class EmbedderConfig(ConfigModel):
+    """A registered image embedder (``transforms/embedders.py``: ``open_clip``, ``thumbnail``) and its params."""
+
+    name: str = "open_clip"
+    params: dict[str, Any] = {}
+    model_copies: int = Field(0, ge=0)  # as a reward's: 0 = one model per worker process
+    accelerator: str = ""  # a resource hint on the embedding step only, e.g. type:nvidia-l4;count:1
+
+
+class SemanticDedupConfig(ConfigModel):
+    """SemDeDup (arXiv 2303.09540): embed, cluster by k-means, drop near-duplicates within each cluster.
+
+    A sample whose cosine similarity to a kept sample of its cluster is at least ``threshold`` is dropped
+    (``semantic_duplicate``); within a cluster samples are visited by key, smallest first (or by the
+    ``keep_highest`` reward's score, highest first, then key), so the kept representative is the smallest
+    key (the best-scored sample). Centroids are fitted on at most ``sample_size`` embeddings (a
+    seeded sample), so no worker holds every embedding.
+    """
+
+    embedder: EmbedderConfig = EmbedderConfig()
+    threshold: float = Field(gt=0, le=1)  # cosine similarity at or above which a sample is a duplicate
+    num_clusters: int = Field(64, ge=1)
+    sample_size: int = Field(50_000, ge=1)  # embeddings the centroids are fitted on
+    iterations: int = Field(20, ge=1)  # Lloyd iterations
+    seed: int = 0
+    keep_highest: Optional[str] = None  # a reward name: of near duplicates, keep the one it scores highest
+
+    @model_validator(mode="after")
+    def _enough_samples(self) -> "SemanticDedupConfig":
+        if self.sample_size < self.num_clusters:
+            raise ValueError(f"sample_size ({self.sample_size}) must be at least num_clusters ({self.num_clusters})")
+        return self
+
+
 class CorpusFilterConfig(ConfigModel):
     """``mode: and`` keeps a sample that passes every criterion; ``or`` one that passes any.
 
@@ -84,6 +118,9 @@ class CorpusFilterConfig(ConfigModel):
     # Near duplicates: samples whose 64-bit perceptual hash (dHash) is within this many bits of a sample
     # with a smaller key are dropped (near_duplicate). -1: off. Runs after exact dedup, before the filters.
     near_duplicate_distance: int = Field(-1, ge=-1, le=15)
+    # Semantic near duplicates by embedding similarity; off when absent. Runs after the other dedups,
+    # before the filters; embeddings are kept in output_dir/embeddings/ and reused by a rerun.
+    semantic_dedup: Optional[SemanticDedupConfig] = None
 
 
 class FilterOutputConfig(ConfigModel):
@@ -110,6 +147,10 @@ class FilterJobConfig(ConfigModel):
             raise ValueError("rewards[].rank applies to the build only; synpref filter ranks nothing "
                              "(filter with filter.thresholds)")
         check_thresholds(self.filter.thresholds, names, "filter.thresholds")
+        semantic = self.filter.semantic_dedup
+        if semantic is not None and semantic.keep_highest is not None and semantic.keep_highest not in names:
+            raise ValueError(f"filter.semantic_dedup.keep_highest: reward {semantic.keep_highest!r} is not in "
+                             f"rewards {names}")
         top = self.filter.top_fraction
         if top is not None and top.reward not in names:
             raise ValueError(f"filter.top_fraction: reward {top.reward!r} is not in rewards {names}")

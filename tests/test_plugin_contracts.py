@@ -19,6 +19,7 @@ from synpref.training.data import READERS
 from synpref.training.families import FAMILIES, ModelFamily
 from synpref.transforms.aggregators import AGGREGATORS, dataset_stats
 from synpref.transforms.corpus_sources import SOURCES, CorpusSource
+from synpref.transforms.embedders import EMBEDDERS, create_embedder
 from synpref.transforms.generators import GENERATORS, Generator, create_generator
 from synpref.transforms.ranking import label_table
 from synpref.transforms.rewards import REWARDS, Reward, create_reward
@@ -31,7 +32,7 @@ def builtin(registry) -> list[str]:
 
 
 ALL = {"reward": REWARDS, "generator type": GENERATORS, "aggregator": AGGREGATORS, "corpus source": SOURCES,
-       "model family": FAMILIES, "data format": READERS, "export format": EXPORTERS}
+       "embedder": EMBEDDERS, "model family": FAMILIES, "data format": READERS, "export format": EXPORTERS}
 
 
 @pytest.mark.parametrize("kind", sorted(ALL))
@@ -160,3 +161,24 @@ def test_data_format_reader_names_its_file_extension(name):
 def test_exporter_is_registered_under_its_name(name):
     cls = EXPORTERS.lookup(name)
     assert cls.name == name and callable(getattr(cls, "run", None)) and (cls.__doc__ or "").strip()
+
+
+# ---- embedders: unit (or zero) rows, one per image, independent of the batch they came in
+@pytest.mark.parametrize("name", builtin(EMBEDDERS))
+def test_embedder_rows_are_unit_vectors_one_per_image_whatever_the_batch(name, tmp_path):
+    params = {}
+    if name == "open_clip":
+        from synpref.demo.tiny_models import save_tiny_open_clip
+
+        params = save_tiny_open_clip(tmp_path / "clip")
+    embedder = create_embedder(name, params)
+    info = embedder.describe()
+    assert json.loads(json.dumps(info)) == info and info["name"] == name
+    embedder.load()
+    images = _images()
+    x = embedder.embed(images)
+    assert x.dtype == np.float32 and x.ndim == 2 and len(x) == len(images) and np.isfinite(x).all()
+    norms = np.linalg.norm(x, axis=1)  # 0 only where an embedder sees nothing (thumbnail: a flat image)
+    assert np.all((np.abs(norms - 1) < 1e-5) | (norms == 0)) and np.abs(norms[1] - 1) < 1e-5, norms
+    np.testing.assert_allclose(embedder.embed(images[::-1]), x[::-1], atol=1e-5)
+    np.testing.assert_allclose(embedder.embed(images[1:2])[0], x[1], atol=1e-5)
