@@ -59,10 +59,12 @@ PACKAGES = {
 NOT_RUN = {
     "mps": "the authors' code (Kwai-Kolors/MPS) is not a package on PyPI: nothing to install into a side "
            "environment",
-    "vqascore": "CLIP-FlanT5-XL is 3.09B parameters (12.4 GB in float32, twice: original and synpref) and "
-                "t2v-metrics pulls a LLaVA stack; too large for this 2-core, 23 GB machine in a few minutes",
-    "hpsv3": "Qwen2-VL-7B is 8.3B parameters (33 GB in float32): does not fit this 23 GB machine once, let "
+    "vqascore": "CLIP-FlanT5-XL is 3.09B parameters (12.4 GB in float32 per side, about 2 TFLOP per image) and "
+                "t2v-metrics 3.0 pins a stack of its own (torch 2.5.1, transformers 4.49, deepspeed, apex...): "
+                "too large for a 2-core, 23 GB machine in a few minutes",
+    "hpsv3": "Qwen2-VL-7B is 8.3B parameters (33 GB in float32): does not fit a 23 GB machine once, let "
              "alone twice",
+    "laion_aesthetic": "the authors' code (improved-aesthetic-predictor) is not a package on PyPI",
 }
 
 
