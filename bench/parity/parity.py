@@ -22,6 +22,7 @@ are in ``NOT_RUN`` with what stops them (bench/parity/README.md).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -189,10 +190,13 @@ def run(reward: str, workdir: Path, side: str = "both") -> dict:
             items.append((str(path), prompt))
     job, params = SETUPS[reward](python, workdir)
     job = {**job, "items": items}
-    # The original's scores are kept with the job they answer (files by size and mtime): a rerun that
-    # changes only synpref's side, or one split across two locked runs (--side), does not score again.
+    # The original's scores are kept with what determines them (the job, its files by size and mtime, the
+    # package, the script): a rerun that changes only synpref's side, or one split across two locked runs
+    # (--side original, then both), does not score with the original again.
     files = {k: [os.path.getsize(v), os.path.getmtime(v)] for k, v in job.items() if isinstance(v, str) and
              os.path.exists(v)}
+    files["code"] = [PACKAGES[reward].requirement, *PACKAGES[reward].pins,
+                     hashlib.sha256((HERE / f"original_{reward}.py").read_bytes()).hexdigest()]
     cache = workdir / "original_scores.json"
     cached = json.loads(cache.read_text()) if cache.exists() else {}
     if cached.get("job") == job and cached.get("files") == files:
