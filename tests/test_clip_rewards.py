@@ -87,10 +87,21 @@ def cosines(tiny, pixels, prompts):
 
 
 def pad_by_hand(im, size):
-    """HPS's ResizeMaxSize: longest side to size (bicubic, sizes rounded), black padding split //2 left/top."""
+    """HPS's ResizeMaxSize, applied after ToTensor: longest side to size by torch's antialiased bicubic on
+    floats in [0, 1] (sizes rounded; no 8-bit rounding, no clamping), zero padding split //2 left/top."""
+    x = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
+    h, w = x.shape[1:]
+    nh, nw = round(h * size / max(h, w)), round(w * size / max(h, w))
+    x = F.interpolate(x[None], size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)[0]
+    top, left = (size - nh) // 2, (size - nw) // 2
+    x = F.pad(x, (left, size - nw - left, top, size - nh - top))
+    return (x - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+
+
+def pad_8bit(im, size):
+    """The same pad with Pillow's 8-bit bicubic resize: what HPS does *not* do (the test must tell them apart)."""
     w, h = im.size
-    scale = size / max(w, h)
-    nw, nh = round(w * scale), round(h * scale)
+    nw, nh = round(w * size / max(w, h)), round(h * size / max(w, h))
     canvas = Image.new("RGB", (size, size), (0, 0, 0))
     canvas.paste(im.convert("RGB").resize((nw, nh), Image.BICUBIC), ((size - nw) // 2, (size - nh) // 2))
     return canvas
@@ -105,7 +116,8 @@ def crop_by_hand(images_, size):
 
 def test_hpsv2_pads_to_square_and_scores_the_cosine(tiny):
     ims = images()
-    expected = cosines(tiny, to_pixels([pad_by_hand(im, 64) for im in ims]), PROMPTS)
+    padded = torch.stack([pad_by_hand(im, 64) for im in ims])
+    expected = cosines(tiny, padded, PROMPTS)
     cropped = cosines(tiny, crop_by_hand(ims, 64), PROMPTS)
     # the test can tell a pad from a crop: on the non-square images the two give different scores
     assert all(abs(e - c) > 1e-3 for e, c in zip(expected[:2], cropped[:2]))
@@ -113,7 +125,9 @@ def test_hpsv2_pads_to_square_and_scores_the_cosine(tiny):
         reward = hps(tiny, ckpt)
         reward.load()
         assert reward.score_batch(ims, PROMPTS) == pytest.approx(expected, abs=1e-5)
-        assert torch.allclose(reward.preprocess(ims), to_pixels([pad_by_hand(im, 64) for im in ims]), atol=1e-6)
+        assert torch.allclose(reward.preprocess(ims), padded, atol=1e-6)
+        # resizing the 8-bit image instead (Pillow) is a different tensor: the check above can fail
+        assert (reward.preprocess(ims) - to_pixels([pad_8bit(im, 64) for im in ims])).abs().max() > 1e-2
         assert reward.preprocess_key()[0] == "clip_pad_square"
     assert all(-1 <= s <= 1 for s in expected)  # raw cosine, not x100
 

@@ -6,8 +6,10 @@ safetensors conversion (``python -m synpref.transforms.checkpoints HPS_v2.1_comp
 The model is built with no pretrained weights and the HPS state dict loaded into it: unlike the ``hpsv2``
 package, the 3.9 GB LAION CLIP-H base weights are never downloaded (HPS overwrites all of them).
 
-Preprocessing is HPS's own, **not** a crop: longest side to the model's image size (224), bicubic, padded
-with black to a square, CLIP mean/std (``preprocess.clip_pad_square``).
+Preprocessing is HPS's own, **not** a crop: longest side to the model's image size (224), padded with black to
+a square, CLIP mean/std (``preprocess.clip_pad_square``). As in HPS, the resize is torchvision's antialiased
+bicubic on the float tensor (HPS converts to a tensor first), not Pillow's on the 8-bit image: that difference
+alone moved scores by 5e-3 relative (``bench/parity/parity.py hpsv2`` measures the agreement).
 
 Score: the cosine between the L2-normalised image and prompt features, in [-1, 1] (typically about
 0.2-0.35). The papers and the ``hpsv2`` package print it x100; this reward returns the raw cosine (same order).
@@ -38,7 +40,7 @@ class HPSv2(Reward):
     dtype: ``float32`` (default); ``float16`` / ``bfloat16`` on CUDA only.
     """
 
-    version = "1"
+    version = "2"  # 2: float-tensor resize as HPS (1 resized the 8-bit image with Pillow)
 
     def __init__(self, checkpoint: str = "", version: str = "v2.1", model: str = "ViT-H-14",
                  model_config: str = "", device: str = "auto", dtype: str = "float32", cache_dir: str = ""):
