@@ -142,9 +142,9 @@ class Evaluate(beam.PTransform):
         prompts = pbegin | "ReadPrompts" >> ReadPrompts(cfg.prompts, cfg.seed)
         generated = prompts["prompts"] | "GenerateImages" >> GenerateCandidates(
             cfg.generator_configs(), cfg.seeds_per_prompt, cfg.seed, cfg.staging, expected_prompts=n,
-            torch_threads=cfg.torch_threads, paired_seeds=True)
+            torch_threads=cfg.torch_threads, paired_seeds=True, fingerprints=self.header["model_fingerprints"])
         scored = generated["units"] | "ScoreWithJudges" >> ScoreCandidates(
-            cfg.reward_configs(), expected_images=images, torch_threads=cfg.torch_threads)
+            cfg.reward_configs(), expected_images=images, torch_threads=cfg.torch_threads, image_facts=False)
         categories = prompts["prompts"] | "Categories" >> beam.Map(lambda r: (r.prompt_id, r.category))
         samples = (scored["scored"]
                    | "SaveImages" >> beam.ParDo(_SaveImage(out, judges), beam.pvalue.AsDict(categories))

@@ -90,19 +90,16 @@ def filter_header(cfg: FilterJobConfig, shards: list[str]) -> dict[str, Any]:
     }
 
 
-def eval_fingerprint(cfg: EvalConfig) -> str:
-    """What a finished evaluation's files depend on: the config as run (not its locations or Beam flags),
-    every model's files (a LoRA's or denoiser's by content), the judges' files, the prompts. A rerun whose
-    fingerprint matches a finished, healthy, intact evaluation does nothing."""
+def eval_header(cfg: EvalConfig) -> dict[str, Any]:
+    """The evaluation manifest's header. ``run_fingerprint``: what a finished evaluation's files depend on:
+    the config as run (not its locations or Beam flags), every model's files (a LoRA's or denoiser's by
+    content: ``model_fingerprints``, which generation reuses rather than hash the weights again), the judges'
+    files, the prompts. A rerun whose fingerprint matches a finished, healthy, intact evaluation does nothing."""
     config = cfg.resolved()
     for where in ("beam_options", "output_dir", "staging_dir"):
         config.pop(where)
-    return _hash({"config": config, "synpref": __version__, "job": "evaluate",
-                  "models": [generator_fingerprint(g) for g in cfg.generator_configs()],
-                  "judges": describe_rewards(cfg.reward_configs()),
-                  "prompts": prompt_files(cfg.prompts.source)})
-
-
-def eval_header(cfg: EvalConfig) -> dict[str, Any]:
-    return {"synpref_version": __version__, "job": "evaluate", "run_fingerprint": eval_fingerprint(cfg),
-            "config": cfg.resolved()}
+    models = {g.id: generator_fingerprint(g) for g in cfg.generator_configs()}
+    fingerprint = _hash({"config": config, "synpref": __version__, "job": "evaluate", "models": list(models.values()),
+                         "judges": describe_rewards(cfg.reward_configs()), "prompts": prompt_files(cfg.prompts.source)})
+    return {"synpref_version": __version__, "job": "evaluate", "run_fingerprint": fingerprint,
+            "model_fingerprints": models, "config": cfg.resolved()}
