@@ -59,21 +59,22 @@ def image_name(model: str, prompt_id: str, index: int) -> str:
 
 
 class _SaveImage(beam.DoFn):
-    """A scored image: its staged PNG copied to ``images/<model>/...``; yields (samples row, PNG sha256)."""
+    """A scored image: its staged PNG copied to ``images/<model>/...``; yields ("row", (samples row, PNG
+    sha256)), the row's category still empty (``_WriteOutputs`` fills it in)."""
 
     def __init__(self, output_dir: str, judges: list[str]):
         self.output_dir, self.judges = output_dir.rstrip("/"), judges
 
-    def process(self, element, categories: dict):
+    def process(self, element):
         _, c = element
         c: Candidate
         model, index = c.lineage.generator_id, int(c.candidate_id.rsplit("-", 1)[1])
         name = image_name(model, c.prompt_id, index)
         png = read_bytes(c.image_uri)  # PNG bytes, as staged
         write_atomic(f"{self.output_dir}/{name}", png)
-        yield ({"model": model, "prompt_id": c.prompt_id, "prompt": c.prompt,
-                "category": categories.get(c.prompt_id, ""), "seed": int(c.lineage.seed), "image": name,
-                **{j: float(c.scores[j]) for j in self.judges}}, hashlib.sha256(png).hexdigest())
+        yield "row", ({"model": model, "prompt_id": c.prompt_id, "prompt": c.prompt, "category": "",
+                       "seed": int(c.lineage.seed), "image": name, **{j: float(c.scores[j]) for j in self.judges}},
+                      hashlib.sha256(png).hexdigest())
 
 
 def sort_rows(rows: list[dict], models: list[str]) -> list[dict]:
@@ -98,17 +99,23 @@ def _write_drops(drops: list[Drop], path: str) -> dict:
     return {"drops": [json.loads(line) for line in lines], "sha256": hashlib.sha256(data).hexdigest()}
 
 
-class _WriteReport(beam.DoFn):
-    """Last step: the report from the samples (summary.json, report.html), then ``manifest.json``, which
-    records every output file's sha256, the counts, the problems and the training rewards. Written last,
-    so a folder whose manifest is there holds a finished evaluation (``runs/up_to_date.py``)."""
+class _WriteOutputs(beam.DoFn):
+    """The last step, once, on every saved image's row and every drop: ``samples.parquet``,
+    ``dead_letter.jsonl``, the report (``summary.json``, ``report.html``), then ``manifest.json``, which
+    records every output file's sha256, the counts, the problems and the training rewards. The manifest is
+    written last, so a folder holding it holds a finished evaluation (``runs/up_to_date.py``)."""
 
     def __init__(self, cfg: EvalConfig, header: dict[str, Any]):
         self.cfg, self.header = cfg, header
 
-    def process(self, _, samples: dict, drops: dict):
+    def process(self, outcomes: list, categories: dict):
         cfg, out = self.cfg, self.cfg.output_dir.rstrip("/")
-        models = [m.name for m in cfg.models]
+        models, judges = [m.name for m in cfg.models], [j.name for j in cfg.judges]
+        saved = [value for tag, value in outcomes if tag == "row"]
+        for row, _ in saved:
+            row["category"] = categories.get(row["prompt_id"], "")
+        samples = _write_samples(saved, f"{out}/{SAMPLES}", models, judges)
+        drops = _write_drops([value for tag, value in outcomes if tag == "drop"], f"{out}/{DEAD_LETTER}")
         health = evaluate_health(cfg.seeds_per_prompt, models, cfg.max_error_share, samples["rows"], drops["drops"])
         trained, untraced = training_rewards(cfg)
         files = {SAMPLES: samples["sha256"], DEAD_LETTER: drops["sha256"]}
@@ -126,7 +133,8 @@ class _WriteReport(beam.DoFn):
 
 class Evaluate(beam.PTransform):
     """The evaluation as one composite; ``expand`` is the diagram:
-    ReadPrompts -> GenerateImages (each model, paired seeds) -> ScoreWithJudges -> WriteSamples -> WriteReport."""
+    ReadPrompts -> GenerateImages (each model, paired seeds) -> ScoreWithJudges -> SaveImages -> WriteOutputs
+    (samples.parquet, dead_letter.jsonl, the report, manifest.json)."""
 
     def __init__(self, cfg: EvalConfig, header: Optional[dict[str, Any]] = None):
         super().__init__()
@@ -146,18 +154,15 @@ class Evaluate(beam.PTransform):
         scored = generated["units"] | "ScoreWithJudges" >> ScoreCandidates(
             cfg.reward_configs(), expected_images=images, torch_threads=cfg.torch_threads, image_facts=False)
         categories = prompts["prompts"] | "Categories" >> beam.Map(lambda r: (r.prompt_id, r.category))
-        samples = (scored["scored"]
-                   | "SaveImages" >> beam.ParDo(_SaveImage(out, judges), beam.pvalue.AsDict(categories))
-                   | "AllRows" >> beam.combiners.ToList()
-                   | "WriteSamples" >> beam.Map(_write_samples, f"{out}/{SAMPLES}", models, judges))
+        saved = scored["scored"] | "SaveImages" >> beam.ParDo(_SaveImage(out, judges))
         drops = ([prompts["dropped"], generated["dropped"], scored["dropped"]]
                  | "AllDrops" >> beam.Flatten()
-                 | "DropList" >> beam.combiners.ToList()
-                 | "DeadLetter" >> beam.Map(_write_drops, f"{out}/{DEAD_LETTER}"))
-        return (pbegin
-                | "Once" >> beam.Create([None])
-                | "WriteReport" >> beam.ParDo(_WriteReport(cfg, self.header), beam.pvalue.AsSingleton(samples),
-                                              beam.pvalue.AsSingleton(drops)))
+                 | "TagDrops" >> beam.Map(lambda d: ("drop", d)))
+        # one gathering step for rows and drops: fewer stages, so less fixed cost per run on any runner
+        return ((saved, drops)
+                | "RowsAndDrops" >> beam.Flatten()
+                | "Gather" >> beam.combiners.ToList()
+                | "WriteOutputs" >> beam.ParDo(_WriteOutputs(cfg, self.header), beam.pvalue.AsDict(categories)))
 
 
 def _manifest_near(location: str) -> Optional[dict]:
