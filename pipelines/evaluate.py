@@ -248,6 +248,13 @@ def evaluate(cfg: EvalConfig, pipeline_args: Optional[list[str]] = None, test_pi
     out = cfg.output_dir.rstrip("/")
     removed: list[str] = []
     header: dict[str, Any] = {}
+    report: dict[str, Any] = {"summary": None}
+
+    def read_report(manifest: Optional[dict]) -> Optional[dict]:  # under the lock: the report this run stands by
+        if manifest is not None and not manifest["no_report_for"]:
+            with fsspec.open(f"{out}/summary.json", "r") as f:
+                report["summary"] = json.load(f)
+        return manifest
 
     def prepare() -> dict[str, Any]:  # raises ValueError / FileNotFoundError: a user mistake, exit 2
         if preflight:
@@ -260,26 +267,23 @@ def evaluate(cfg: EvalConfig, pipeline_args: Optional[list[str]] = None, test_pi
         return removed
 
     def finish(manifest: dict, problems: list[str]) -> dict:
+        read_report(manifest)
         return {**_run_fields(manifest), "stale_images_removed": len(removed)}
 
     result = run_job(Job(
         kind="evaluate", output_dir=out, beam_flags=list(cfg.beam_options) + list(pipeline_args or []),
         preflight=prepare, transform=lambda prepared: "Evaluate" >> Evaluate(cfg, prepared),
         problems=lambda manifest: list(manifest["problems"]),
-        up_to_date=lambda: finished_evaluation(out, header["run_fingerprint"]),
+        up_to_date=lambda: read_report(finished_evaluation(out, header["run_fingerprint"])),
         finish=finish, sweep=sweep, config=cfg.resolved(), config_file="eval_config.json", results=RESULTS),
         test_pipeline=test_pipeline, force_unlock=force_unlock)
     manifest, run = result["manifest"], result["summary"]
     if run.get("up_to_date"):
         run = {**_run_fields(manifest), "problems": [], "wall_seconds": 0.0, "counters": {},
                "stage_busy_seconds": {}, "stale_images_removed": 0, "up_to_date": True}
-    if manifest["no_report_for"]:
-        summary = None
-        text = f"(no report: no scored image for {', '.join(manifest['no_report_for'])}; see dead_letter.jsonl)"
-    else:
-        with fsspec.open(f"{out}/summary.json", "r") as f:
-            summary = json.load(f)
-        text = eval_report.format_evaluation(summary)
+    summary = report["summary"]
+    text = (eval_report.format_evaluation(summary) if summary is not None else
+            f"(no report: no scored image for {', '.join(manifest['no_report_for'])}; see dead_letter.jsonl)")
     return {"samples": f"{out}/{SAMPLES}", "run": run, "summary": summary, "text": text}
 
 
