@@ -24,7 +24,7 @@ def main(argv=None):
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from synpref.cli import setup_logging
+    from synpref.cli.main import setup_logging
 
     setup_logging()
     logging.getLogger("synpref.core.progress").setLevel(logging.WARNING)

@@ -90,23 +90,16 @@ def cmd_build(args, rest) -> int:
 
 def cmd_evaluate(args, rest) -> int:
     """Compare models (the first is the baseline) on the same prompts and seeds with the judges."""
-    from ..pipelines.eval_preflight import preflight_evaluate
     from ..pipelines.evaluate import evaluate, format_run
-    from ..runs.beam_flags import check_beam_flags
-    from ..runs.output_folder import locked_output, require_location
     from ..schemas.eval_config import EvalConfig
 
     try:
         cfg = load(args, EvalConfig)
-        require_location(cfg.output_dir, "output_dir")
-        check_beam_flags(rest)
-        preflight_evaluate(cfg)
     except (ValueError, FileNotFoundError) as e:
         raise UserError(f"synpref evaluate: {' '.join(str(e).split())}") from None
 
-    def run() -> int:
-        with locked_output(cfg.output_dir, "synpref evaluate", args.force_unlock, what="output_dir"):
-            result = evaluate(cfg, rest, preflight=False)
+    def run() -> int:  # flags, preflight, lock, marker and the run: runs.pipeline_run.run_job, as build and filter
+        result = evaluate(cfg, rest, force_unlock=args.force_unlock)
         print(format_run(result))
         return 1 if result["run"]["problems"] else 0
     return _run_pipeline("evaluate", run, args)

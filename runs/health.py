@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..transforms.accounting import ERROR_REASONS
+
 
 def unbalanced(counts: dict[str, Any]) -> list[str]:
     return [f"ledger does not balance for {level}: in {v['in']} != written {v['written']} + dropped "
@@ -38,3 +40,38 @@ def filter_problems(manifest: dict[str, Any]) -> list[str]:
     if errors:
         problems.append(f"{errors} sample(s) lost to scoring errors or unreadable shards: see dead_letter/")
     return problems
+
+
+def evaluate_health(seeds_per_prompt: int, models: list[str], max_error_share: float,
+                    rows: list[dict[str, Any]], drops: list[dict[str, Any]]) -> dict[str, Any]:
+    """An evaluation's images written and lost per model, losses per reason and stage, and its problems.
+
+    A model's images are expected for every prompt seen (in the samples or in a candidate drop); a model
+    or judge that loses more than ``max_error_share`` of its images is a problem (exit 1).
+    """
+    written = {m: 0 for m in models}
+    prompt_ids = set()
+    for r in rows:
+        written[r["model"]] += 1
+        prompt_ids.add(r["prompt_id"])
+    for d in drops:
+        if d["level"] == "candidate":
+            prompt_ids.add(d["record_id"].split("-", 1)[0])
+    expected = len(prompt_ids) * seeds_per_prompt
+    reasons: dict[str, int] = {}
+    by_stage: dict[str, dict[str, Any]] = {}
+    for d in drops:
+        reasons[f"{d['level']}:{d['reason']}"] = reasons.get(f"{d['level']}:{d['reason']}", 0) + 1
+        if d["reason"] in ERROR_REASONS:
+            e = by_stage.setdefault(d["stage"], {"count": 0, "first": f"{d['reason']}: {d['detail']}"})
+            e["count"] += 1
+    problems = []
+    if not rows:
+        problems.append("no image was scored: see dead_letter.jsonl")
+    for stage, e in sorted(by_stage.items()):
+        attempted = expected if stage.startswith("generate:") else max(1, expected * len(models))
+        if e["count"] > max_error_share * attempted:
+            problems.append(f"{stage}: {e['count']} of {attempted} images lost (max_error_share "
+                            f"{max_error_share}); first: {e['first']}")
+    return {"prompts": len(prompt_ids), "images_expected_per_model": expected, "images_written": written,
+            "dropped": dict(sorted(reasons.items())), "errors_by_stage": by_stage, "problems": problems}

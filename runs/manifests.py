@@ -10,6 +10,7 @@ from typing import Any
 from ..core import __version__
 from ..schemas.config import BuildConfig
 from ..schemas.loading import dump_config
+from ..schemas.eval_config import EvalConfig
 from ..schemas.filter_config import FilterJobConfig
 from ..transforms.rewards import create_reward
 from ..transforms.staging import IMAGE_EXT, generator_fingerprint, model_fingerprint
@@ -25,16 +26,18 @@ def _hash(doc: Any) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def prompt_files(location: str) -> str:
+    """The prompt source by content (builtin, a file or folder); an ``hf://`` id as it is."""
+    if location == "builtin":
+        return hashlib.sha256(
+            resources.files("synpref.jobs").joinpath("builtin_prompts.jsonl").read_bytes()).hexdigest()
+    return model_fingerprint(location) if location and not location.startswith("hf://") else location
+
+
 def run_fingerprint(cfg: BuildConfig) -> str:
     """A hash of everything a finished build's bytes depend on: the config (except Beam flags, which
     the tests show do not change bytes, and locations), generator, reward and prompt files, and
     synpref's formats. A rerun whose fingerprint matches a finished, intact build does nothing."""
-    def prompt_files(location: str) -> str:
-        if location == "builtin":
-            return hashlib.sha256(
-                resources.files("synpref.jobs").joinpath("builtin_prompts.jsonl").read_bytes()).hexdigest()
-        return model_fingerprint(location) if location and not location.startswith("hf://") else location
-
     config = dump_config(cfg)
     config.pop("beam_options")
     for where in ("output_dir", "staging_dir", "staging"):  # where things go, not what they hold
@@ -86,3 +89,18 @@ def filter_header(cfg: FilterJobConfig, shards: list[str]) -> dict[str, Any]:
         "config_fingerprint": _hash(config),
         "config": config,
     }
+
+
+def eval_header(cfg: EvalConfig) -> dict[str, Any]:
+    """The evaluation manifest's header. ``run_fingerprint``: what a finished evaluation's files depend on:
+    the config as run (not its locations or Beam flags), every model's files (a LoRA's or denoiser's by
+    content: ``model_fingerprints``, which generation reuses rather than hash the weights again), the judges'
+    files, the prompts. A rerun whose fingerprint matches a finished, healthy, intact evaluation does nothing."""
+    config = cfg.resolved()
+    for where in ("beam_options", "output_dir", "staging_dir"):
+        config.pop(where)
+    models = {g.id: generator_fingerprint(g) for g in cfg.generator_configs()}
+    fingerprint = _hash({"config": config, "synpref": __version__, "job": "evaluate", "models": list(models.values()),
+                         "judges": describe_rewards(cfg.reward_configs()), "prompts": prompt_files(cfg.prompts.source)})
+    return {"synpref_version": __version__, "job": "evaluate", "run_fingerprint": fingerprint,
+            "model_fingerprints": models, "config": cfg.resolved()}

@@ -192,7 +192,7 @@ def claim_folder(location: str, kind: str) -> None:
         except (ValueError, AttributeError):
             found = None
         if found != kind:
-            raise RunRefused(f"{location} holds a synpref {found or 'unknown'} output, not a {kind} output; "
+            raise RunRefused(f"{location} holds a synpref {found or 'unknown'} output, not {'an' if kind[0] in 'aeiou' else 'a'} {kind} output; "
                              f"choose an empty or new folder")
         return
     try:

@@ -1,7 +1,8 @@
-"""The launch sequence both pipelines share, in order:
+"""The launch sequence the pipelines (build, filter, evaluate) share, in order:
 
 refuse unknown flags -> preflight (once) -> lock the output folder -> claim it (marker) -> up to date? ->
-remove the old manifest -> run the Beam pipeline -> sweep stale files -> run_summary.json.
+remove the old manifest (and the job's other result files) -> run the Beam pipeline -> read the manifest it
+wrote -> sweep stale files -> run_summary.json.
 
 Each pipeline file supplies only its composite transform and its few job-specific functions.
 """
@@ -31,7 +32,7 @@ log = logging.getLogger("synpref.runs")
 class Job:
     """What differs between the build and the filter; see ``run_job``."""
 
-    kind: str                                    # "build" | "filter": the marker's kind and the command name
+    kind: str                                    # "build" | "filter" | "evaluate": the marker's kind and command
     output_dir: str
     beam_flags: list[str]
     preflight: Callable[[], Any]                 # raises ValueError / FileNotFoundError: a user mistake
@@ -41,6 +42,8 @@ class Job:
     finish: Optional[Callable[[dict, list[str]], dict]] = None  # (manifest, problems) -> extra summary fields
     sweep: Optional[Callable[[str, dict], list[str]]] = None    # delete what an earlier run left, not this one
     config: Optional[dict] = None                # logged once the folder is ours
+    config_file: str = ""                        # if set, ``config`` is also written there (relative to the folder)
+    results: tuple[str, ...] = ()                # files claiming a finished run, removed with the manifest
 
 
 def synpref_counters(result) -> dict[str, int]:
@@ -74,6 +77,8 @@ def run_job(job: Job, test_pipeline=None, force_unlock: bool = False) -> dict[st
         if job.config is not None:
             logging.getLogger(f"synpref.{job.kind}").info("%s config: %s", job.kind,
                                                           json.dumps(job.config, sort_keys=True))
+            if job.config_file:
+                write_json(f"{out}/{job.config_file}", job.config)
         done = job.up_to_date() if job.up_to_date else None
         if done is not None:
             log.info("an identical finished %s is already in %s: nothing to do", job.kind, out)
@@ -82,7 +87,7 @@ def run_job(job: Job, test_pipeline=None, force_unlock: bool = False) -> dict[st
                        "staging": "not needed: the build was already complete"}
             return {"manifest": done, "summary": summary}
         progress.reset()  # in-process runners share trackers: start each run's counts at zero
-        start_fresh_manifest(out)
+        start_fresh_manifest(out, job.results)
         start = time.monotonic()
         p = test_pipeline or beam.Pipeline(options=PipelineOptions(job.beam_flags, save_main_session=False))
         _ = p | job.transform(prepared)

@@ -64,3 +64,25 @@ def remove_staging(cfg) -> str:
     if fs.exists(path):
         fs.rm(path, recursive=True)
     return "removed (every image is in the tars; output.staging: keep keeps it for reruns)"
+
+
+EVAL_IMAGE = re.compile(r"^[A-Za-z0-9_-]+/[0-9a-f]+-\d+\.png(\.tmp)?$")
+
+
+def sweep_evaluate(output_dir: str, manifest: dict) -> list[str]:
+    """PNGs under ``images/<model>/`` named as evaluate names them that this run did not write (an earlier
+    run had more prompts, seeds or models, or was killed mid-file)."""
+    root = output_dir.rstrip("/")
+    if not is_ours(root, "evaluate"):
+        return []
+    fs, path = fsspec.core.url_to_fs(root)
+    keep = set(manifest.get("images", {}))
+    removed = []
+    for p in fs.glob(f"{path}/images/*/*"):
+        rel = p[len(path):].lstrip("/")
+        if EVAL_IMAGE.match(rel[len("images/"):]) and rel not in keep:
+            fs.rm(p)
+            removed.append(p)
+    if removed:
+        log.info("removed %d stale image(s) from an earlier run of %s", len(removed), root)
+    return removed

@@ -59,8 +59,30 @@ def finished_build(out: str, fingerprint: str, problems: Callable[[dict], list[s
     return manifest
 
 
-def start_fresh_manifest(out: str) -> None:
-    """A rerun first removes the old manifest: while shards are being rewritten, nothing claims they are done."""
-    fs, path = fsspec.core.url_to_fs(f"{out}/manifest.json")
-    if fs.exists(path):
-        fs.rm(path)
+def start_fresh_manifest(out: str, results: tuple[str, ...] = ()) -> None:
+    """A rerun first removes the old manifest (and ``results``, other files that claim a finished run):
+    while outputs are being rewritten, nothing claims they are done."""
+    for name in ("manifest.json", *results):
+        fs, path = fsspec.core.url_to_fs(f"{out}/{name}")
+        if fs.exists(path):
+            fs.rm(path)
+
+
+def finished_evaluation(out: str, fingerprint: str) -> Optional[dict[str, Any]]:
+    """The manifest of a finished ``synpref evaluate`` of exactly this job with no problem recorded and every
+    file it lists (samples, dead letters, each PNG) still holding the bytes it wrote, else None."""
+    manifest = read_manifest(out)
+    if manifest is None or manifest.get("run_fingerprint") != fingerprint:
+        return None
+    if manifest.get("problems"):
+        log.info("the evaluation in %s finished with problems: running it again", out)
+        return None
+    for name, digest in sorted({**manifest.get("files", {}), **manifest.get("images", {})}.items()):
+        try:
+            ok = sha256_of(f"{out}/{name}") == digest
+        except FileNotFoundError:
+            ok = False
+        if not ok:
+            log.warning("%s/%s is missing or changed since it was written (sha256 differs): evaluating again", out, name)
+            return None
+    return manifest

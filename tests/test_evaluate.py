@@ -161,9 +161,16 @@ def test_rerun_reuses_staged_images_and_a_changed_lora_does_not(demo_models, lor
     first = evaluate(eval_config_from_dict(data))
     assert first["run"]["counters"]["images_generated"] == 8
     before = (tmp_path / "out/samples.parquet").read_bytes()
-    again = evaluate(eval_config_from_dict(data))
+    same = evaluate(eval_config_from_dict(data))  # finished, healthy, intact: nothing to do
+    assert same["run"]["up_to_date"] and same["run"]["counters"] == {} and same["summary"] == first["summary"]
+    png = tmp_path / "out" / pq.read_table(tmp_path / "out/samples.parquet").column("image")[0].as_py()
+    original = png.read_bytes()
+    png.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))  # one bit of one image changed, same size
+    again = evaluate(eval_config_from_dict(data))  # not up to date: runs, and reuses every staged image
+    assert not again["run"].get("up_to_date")
     assert again["run"]["counters"].get("images_generated", 0) == 0 and again["run"]["counters"]["images_reused"] == 8
     assert (tmp_path / "out/samples.parquet").read_bytes() == before  # same config: same bytes
+    assert png.read_bytes() == original
 
     weights = load_file(own_lora / "pytorch_lora_weights.safetensors")
     save_file({k: v * 2 if ".up." in k else v for k, v in weights.items()},

@@ -1,9 +1,13 @@
-"""``synpref filter`` resume: a rerun after SIGKILL scores only what was not scored and ends byte-identical to an
-uninterrupted run; a changed scoring setting never reuses cached scores; changed thresholds reuse them.
+"""``synpref filter`` resume: a rerun after SIGKILL (during scoring, or during writing) scores only what was not
+scored and ends byte-identical to an uninterrupted run; a changed scoring setting never reuses cached scores;
+changed thresholds reuse them.
 
 Scoring is observed through ``test_logged_mean``: a real reward (mean of the image's pixels, slowed down so a
 kill lands mid-run) that appends one line per image it scores to the file named by SYNPREF_TEST_SCORE_LOG,
-so the count works across the killed subprocess and the rerun.
+so the count works across the killed subprocess and the rerun. Writing is observed the same way through
+``test_logged_tar``: the tar source, whose image reader (the writer's only way to the original bytes) appends
+one line per image read to SYNPREF_TEST_READ_LOG and sleeps SYNPREF_TEST_READ_DELAY seconds first.
+Each test prints its redo figures (``pytest -s``; docs/benchmarks.md).
 """
 import os
 import pathlib
@@ -20,6 +24,7 @@ import yaml
 
 from synpref.pipelines.filter_corpus import filter_corpus
 from synpref.schemas.filter_config import filter_config_from_dict
+from synpref.transforms.corpus_sources import TarSource, register_source
 from synpref.transforms.rewards import Reward, register_reward
 from test_filter_corpus import HTML, add, all_files, generated, sample
 
@@ -39,6 +44,23 @@ class LoggedMean(Reward):
         with open(os.environ["SYNPREF_TEST_SCORE_LOG"], "a") as f:
             f.write("x\n" * len(images))
         return [self.scale * float(np.asarray(im, dtype=np.float64).mean()) for im in images]
+
+
+@register_source("test_logged_tar")
+class LoggedTar(TarSource):
+    suffixes = (".tar",)
+
+    def open_images(self, url: str):
+        reader = super().open_images(url)
+        read = reader.read
+
+        def logged(member: str, offset: int, size: int) -> bytes:
+            time.sleep(float(os.environ.get("SYNPREF_TEST_READ_DELAY", "0")))
+            with open(os.environ["SYNPREF_TEST_READ_LOG"], "a") as f:
+                f.write("x\n")
+            return read(member, offset, size)
+        reader.read = logged
+        return reader
 
 
 def make_corpus(root: pathlib.Path) -> int:
@@ -64,10 +86,12 @@ def scored(log: pathlib.Path) -> int:
     return len(log.read_text().splitlines()) if log.exists() else 0
 
 
-def cli(cfg_path: pathlib.Path, log: pathlib.Path) -> subprocess.Popen:
+def cli(cfg_path: pathlib.Path, log: pathlib.Path, read_log: pathlib.Path = None,
+        read_delay: float = 0.0) -> subprocess.Popen:
     code = ("import sys; sys.path.insert(0, 'tests'); import test_filter_resume; from synpref.cli import main; "
             f"sys.exit(main(['filter', '--config', {str(cfg_path)!r}]))")
-    env = {**os.environ, "SYNPREF_TEST_SCORE_LOG": str(log)}
+    env = {**os.environ, "SYNPREF_TEST_SCORE_LOG": str(log), "SYNPREF_TEST_READ_DELAY": str(read_delay),
+           "SYNPREF_TEST_READ_LOG": str(read_log or log.with_suffix(".reads"))}
     return subprocess.Popen([sys.executable, "-c", code], cwd=pathlib.Path(__file__).parent.parent, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -102,6 +126,45 @@ def test_a_rerun_after_sigkill_scores_only_the_rest_and_writes_the_same_bytes(tm
     assert scored(tmp_path / "log3") == n - SHARDS
     a, b = all_files(killed), all_files(fresh)
     assert sorted(a) == sorted(b) and [k for k in a if a[k] != b[k]] == []
+    print(f"\nfigures: SIGKILL during scoring: {done} of {n - SHARDS} samples scored and cached before the kill; "
+          f"the rerun scored {scored(tmp_path / 'log2')} = the other {n - SHARDS - done}, re-scored 0; "
+          "same bytes as an uninterrupted run")
+
+
+def test_a_rerun_after_sigkill_during_writing_scores_nothing_again_and_writes_the_same_bytes(tmp_path):
+    n = make_corpus(tmp_path / "in")
+    kept = n - SHARDS  # the HTML pages are dropped; threshold 0 keeps every image
+    tars = SHARDS * -(-(PER_SHARD - 1) // 4)  # samples_per_shard 4: per input shard ceil(5 / 4) tars
+    killed, fresh = tmp_path / "killed", tmp_path / "fresh"
+    cfg_path = tmp_path / "job.yaml"
+    cfg_path.write_text(yaml.safe_dump({**config(tmp_path / "in", killed), "input": {
+        "source": [str(tmp_path / "in")], "batch_size": CHUNK, "format": "test_logged_tar"}}))
+    proc = cli(cfg_path, tmp_path / "log1", tmp_path / "reads1", read_delay=0.3)  # a tar of 4: over a second
+    deadline = time.monotonic() + 300
+    while not list(killed.glob("shards/filtered-*.tar")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = sorted(p.name for p in killed.glob("shards/filtered-*.tar"))
+    assert not (killed / "manifest.json").exists() and 1 <= len(finished) < tars  # killed mid-writing
+    assert scored(tmp_path / "log1") == kept  # every sample was scored (and cached) before writing began
+    read_before = scored(tmp_path / "reads1")
+
+    rerun = cli(cfg_path, tmp_path / "log2", tmp_path / "reads2")
+    assert rerun.wait(timeout=300) == 0
+    assert scored(tmp_path / "log2") == 0  # nothing scored again
+    assert scored(tmp_path / "reads2") == kept  # the writer does not resume: every tar is written again
+
+    fresh_cfg = tmp_path / "fresh.yaml"
+    fresh_cfg.write_text(yaml.safe_dump({**config(tmp_path / "in", fresh), "input": {
+        "source": [str(tmp_path / "in")], "batch_size": CHUNK, "format": "test_logged_tar"}}))
+    assert cli(fresh_cfg, tmp_path / "log3", tmp_path / "reads3").wait(timeout=300) == 0
+    a, b = all_files(killed), all_files(fresh)
+    assert sorted(a) == sorted(b) and [k for k in a if a[k] != b[k]] == []
+    print(f"\nfigures: SIGKILL during writing: {len(finished)} of {tars} output tars finished and {read_before} of "
+          f"{kept} kept images read by the writer before the kill; the rerun scored 0 of {kept} samples again and "
+          f"read {scored(tmp_path / 'reads2')} images (rewrote all {tars} tars: redid {read_before} image copies, "
+          f"{read_before / kept:.0%} of the writing); same bytes as an uninterrupted run")
 
 
 def test_changed_scoring_never_reuses_scores_and_changed_thresholds_do(tmp_path, monkeypatch):

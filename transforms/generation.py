@@ -141,15 +141,17 @@ class GenerateCandidates(beam.PTransform):
     """prompts -> units (lists of staged candidates, no pixels) per (prompt, generator); drops on the side.
 
     ``paired_seeds``: every generator gets the same K seeds for a prompt (``derive_paired_seed``), as
-    ``synpref evaluate`` needs; the build (default) derives different seeds per generator.
+    ``synpref evaluate`` needs; the build (default) derives different seeds per generator. ``fingerprints``:
+    generator id -> ``generator_fingerprint`` (with this encoding) when the caller has hashed the weights already.
     Returns a dict ``{"units": ..., "dropped": ...}``.
     """
 
     def __init__(self, generators: Sequence[GeneratorConfig], k: int, seed: int, staging_dir: str,
                  expected_prompts: Optional[int] = None, torch_threads: int = 1, image_format: str = "png",
-                 jpeg_quality: int = 95, paired_seeds: bool = False):
+                 jpeg_quality: int = 95, paired_seeds: bool = False, fingerprints: Optional[dict[str, str]] = None):
         super().__init__()
         self.generators, self.k, self.seed, self.staging_dir = list(generators), k, seed, staging_dir
+        self.fingerprints = dict(fingerprints or {})  # generator id -> generator_fingerprint, if known already
         self.paired = paired_seeds
         self.image_format, self.jpeg_quality = image_format, jpeg_quality
         self.threads = torch_threads
@@ -160,7 +162,7 @@ class GenerateCandidates(beam.PTransform):
         for g in self.generators:
             # on the launcher, once: model files are listed here, not per image. The encoding is part of the
             # key: a JPEG build never reuses a PNG staged for the same pixels, nor the reverse.
-            fp = generator_fingerprint(g, encoding_tag(self.image_format, self.jpeg_quality))
+            fp = self.fingerprints.get(g.id) or generator_fingerprint(g, encoding_tag(self.image_format, self.jpeg_quality))
             requests = prompts | f"Requests[{g.id}]" >> beam.Map(make_request, g.id, self.k, self.seed, fp, self.paired)
             reuse = requests | f"ReuseStaged[{g.id}]" >> beam.ParDo(
                 _ReuseStaged(self.staging_dir, IMAGE_EXT[self.image_format])).with_outputs("generate", main="reused")

@@ -83,8 +83,8 @@ class ScoreWithEnsemble(Work):
 
     stage, unit = "score", "images"
 
-    def __init__(self, configs: Sequence[RewardConfig]):
-        self.configs = list(configs)
+    def __init__(self, configs: Sequence[RewardConfig], facts: bool = True):
+        self.configs, self.facts = list(configs), facts
         for c in self.configs:
             create_reward(c.name, c.params)  # bad params fail when the pipeline is built, not on workers
 
@@ -104,7 +104,7 @@ class ScoreWithEnsemble(Work):
         Metrics.counter("synpref", "decode_ms").inc(int(1000 * (time.perf_counter() - start)))
         start = time.perf_counter()
         # the candidate filters' facts, once per image (the first reward group computes them)
-        facts = [None if c.dhash else image_facts(im) for c, im in zip(flat, images)]
+        facts = [None if c.dhash or not self.facts else image_facts(im) for c, im in zip(flat, images)]
         Metrics.counter("synpref", "image_facts_ms").inc(int(1000 * (time.perf_counter() - start)))
         scores = model.score(images, [c.prompt for c in flat])
         results, offset = [], 0
@@ -168,9 +168,10 @@ class ScoreCandidates(beam.PTransform):
     """units (any grouping) -> (prompt_id, Candidate with every reward's score); drops on the side."""
 
     def __init__(self, rewards: Sequence[RewardConfig], expected_images: Optional[int] = None,
-                 torch_threads: int = 1):
+                 torch_threads: int = 1, image_facts: bool = True):
         super().__init__()
         self.rewards, self.total, self.threads = list(rewards), expected_images, torch_threads
+        self.facts = image_facts  # False: no candidate filter reads them (``synpref evaluate``)
 
     def expand(self, units):
         dropped = []
@@ -181,7 +182,7 @@ class ScoreCandidates(beam.PTransform):
         for group in reward_groups(self.rewards):
             names = ",".join(r.name for r in group)
             handler = PluginModelHandler(
-                ScoreWithEnsemble(group), f"score_{names}", batch_size=min(r.units_per_call for r in group),
+                ScoreWithEnsemble(group, self.facts), f"score_{names}", batch_size=min(r.units_per_call for r in group),
                 model_copies=max(r.model_copies for r in group), torch_threads=self.threads, total=self.total)
             score = RunInference(handler)
             accelerator = next((r.accelerator for r in group if r.accelerator), "")
