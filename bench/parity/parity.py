@@ -227,8 +227,13 @@ def setup_mps(python: Path, workdir: Path, source: Path) -> tuple[dict, dict]:
     if not checkpoint.exists():
         original(python, "mps", job, workdir, mode="make")
     if not converted.exists():
-        proc = subprocess.run([str(python), "-m", "synpref.transforms.rewards.mps", "convert", str(checkpoint),
-                               str(converted)], capture_output=True, text=True,
+        # synpref's own command, in the side environment (its transformers un-pickles the module); the stack's
+        # site-packages are added as site dirs there so that synpref's editable install is found.
+        stack = [p for p in sys.path if p.endswith("site-packages")]
+        code = (f"import site, sys\nfor p in {stack!r}: site.addsitedir(p)\n"
+                f"from synpref.transforms.rewards.mps import main\n"
+                f"sys.exit(main(['convert', {str(checkpoint)!r}, {str(converted)!r}]))")
+        proc = subprocess.run([str(python), "-c", code], capture_output=True, text=True, cwd=workdir,
                               env={**os.environ, "PYTHONPATH": str(source), "HF_HUB_OFFLINE": "1"})
         if proc.returncode:
             raise SystemExit(f"mps convert failed:\n{proc.stderr[-3000:]}")
