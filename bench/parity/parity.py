@@ -16,8 +16,13 @@ weights can put scores near 0, where a relative difference says little). Exit 0 
     .venv/bin/python bench/parity/parity.py hpsv2 [--workdir /tmp/synpref-parity]
     .venv/bin/python bench/parity/parity.py image_reward
 
-Rewards covered: ``hpsv2`` (package ``hpsv2``), ``image_reward`` (package ``image-reward``). The others
-are in ``NOT_RUN`` with what stops them (bench/parity/README.md).
+    .venv/bin/python bench/parity/parity.py mps --source /path/to/Kwai-Kolors/MPS
+    .venv/bin/python bench/parity/parity.py laion_aesthetic --source /path/to/improved-aesthetic-predictor
+
+Rewards covered: ``hpsv2`` (package ``hpsv2``), ``image_reward`` (package ``image-reward``), and two whose code
+is a repository, not a package: ``mps`` (Kwai-Kolors/MPS) and ``laion_aesthetic``
+(christophschuhmann/improved-aesthetic-predictor), run from the user's checkout (``--source``; nothing of
+theirs is copied here). The others are in ``NOT_RUN`` with what stops them (bench/parity/README.md).
 """
 from __future__ import annotations
 
@@ -324,7 +329,8 @@ def run(reward: str, workdir: Path, side: str = "both", source: Path | None = No
     diff = np.abs(mine - original_scores)
     rel = diff / np.maximum(np.abs(original_scores), 1e-12)
     spread = float(original_scores.max() - original_scores.min())
-    result = {"reward": reward, "package": PACKAGES[reward].requirement, "torch": torch.__version__,
+    result = {"reward": reward, "package": PACKAGES[reward].requirement, "source": str(source or ""),
+              "torch": torch.__version__,
               "pairs": len(items), "images": len(photographs()), "prompts": len(by_prompt),
               "max_abs_diff": float(diff.max()), "max_rel_diff": float(rel.max()),
               "max_diff_over_spread": float(diff.max()) / max(spread, 1e-12),
