@@ -303,7 +303,8 @@ def run(reward: str, workdir: Path, side: str = "both", source: Path | None = No
         files["source"] = [source_files(source)]
     cache = workdir / "original_scores.json"
     cached = json.loads(cache.read_text()) if cache.exists() else {}
-    if cached.get("job") == job and cached.get("files") == files:
+    # compared as JSON: the job's (path, prompt) tuples come back from the cache as lists
+    if cached.get("job") == json.loads(json.dumps(job)) and cached.get("files") == json.loads(json.dumps(files)):
         scores, original_s = cached["scores"], cached["seconds"]
     else:
         started = time.perf_counter()
