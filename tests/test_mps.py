@@ -160,7 +160,8 @@ def text_tokens(tiny, text):
 def by_hand(tiny, ims, prompts, use_mask=True):
     """(scores, cosines, kept-token counts), one image and prompt at a time as the authors' eval does."""
     clip, sd = tiny["clip"], tiny["sd"]
-    pixels = tiny["image_processor"](images=ims, return_tensors="pt")["pixel_values"]
+    # the authors' infer_one_sample passes image_input.half(): the pixels are rounded to float16
+    pixels = tiny["image_processor"](images=ims, return_tensors="pt")["pixel_values"].half().float()
     cond, _ = text_tokens(tiny, CONDITION)
     scores, cosines, kept = [], [], []
     with torch.no_grad():
@@ -205,6 +206,20 @@ def test_mps_equals_the_authors_math_by_hand(tiny):
     assert reward.files() == {"checkpoint": tiny["checkpoint"], "processor": tiny["processor"]}
     # shares the HF processor tensor with pickscore in an ensemble
     assert reward.preprocess_key() == create_reward("pickscore", {"processor": tiny["processor"]}).preprocess_key()
+
+
+def test_mps_rounds_pixels_to_float16_as_the_authors(tiny):
+    """The authors' eval hands the vision tower ``pixel_values.half()``; float32 pixels that float16 cannot
+    hold score exactly as their rounded values do, and differently from pixels moved off float16's grid."""
+    reward = make(tiny)
+    reward.load()
+    pixels = reward.preprocess(images()[:2])
+    assert not torch.equal(pixels, pixels.half().float())  # the processor's output is not on float16's grid
+    rounded = pixels.half().float()
+    assert reward.score_preprocessed(pixels, PROMPTS[:2]) == reward.score_preprocessed(rounded, PROMPTS[:2])
+    # a shift of one float16 step changes the score (so the equality above is the rounding, not insensitivity)
+    step = (rounded.half().float().abs() * 2 ** -10).clamp(min=2 ** -24)
+    assert reward.score_preprocessed(rounded + step, PROMPTS[:2]) != reward.score_preprocessed(rounded, PROMPTS[:2])
 
 
 def test_mps_condition_and_threshold_are_params(tiny):
