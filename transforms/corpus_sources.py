@@ -406,7 +406,15 @@ class CorpusInput:
         if fmt != "auto" and fmt not in SOURCES:
             raise ValueError(f"input.format: unknown format {fmt!r}; available: auto, {', '.join(available_sources())}")
         self.fmt = fmt
-        self.sources = {name: cls(**(options or {}).get(name, {})) for name, cls in SOURCES.items()}
+        built = {name: cls(**(options or {}).get(name, {})) for name, cls in SOURCES.items()}  # validates options
+        # keep only the sources this job can select: the object travels to every worker, and a plug-in that
+        # can never be chosen (its suffixes claimed by an earlier name) need not be importable there
+        claimed: set[str] = set()
+        self.sources = {}
+        for name in ([fmt] if fmt != "auto" else available_sources()):
+            if fmt != "auto" or not claimed.issuperset(SOURCES[name].suffixes):
+                self.sources[name] = built[name]
+                claimed.update(SOURCES[name].suffixes)
 
     def source_for(self, url: str) -> CorpusSource:
         if self.fmt != "auto":
