@@ -249,7 +249,11 @@ def cmd_demo(args, rest) -> int:
         check_beam_flags(rest)
     except RunRefused as e:
         raise UserError(f"synpref demo: {e}") from None
-    result = run_demo(args.workdir, num_prompts=args.num_prompts, train_steps=args.train_steps, pipeline_args=rest)
+    try:
+        result = run_demo(args.workdir, num_prompts=args.num_prompts, train_steps=args.train_steps,
+                          pipeline_args=rest)
+    except RunRefused as e:  # a stage's folder holds something else, or another run holds it
+        raise UserError(f"synpref demo: {e} (or give another --workdir)") from None
     print(build_summary(result["build"]))
     if result["train"] is None:
         return 1

@@ -126,3 +126,18 @@ def test_check_models_lists_every_location_and_names_the_missing_ones(demo_model
     build = subprocess.run([sys.executable, "-m", "synpref.cli", "build", "--config", "bad.yaml"], cwd=tmp_path,
                            env=env, capture_output=True, text=True, timeout=300)
     assert build.returncode == 2 and build.stderr.strip().splitlines()[-1].startswith("synpref build: reward clip_score: checkpoint")
+
+
+def test_demo_into_a_folder_holding_someone_elses_files_is_one_line_exit_2(tmp_path):
+    """A stage's folder that is not that stage's output (here the build's) refuses the demo in one line, the
+    user's file untouched: run_demo's refusals reach the user as CLI errors, not tracebacks."""
+    (tmp_path / "demo/build").mkdir(parents=True)
+    (tmp_path / "demo/build/notes.txt").write_text("mine")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "synpref.cli", "demo", "--workdir", "demo", "--num-prompts", "2"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("synpref demo: ") and "not a synpref build output" in last and "--workdir" in last
+    assert "Traceback" not in proc.stderr
+    assert (tmp_path / "demo/build/notes.txt").read_text() == "mine"
