@@ -271,7 +271,8 @@ def evaluate(cfg: EvalConfig, pipeline_args: Optional[list[str]] = None, test_pi
         return {**_run_fields(manifest), "stale_images_removed": len(removed)}
 
     result = run_job(Job(
-        kind="evaluate", output_dir=out, beam_flags=list(cfg.beam_options) + list(pipeline_args or []),
+        kind="evaluate", output_dir=out, output_key="output_dir",
+        beam_flags=list(cfg.beam_options) + list(pipeline_args or []),
         preflight=prepare, transform=lambda prepared: "Evaluate" >> Evaluate(cfg, prepared),
         problems=lambda manifest: list(manifest["problems"]),
         up_to_date=lambda: read_report(finished_evaluation(out, header["run_fingerprint"])),

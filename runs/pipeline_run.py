@@ -44,6 +44,7 @@ class Job:
     config: Optional[dict] = None                # logged once the folder is ours
     config_file: str = ""                        # if set, ``config`` is also written there (relative to the folder)
     results: tuple[str, ...] = ()                # files claiming a finished run, removed with the manifest
+    output_key: str = "output.output_dir"        # the config key of ``output_dir``, for error messages
 
 
 def synpref_counters(result) -> dict[str, int]:
@@ -66,7 +67,7 @@ def run_job(job: Job, test_pipeline=None, force_unlock: bool = False) -> dict[st
     Raises ``RunRefused`` (one line, exit 2) for anything found before work starts; anything the runner
     raises after that is a run failure (exit 1).
     """
-    out = require_location(job.output_dir, "output.output_dir")
+    out = require_location(job.output_dir, job.output_key)
     check_beam_flags(job.beam_flags)
     try:
         prepared = job.preflight()
