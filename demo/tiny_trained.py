@@ -122,10 +122,8 @@ def save_trained_tiny_sd(path: str | os.PathLike, seed: int = 0, vae_steps: int 
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(1)  # bit-reproducible on CPU
     try:
-        torch.manual_seed(seed)
-        pipe = build_tiny_sd_pipeline(seed=seed, scheduler=scheduler)
-        pipe.vae = small_vae()
-        pipe.register_modules(vae=pipe.vae)
+        pipe = build_tiny_sd_pipeline(seed=seed, scheduler=scheduler)  # seeds torch itself
+        pipe.register_modules(vae=small_vae())
         generator = torch.Generator().manual_seed(seed)
         vae_loss = train_vae(pipe.vae, vae_steps, generator)
         unet_loss = train_unet(pipe, builtin_prompts(), unet_steps, generator)

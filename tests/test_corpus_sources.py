@@ -132,6 +132,16 @@ def test_parquet_with_a_hugging_face_image_column_and_odd_values(tmp_path):
     assert set(kept) == {"p000", "g001"}
 
 
+def photo_corpus(src):
+    """One tar of the test photographs with captions, plus one truncated JPEG; returns the folder."""
+    imgs = images()
+    samples = {k: (data, f"caption of {k}".encode()) for k, data in imgs.items()}
+    samples["truncated"] = (imgs["p001"][: len(imgs["p001"]) // 2], b"half a photograph")
+    src.mkdir()
+    make_tar(src / "00000.tar", samples, gz=False)
+    return src
+
+
 def make_tar(path, samples: dict[str, tuple[bytes, bytes]], gz: bool):
     with (gzip.GzipFile(path, "wb", mtime=0) if gz else open(path, "wb")) as raw, tarfile.open(fileobj=raw, mode="w") as t:
         for key in sorted(samples):
@@ -274,12 +284,7 @@ def test_jpeg_draft_only_when_every_reward_shrinks_images_first(tmp_path):
     from synpref.demo.tiny_models import save_tiny_open_clip
 
     clip = {"name": "clip_score", "params": {**save_tiny_open_clip(tmp_path / "clip"), "variant": "cosine"}}
-    imgs = images()
-    samples = {k: (data, f"caption of {k}".encode()) for k, data in imgs.items()}
-    samples["truncated"] = (imgs["p001"][: len(imgs["p001"]) // 2], b"half a photograph")
-    src = tmp_path / "in"
-    src.mkdir()
-    make_tar(src / "00000.tar", samples, gz=False)
+    imgs, src = images(), photo_corpus(tmp_path / "in")
     runs = {}
     for name, rewards, draft in (("full", [clip], False), ("draft", [clip], True),
                                  ("with_sharpness", [clip, {"name": "sharpness"}], True)):

@@ -63,6 +63,15 @@ class LoggedTar(TarSource):
         return reader
 
 
+def replace_member(tar_path: pathlib.Path, member: str, data: bytes) -> None:
+    """Rewrite a tar with new bytes under one member name (same key, same name: only the content changes)."""
+    with tarfile.open(tar_path) as t:
+        members = [(m.name, t.extractfile(m).read()) for m in t.getmembers()]
+    with tarfile.open(tar_path, "w") as t:
+        for name, old in members:
+            add(t, name, data if name == member else old)
+
+
 def make_corpus(root: pathlib.Path) -> int:
     """SHARDS tars of PER_SHARD samples; one HTML page per shard (dropped at decode). Returns the scorable count."""
     root.mkdir()
@@ -193,11 +202,7 @@ def test_changed_scoring_never_reuses_scores_and_changed_thresholds_do(tmp_path,
     assert result["manifest"]["counts"]["samples"]["balanced"]
 
     # changed image bytes under the same key and name: that sample's chunk is scored again, the rest is not
-    with tarfile.open(tmp_path / "in" / "00000.tar") as t:
-        members = [(m.name, t.extractfile(m).read()) for m in t.getmembers()]
-    with tarfile.open(tmp_path / "in" / "00000.tar", "w") as t:
-        for name, data in members:
-            add(t, name, generated(99) if name == "k00.jpg" else data)
+    replace_member(tmp_path / "in" / "00000.tar", "k00.jpg", generated(99))
     before = scored(log)
     filter_corpus(filter_config_from_dict(config(tmp_path / "in", out, scale=2.0, threshold=120.0)))
     assert scored(log) - before == CHUNK
@@ -243,11 +248,7 @@ def test_a_finished_run_prunes_the_cache_to_the_entries_it_used(tmp_path, monkey
     assert scored(log) == before  # resume kept: nothing scored again
 
     # changed bytes in one chunk: only that chunk's old entry goes
-    with tarfile.open(tmp_path / "in" / "00000.tar") as t:
-        members = [(m.name, t.extractfile(m).read()) for m in t.getmembers()]
-    with tarfile.open(tmp_path / "in" / "00000.tar", "w") as t:
-        for name, data in members:
-            add(t, name, generated(99) if name == "k00.jpg" else data)
+    replace_member(tmp_path / "in" / "00000.tar", "k00.jpg", generated(99))
     previous = cache_names(out)
     run(out, scale=2.0)
     run(tmp_path / "fresh_3", scale=2.0)

@@ -16,7 +16,7 @@ from synpref.pipelines.filter_corpus import filter_corpus
 from synpref.schemas.filter_config import filter_config_from_dict
 from synpref.transforms.corpus_scoring import draft_side
 from synpref.transforms.rewards import create_reward
-from test_corpus_sources import images, make_tar
+from test_corpus_sources import images, photo_corpus
 from test_mps import release_fusion_state
 
 SIDE = 64  # the tiny processors' shortest_edge and crop
@@ -68,12 +68,7 @@ def test_processor_rewards_report_their_resize_target(rewards, tmp_path):
 
 
 def test_draft_scores_are_the_processor_on_the_draft_decode_and_drift_little(rewards, tmp_path):
-    imgs = images()
-    samples = {k: (data, f"caption of {k}".encode()) for k, data in imgs.items()}
-    samples["truncated"] = (imgs["p001"][: len(imgs["p001"]) // 2], b"half a photograph")
-    src = tmp_path / "in"
-    src.mkdir()
-    make_tar(src / "00000.tar", samples, gz=False)
+    imgs, src = images(), photo_corpus(tmp_path / "in")
     rows = {}
     for name, draft in (("full", False), ("draft", True)):
         cfg = {"input": {"source": [str(src)], "batch_size": 4, "jpeg_draft": draft}, "rewards": rewards,

@@ -23,7 +23,6 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 from PIL import Image
 from scipy.stats import binomtest
 
@@ -50,10 +49,7 @@ LUMA = (0.299, 0.587, 0.114)
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    before = torch.get_num_threads()
-    path = save_trained_tiny_sd(tmp_path_factory.mktemp("models") / "tiny-trained", seed=0)
-    torch.set_num_threads(before)
-    return path
+    return save_trained_tiny_sd(tmp_path_factory.mktemp("models") / "tiny-trained", seed=0)
 
 
 @pytest.fixture(scope="module")
